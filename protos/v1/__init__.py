@@ -1,0 +1,1 @@
+"""Generated stubs for ``loraplex.v1``; regenerate with ``python -m loraplex.tools.gen_protos``."""

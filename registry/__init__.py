@@ -1,0 +1,1 @@
+"""The Redis-backed registry: adapter catalogue and shard membership."""

@@ -1,0 +1,131 @@
+"""Reading an adapter's metadata from its source, without loading weights.
+
+A source is a local path or a file:// URI naming a PEFT directory (adapter_config.json +
+adapter_model.safetensors) or a .tar.gz holding those two files at its root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class InvalidAdapter(ValueError):
+    """The source is missing, malformed or uses something we do not serve; the message says which."""
+
+
+@dataclass(frozen=True)
+class AdapterMetadata:
+    rank: int
+    alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+    base_model: str
+    checksum: str
+
+
+def validate_name(name: str) -> None:
+    if not ADAPTER_NAME.match(name):
+        raise InvalidAdapter(
+            f"adapter name {name!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def local_path(source: str) -> Path:
+    """The filesystem path a source names; other schemes are refused until configured."""
+    parsed = urlparse(source)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "":
+        return Path(source).expanduser()
+    raise InvalidAdapter(f"source scheme {parsed.scheme!r} is not enabled; use a local path or file://")
+
+
+def read_metadata(source: str) -> AdapterMetadata:
+    path = local_path(source)
+    if path.is_dir():
+        config_bytes = _read_file(path / CONFIG_FILE)
+        weights_digest = _sha256_file(path / WEIGHTS_FILE)
+    elif path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
+        config_bytes, weights_digest = _read_archive(path)
+    elif path.exists():
+        raise InvalidAdapter(f"{path} is neither a PEFT directory nor a .tar.gz archive")
+    else:
+        raise InvalidAdapter(f"adapter source {source!r} does not exist")
+    return _parse_config(config_bytes, weights_digest)
+
+
+def _require_file(path: Path) -> Path:
+    if not path.is_file():
+        hint = (
+            " (pickled .bin weights are not accepted; save with safetensors)"
+            if path.name == WEIGHTS_FILE
+            else ""
+        )
+        raise InvalidAdapter(f"{path} is missing{hint}")
+    return path
+
+
+def _read_file(path: Path) -> bytes:
+    return _require_file(path).read_bytes()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(_require_file(path), "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_archive(path: Path) -> tuple[bytes, str]:
+    with tarfile.open(path, "r:gz") as archive:
+        members = {member.name.removeprefix("./"): member for member in archive.getmembers()}
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if name not in members or not members[name].isfile():
+                raise InvalidAdapter(f"archive {path} has no regular file {name} at its root")
+        config_bytes = archive.extractfile(members[CONFIG_FILE]).read()
+        digest = hashlib.sha256()
+        weights = archive.extractfile(members[WEIGHTS_FILE])
+        for block in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(block)
+    return config_bytes, digest.hexdigest()
+
+
+def _parse_config(config_bytes: bytes, checksum: str) -> AdapterMetadata:
+    try:
+        config = json.loads(config_bytes)
+    except json.JSONDecodeError as error:
+        raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {error}") from error
+    if config.get("peft_type", "LORA") != "LORA":
+        raise InvalidAdapter(f"peft_type {config.get('peft_type')!r} is not supported; only LORA is")
+    rank = config.get("r")
+    if not isinstance(rank, int) or rank <= 0:
+        raise InvalidAdapter(f"{CONFIG_FILE} needs a positive integer 'r', got {rank!r}")
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        raise InvalidAdapter("target_modules as a regex is not supported; list the module names")
+    unsupported = sorted(set(targets) - set(SUPPORTED_TARGETS))
+    if not targets or unsupported:
+        raise InvalidAdapter(
+            f"target_modules {sorted(targets)} must be a non-empty subset of {list(SUPPORTED_TARGETS)}"
+        )
+    return AdapterMetadata(
+        rank=rank,
+        alpha=float(config.get("lora_alpha", rank)),
+        use_rslora=bool(config.get("use_rslora", False)),
+        target_modules=tuple(sorted(targets, key=SUPPORTED_TARGETS.index)),
+        base_model=str(config.get("base_model_name_or_path") or ""),
+        checksum=checksum,
+    )

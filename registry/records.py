@@ -1,0 +1,82 @@
+"""Plain records the registry stores; protobuf conversion happens at the service edges."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+TIERS = ("gpu", "cpu", "disk")
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """A catalogue entry: what the adapter is, not where it is held."""
+
+    name: str
+    base_model: str
+    source: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    checksum: str
+    version: int = 1
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    def to_hash(self) -> dict[str, str]:
+        fields = asdict(self)
+        fields["target_modules"] = json.dumps(list(self.target_modules))
+        return {key: str(value) for key, value in fields.items()}
+
+    @classmethod
+    def from_hash(cls, fields: dict[str, str]) -> AdapterRecord:
+        return cls(
+            name=fields["name"],
+            base_model=fields["base_model"],
+            source=fields["source"],
+            rank=int(fields["rank"]),
+            alpha=float(fields["alpha"]),
+            target_modules=tuple(json.loads(fields["target_modules"])),
+            checksum=fields["checksum"],
+            version=int(fields["version"]),
+            created_at=float(fields["created_at"]),
+            updated_at=float(fields["updated_at"]),
+        )
+
+
+@dataclass(frozen=True)
+class HeldAdapter:
+    """One adapter version a shard holds, and in which tier."""
+
+    name: str
+    version: int
+    tier: str
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What a shard reports in each heartbeat: where to reach it and how busy it is."""
+
+    shard_id: str
+    address: str
+    base_model: str
+    max_context: int = 0
+    max_running_requests: int = 1
+    running_requests: int = 0
+    waiting_requests: int = 0
+    queued_tokens: int = 0
+    adapters: tuple[HeldAdapter, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ShardRecord:
+        fields = json.loads(text)
+        fields["adapters"] = tuple(HeldAdapter(**held) for held in fields.get("adapters", ()))
+        return cls(**fields)
+
+    def tier_of(self, adapter: str) -> str | None:
+        """The best tier in which this shard holds any version of adapter, or None."""
+        tiers = [held.tier for held in self.adapters if held.name == adapter]
+        return min(tiers, key=TIERS.index) if tiers else None

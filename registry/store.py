@@ -1,0 +1,179 @@
+"""The registry on Redis. This module owns the whole key schema:
+
+    {ns}:adapter:{name}   hash    AdapterRecord fields (target_modules as JSON); `version` starts at 1
+    {ns}:adapters         set     names of every adapter in the catalogue
+    {ns}:shard:{id}       string  ShardRecord JSON, written by each heartbeat with EX = ttl
+    {ns}:shards           zset    shard id -> expiry time of its last heartbeat (an index; the
+                                  string key's TTL is the truth)
+    {ns}:events           channel JSON {"op": "create"|"update"|"delete", "name", "version"}
+
+Create, update and delete run as Lua scripts, so a record, the index and the event change together.
+Placement (adapter -> shards with tier) is read from the shard records: a shard that stops
+heartbeating takes its placements with it when its key expires.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import redis.asyncio as redis
+
+from loraplex.registry.records import AdapterRecord, ShardRecord
+
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[1], cjson.encode({op='create', name=ARGV[2], version=1}))
+return 1
+"""
+
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('PUBLISH', ARGV[1], cjson.encode({op='update', name=ARGV[2], version=version}))
+return version
+"""
+
+_DELETE = """
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return fields end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[1], cjson.encode({op='delete', name=ARGV[2]}))
+return fields
+"""
+
+
+class AdapterExists(KeyError):
+    pass
+
+
+class AdapterNotFound(KeyError):
+    pass
+
+
+class Registry:
+    """Catalogue and membership operations over one Redis connection pool."""
+
+    def __init__(self, url: str, namespace: str = "loraplex") -> None:
+        self._redis = redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2)
+        self._ns = namespace
+        self._create = self._redis.register_script(_CREATE)
+        self._update = self._redis.register_script(_UPDATE)
+        self._delete = self._redis.register_script(_DELETE)
+
+    def _adapter_key(self, name: str) -> str:
+        return f"{self._ns}:adapter:{name}"
+
+    def _shard_key(self, shard_id: str) -> str:
+        return f"{self._ns}:shard:{shard_id}"
+
+    @property
+    def _adapters_key(self) -> str:
+        return f"{self._ns}:adapters"
+
+    @property
+    def _shards_key(self) -> str:
+        return f"{self._ns}:shards"
+
+    @property
+    def events_channel(self) -> str:
+        return f"{self._ns}:events"
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self._redis.ping())
+
+    # --- catalogue -------------------------------------------------------------------------------
+
+    async def create_adapter(self, record: AdapterRecord) -> AdapterRecord:
+        now = time.time()
+        record = replace(record, version=1, created_at=now, updated_at=now)
+        created = await self._create(
+            keys=[self._adapter_key(record.name), self._adapters_key],
+            args=[self.events_channel, record.name, *_flatten(record.to_hash())],
+        )
+        if not created:
+            raise AdapterExists(f"adapter {record.name!r} already exists; use update to change its source")
+        return record
+
+    async def update_adapter(self, record: AdapterRecord) -> AdapterRecord:
+        """Replace the adapter's source and metadata; the version goes up by one."""
+        fields = record.to_hash()
+        for kept in ("name", "version", "created_at"):
+            fields.pop(kept)
+        fields["updated_at"] = str(time.time())
+        version = await self._update(
+            keys=[self._adapter_key(record.name), self._adapters_key],
+            args=[self.events_channel, record.name, *_flatten(fields)],
+        )
+        if not version:
+            raise AdapterNotFound(f"adapter {record.name!r} is not registered; create it first")
+        return await self.get_adapter(record.name)
+
+    async def delete_adapter(self, name: str) -> AdapterRecord:
+        fields = await self._delete(
+            keys=[self._adapter_key(name), self._adapters_key], args=[self.events_channel, name]
+        )
+        if not fields:
+            raise AdapterNotFound(f"adapter {name!r} is not registered")
+        return AdapterRecord.from_hash(dict(zip(fields[::2], fields[1::2], strict=True)))
+
+    async def get_adapter(self, name: str) -> AdapterRecord:
+        fields = await self._redis.hgetall(self._adapter_key(name))
+        if not fields:
+            raise AdapterNotFound(f"adapter {name!r} is not registered")
+        return AdapterRecord.from_hash(fields)
+
+    async def list_adapters(self) -> list[AdapterRecord]:
+        names = sorted(await self._redis.smembers(self._adapters_key))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(self._adapter_key(name))
+            rows = await pipe.execute()
+        return [AdapterRecord.from_hash(fields) for fields in rows if fields]
+
+    async def events(self) -> AsyncIterator[dict]:
+        """Catalogue change events as they are published; ends if the connection drops."""
+        pubsub = self._redis.pubsub()
+        await pubsub.subscribe(self.events_channel)
+        try:
+            async for message in pubsub.listen():
+                if message["type"] == "message":
+                    yield json.loads(message["data"])
+        finally:
+            await pubsub.aclose()
+
+    # --- membership ------------------------------------------------------------------------------
+
+    async def heartbeat(self, shard: ShardRecord, ttl_s: float) -> None:
+        now = time.time()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._shard_key(shard.shard_id), shard.to_json(), px=int(ttl_s * 1000))
+            pipe.zadd(self._shards_key, {shard.shard_id: now + ttl_s})
+            pipe.zremrangebyscore(self._shards_key, "-inf", now)
+            await pipe.execute()
+
+    async def remove_shard(self, shard_id: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._shard_key(shard_id))
+            pipe.zrem(self._shards_key, shard_id)
+            await pipe.execute()
+
+    async def live_shards(self) -> list[ShardRecord]:
+        ids = await self._redis.zrangebyscore(self._shards_key, time.time(), "+inf")
+        if not ids:
+            return []
+        rows = await self._redis.mget([self._shard_key(shard_id) for shard_id in ids])
+        return [ShardRecord.from_json(row) for row in rows if row]
+
+
+def _flatten(fields: dict[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]

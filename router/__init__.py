@@ -1,0 +1,1 @@
+"""The stateless router: picks a shard for each request and fronts the admin API."""

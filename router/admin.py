@@ -1,0 +1,96 @@
+"""The Adapters admin service: validates a source, then writes the catalogue atomically."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import redis.exceptions
+
+from loraplex.protos.rpc import ServiceError
+from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2
+from loraplex.registry.adapter_source import InvalidAdapter, read_metadata, validate_name
+from loraplex.registry.records import AdapterRecord
+from loraplex.registry.store import AdapterExists, AdapterNotFound, Registry
+from loraplex.router.convert import adapter_to_pb
+from loraplex.router.snapshot import SnapshotKeeper
+
+
+class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
+    def __init__(self, registry: Registry, snapshots: SnapshotKeeper, base_model: str) -> None:
+        self._registry = registry
+        self._snapshots = snapshots
+        self._base_model = base_model
+
+    async def Create(self, request: adapters_pb2.CreateAdapterRequest, context) -> common_pb2.Adapter:
+        record = await self._record_from_source(request.name, request.source, request.base_model)
+        created = await self._call(self._registry.create_adapter(record))
+        self._snapshots.put_adapter(created)
+        return adapter_to_pb(created)
+
+    async def Update(self, request: adapters_pb2.UpdateAdapterRequest, context) -> common_pb2.Adapter:
+        current = await self._call(self._registry.get_adapter(request.name))
+        record = await self._record_from_source(request.name, request.source, current.base_model)
+        updated = await self._call(self._registry.update_adapter(record))
+        self._snapshots.put_adapter(updated)
+        return adapter_to_pb(updated)
+
+    async def Delete(self, request: adapters_pb2.DeleteAdapterRequest, context) -> common_pb2.Adapter:
+        deleted = await self._call(self._registry.delete_adapter(request.name))
+        self._snapshots.drop_adapter(request.name)
+        return adapter_to_pb(deleted)
+
+    async def Get(self, request: adapters_pb2.GetAdapterRequest, context) -> common_pb2.Adapter:
+        record = await self._call(self._registry.get_adapter(request.name))
+        return adapter_to_pb(record, self._snapshots.current.shards)
+
+    async def List(
+        self, request: adapters_pb2.ListAdaptersRequest, context
+    ) -> adapters_pb2.ListAdaptersResponse:
+        records = await self._call(self._registry.list_adapters())
+        shards = self._snapshots.current.shards
+        return adapters_pb2.ListAdaptersResponse(
+            adapters=[
+                adapter_to_pb(record, shards)
+                for record in records
+                if not request.base_model or record.base_model == request.base_model
+            ]
+        )
+
+    async def _record_from_source(self, name: str, source: str, base_model: str) -> AdapterRecord:
+        if not source:
+            raise ServiceError.invalid("`source` is required: a local path or file:// URI of a PEFT adapter")
+        try:
+            validate_name(name)
+            metadata = await asyncio.to_thread(read_metadata, source)
+        except InvalidAdapter as error:
+            raise ServiceError.invalid(str(error)) from error
+        base_model = base_model or self._base_model
+        if base_model != self._base_model:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"adapter base model {base_model!r} differs from the mesh's base model {self._base_model!r}",
+            )
+        return AdapterRecord(
+            name=name,
+            base_model=base_model,
+            source=source,
+            rank=metadata.rank,
+            alpha=metadata.alpha,
+            target_modules=metadata.target_modules,
+            checksum=metadata.checksum,
+        )
+
+    @staticmethod
+    async def _call(operation):
+        """Await a registry operation, mapping its failures to the status codes callers act on."""
+        try:
+            return await operation
+        except AdapterExists as error:
+            raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, error.args[0]) from error
+        except AdapterNotFound as error:
+            raise ServiceError.not_found(error.args[0]) from error
+        except (redis.exceptions.RedisError, OSError) as error:
+            raise ServiceError.unavailable(
+                f"the registry (Redis) is unreachable: {error}; retry later"
+            ) from error

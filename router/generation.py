@@ -1,0 +1,111 @@
+"""The public Generation service: resolve the adapter, pick a shard, stream its tokens back.
+
+A shard that fails before its first token has the request retried on the next candidate; once
+tokens have streamed, the caller gets UNAVAILABLE, since replaying would duplicate text.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from loraplex.protos.rpc import ServiceError
+from loraplex.protos.v1 import common_pb2, generation_pb2_grpc, shard_pb2, shard_pb2_grpc
+from loraplex.registry.records import AdapterRecord
+from loraplex.router.channels import ShardChannels
+from loraplex.router.convert import adapter_to_pb
+from loraplex.router.placement import rank_shards
+from loraplex.router.snapshot import SnapshotKeeper
+
+log = logging.getLogger("loraplex.router")
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+
+
+class GenerationService(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, snapshots: SnapshotKeeper, channels: ShardChannels, suspect_for_s: float) -> None:
+        self._snapshots = snapshots
+        self._channels = channels
+        self._suspect_for_s = suspect_for_s
+
+    async def GenerateStream(
+        self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
+        async for chunk in self._forward(request, context):
+            yield chunk
+
+    async def Generate(
+        self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.GenerateResponse:
+        response = common_pb2.GenerateResponse()
+        texts = []
+        async for chunk in self._forward(request, context):
+            texts.append(chunk.text)
+            response.tokens.extend(chunk.tokens)
+            response.prefill_tokens.extend(chunk.prefill_tokens)
+            response.request_id = chunk.request_id
+            if chunk.finish_reason:
+                response.finish_reason = chunk.finish_reason
+                response.usage.CopyFrom(chunk.usage)
+                response.served_by.CopyFrom(chunk.served_by)
+        response.text = "".join(texts)
+        return response
+
+    async def _forward(
+        self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
+        snapshot = self._snapshots.current
+        adapter = self._resolve_adapter(request.adapter, snapshot.adapters)
+        shard_request = shard_pb2.ShardGenerateRequest(request=request)
+        if adapter is not None:
+            shard_request.adapter.CopyFrom(adapter_to_pb(adapter))
+        candidates = rank_shards(request.adapter, snapshot.shards, excluded=self._snapshots.suspects())
+        if not candidates:
+            raise ServiceError.unavailable(
+                "no live shard is registered; start a shard or wait for one to join"
+            )
+        failures = []
+        for shard in candidates:
+            stub = shard_pb2_grpc.ShardStub(self._channels.get(shard.address))
+            call = stub.Generate(shard_request, timeout=context.time_remaining())
+            streamed = 0
+            try:
+                async for chunk in call:
+                    streamed += 1
+                    if chunk.finish_reason:
+                        chunk.served_by.shard = shard.shard_id
+                        if adapter is not None:
+                            chunk.served_by.adapter = adapter.name
+                            chunk.served_by.adapter_version = adapter.version
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in RETRYABLE:
+                    raise ServiceError.from_rpc_error(error) from error
+                self._snapshots.mark_suspect(shard.shard_id, self._suspect_for_s)
+                if streamed:
+                    raise ServiceError.unavailable(
+                        f"shard {shard.shard_id} failed after {streamed} chunks had streamed: "
+                        f"{error.details()}; retry the request"
+                    ) from error
+                log.warning(
+                    "shard %s failed before its first token, trying the next: %s",
+                    shard.shard_id,
+                    error.details(),
+                )
+                failures.append(f"{shard.shard_id}: {error.details()}")
+            finally:
+                call.cancel()
+        raise ServiceError.unavailable(f"every candidate shard failed: {'; '.join(failures)}")
+
+    @staticmethod
+    def _resolve_adapter(name: str, adapters: dict[str, AdapterRecord]) -> AdapterRecord | None:
+        if not name:
+            return None
+        if name not in adapters:
+            raise ServiceError.not_found(
+                f"adapter {name!r} is not registered; list adapters with Adapters/List "
+                "(`loraplex adapters ls`) or leave `adapter` empty for the base model"
+            )
+        return adapters[name]

@@ -1,0 +1,59 @@
+"""Run one router: the Generation and Adapters services over a registry snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from loraplex.protos.rpc import create_server, set_not_serving, set_serving, stop_on_signals
+from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+from loraplex.registry.store import Registry
+from loraplex.router.admin import AdaptersService
+from loraplex.router.channels import ShardChannels
+from loraplex.router.generation import GenerationService
+from loraplex.router.snapshot import SnapshotKeeper
+
+log = logging.getLogger("loraplex.router")
+SERVICE_NAMES = [
+    generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+    adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
+]
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    redis_url: str
+    base_model: str
+    host: str = "127.0.0.1"
+    port: int = 50051
+    namespace: str = "loraplex"
+    refresh_interval_s: float = 1.0
+    suspect_for_s: float = 5.0  # how long a shard that refused a connection is avoided
+    drain_timeout_s: float = 10.0
+
+
+async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None:
+    stop = stop or stop_on_signals()
+    registry = Registry(config.redis_url, config.namespace)
+    snapshots = SnapshotKeeper(registry, config.refresh_interval_s)
+    await snapshots.start()
+    channels = ShardChannels()
+    server, port, health = create_server(f"{config.host}:{config.port}", SERVICE_NAMES)
+    generation_pb2_grpc.add_GenerationServicer_to_server(
+        GenerationService(snapshots, channels, config.suspect_for_s), server
+    )
+    adapters_pb2_grpc.add_AdaptersServicer_to_server(
+        AdaptersService(registry, snapshots, config.base_model), server
+    )
+    await server.start()
+    await set_serving(health, SERVICE_NAMES)
+    print(f"router ready on {config.host}:{port}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await set_not_serving(health, SERVICE_NAMES)
+        await server.stop(grace=config.drain_timeout_s)
+        await snapshots.stop()
+        await channels.close()
+        await registry.close()

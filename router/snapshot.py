@@ -1,0 +1,81 @@
+"""The router's view of the registry: adapters and live shards, refreshed in the background.
+
+If Redis goes away the last snapshot stays in use, so routing carries on for known adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+import redis.exceptions
+
+from loraplex.registry.records import AdapterRecord, ShardRecord
+from loraplex.registry.store import Registry
+
+log = logging.getLogger("loraplex.router")
+
+
+@dataclass(frozen=True)
+class RoutingSnapshot:
+    adapters: dict[str, AdapterRecord] = field(default_factory=dict)
+    shards: tuple[ShardRecord, ...] = ()
+    taken_at: float = 0.0
+
+
+class SnapshotKeeper:
+    def __init__(self, registry: Registry, refresh_interval_s: float) -> None:
+        self._registry = registry
+        self._interval = refresh_interval_s
+        self.current = RoutingSnapshot()
+        self._task: asyncio.Task | None = None
+        self._suspects: dict[str, float] = {}  # shard id -> until when calls to it are avoided
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._refresh_forever())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    async def refresh(self) -> bool:
+        """Re-read the registry; keep the old snapshot and return False if it cannot be reached."""
+        try:
+            adapters = await self._registry.list_adapters()
+            shards = await self._registry.live_shards()
+        except (redis.exceptions.RedisError, OSError) as error:
+            log.warning(
+                "registry unreachable, routing on the snapshot from %.1fs ago: %s",
+                time.time() - self.current.taken_at,
+                error,
+            )
+            return False
+        self.current = RoutingSnapshot(
+            adapters={record.name: record for record in adapters}, shards=tuple(shards), taken_at=time.time()
+        )
+        return True
+
+    def put_adapter(self, record: AdapterRecord) -> None:
+        """Apply this router's own catalogue write at once, ahead of the next refresh."""
+        self.current = replace(self.current, adapters={**self.current.adapters, record.name: record})
+
+    def drop_adapter(self, name: str) -> None:
+        adapters = dict(self.current.adapters)
+        adapters.pop(name, None)
+        self.current = replace(self.current, adapters=adapters)
+
+    def mark_suspect(self, shard_id: str, for_s: float) -> None:
+        """A call to this shard failed to connect: avoid it until its heartbeat would have expired."""
+        self._suspects[shard_id] = time.monotonic() + for_s
+
+    def suspects(self) -> set[str]:
+        now = time.monotonic()
+        return {shard for shard, until in self._suspects.items() if until > now}
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.refresh()

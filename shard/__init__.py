@@ -1,0 +1,1 @@
+"""The shard server: one replica of the base model serving generation requests."""

@@ -1,0 +1,100 @@
+"""Sampling parameters and next-token choice for one sequence.
+
+Log-probs are those of the model's raw distribution (before temperature, top-k/p and penalties), as
+vLLM and OpenAI report them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
+        if any(not stop for stop in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob) alternatives, best first
+
+
+class TokenSampler:
+    """Chooses tokens for one sequence; owns that sequence's random generator so a seeded request
+    gives the same tokens whatever else the server is doing."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def choose(self, logits: torch.Tensor, context_ids: list[int]) -> SampledToken:
+        """logits: [vocab] for the next position; context_ids: prompt + generated ids so far."""
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        scores = self._penalize(logits, context_ids)
+        token_id = int(torch.argmax(scores)) if self.params.greedy else self._sample(scores)
+        top: tuple[tuple[int, float], ...] = ()
+        if self.params.top_logprobs:
+            values, ids = torch.topk(logprobs, self.params.top_logprobs)
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+        return SampledToken(token_id=token_id, logprob=float(logprobs[token_id]), top=top)
+
+    def _penalize(self, logits: torch.Tensor, context_ids: list[int]) -> torch.Tensor:
+        penalty = self.params.repetition_penalty
+        if penalty == 1.0 or not context_ids:
+            return logits
+        ids = torch.tensor(sorted(set(context_ids)), dtype=torch.long)
+        seen = logits[ids]
+        logits = logits.clone()
+        logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+        return logits
+
+    def _sample(self, scores: torch.Tensor) -> int:
+        scores = scores / self.params.temperature
+        if self.params.top_k and self.params.top_k < scores.numel():
+            kth = torch.topk(scores, self.params.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if self.params.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= self.params.top_p
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=self._generator))

@@ -1,0 +1,96 @@
+"""Run one shard: load the model, serve the Shard service, heartbeat into the registry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis.exceptions
+
+from loraplex.protos.rpc import create_server, set_not_serving, set_serving, stop_on_signals
+from loraplex.protos.v1 import shard_pb2, shard_pb2_grpc
+from loraplex.registry.records import ShardRecord
+from loraplex.registry.store import Registry
+from loraplex.shard.hf_backend import HFBackend
+from loraplex.shard.service import ShardService
+from loraplex.tools.model_store import resolve_model
+
+log = logging.getLogger("loraplex.shard")
+SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["Shard"].full_name
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    shard_id: str
+    model: str
+    cache_dir: Path
+    redis_url: str
+    host: str = "127.0.0.1"
+    port: int = 50061
+    advertise_host: str = ""  # the host the router dials; defaults to `host`
+    device: str = "cpu"
+    namespace: str = "loraplex"
+    heartbeat_interval_s: float = 1.0
+    heartbeat_ttl_s: float = 5.0
+    drain_timeout_s: float = 10.0
+
+
+async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
+    """Serve until `stop` is set (or SIGINT/SIGTERM when stop is None)."""
+    stop = stop or stop_on_signals()
+    model_dir = await asyncio.to_thread(resolve_model, config.model, config.cache_dir)
+    backend = await asyncio.to_thread(HFBackend, model_dir, config.device)
+    server, port, health = create_server(f"{config.host}:{config.port}", [SERVICE_NAME])
+    address = f"{config.advertise_host or config.host}:{port}"
+    service = ShardService(backend, config.shard_id, address, base_model=model_dir.name)
+    shard_pb2_grpc.add_ShardServicer_to_server(service, server)
+    await server.start()
+    await set_serving(health, [SERVICE_NAME])
+    registry = Registry(config.redis_url, config.namespace)
+    heartbeats = asyncio.create_task(_heartbeat_forever(registry, service, backend, config))
+    log.info("shard %s serving %s on %s", config.shard_id, model_dir.name, address)
+    print(f"shard {config.shard_id} ready on {address}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shard %s draining", config.shard_id)
+        await set_not_serving(health, [SERVICE_NAME])
+        heartbeats.cancel()
+        try:
+            await asyncio.wait_for(registry.remove_shard(config.shard_id), timeout=2)
+        except (redis.exceptions.RedisError, OSError, TimeoutError):
+            log.warning("could not remove %s from the registry; its heartbeat will expire", config.shard_id)
+        await server.stop(grace=config.drain_timeout_s)
+        await registry.close()
+
+
+def _record(service: ShardService, backend: HFBackend) -> ShardRecord:
+    return ShardRecord(
+        shard_id=service.shard_id,
+        address=service.address,
+        base_model=service.base_model,
+        max_context=backend.max_context,
+        max_running_requests=1,
+        running_requests=service.running_requests,
+        waiting_requests=service.waiting_requests,
+        queued_tokens=service.queued_tokens,
+    )
+
+
+async def _heartbeat_forever(
+    registry: Registry, service: ShardService, backend: HFBackend, config: ShardConfig
+) -> None:
+    healthy = True
+    while True:
+        try:
+            await registry.heartbeat(_record(service, backend), config.heartbeat_ttl_s)
+            if not healthy:
+                log.info("registry reachable again")
+            healthy = True
+        except (redis.exceptions.RedisError, OSError) as error:
+            if healthy:
+                log.warning("heartbeat failed, will keep trying: %s", error)
+            healthy = False
+        await asyncio.sleep(config.heartbeat_interval_s)

@@ -1,0 +1,203 @@
+"""The Shard gRPC service: converts protobuf to engine inputs and engine outputs to protobuf.
+Protobuf stays here; the backend sees plain Python values."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TypeVar
+
+import grpc
+
+from loraplex.protos.rpc import ServiceError
+from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
+from loraplex.shard.hf_backend import HFBackend, StepOutput
+from loraplex.shard.sampling import SamplingParams
+
+FINISH_REASONS = {
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "eos": common_pb2.FINISH_REASON_EOS,
+}
+
+T = TypeVar("T")
+
+
+class ShardService(shard_pb2_grpc.ShardServicer):
+    def __init__(self, backend: HFBackend, shard_id: str, address: str, base_model: str) -> None:
+        self._backend = backend
+        self._model_lock = asyncio.Lock()  # the foundation backend runs one request at a time
+        self.shard_id = shard_id
+        self.address = address
+        self.base_model = base_model
+        self.running_requests = 0
+        self.waiting_requests = 0
+        self.queued_tokens = 0
+
+    async def Generate(
+        self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
+        inner = request.request
+        if request.adapter.name or inner.adapter:
+            raise ServiceError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"adapter {request.adapter.name or inner.adapter!r}: this shard serves the base model only "
+                "until multi-LoRA serving lands; send the request without an adapter",
+            )
+        prompt_ids, params = self._parse(inner)
+        request_id = inner.request_id or uuid.uuid4().hex
+        with_tokens = inner.details or inner.parameters.logprobs or params.top_logprobs > 0
+        cost = len(prompt_ids) + params.max_new_tokens
+        self.queued_tokens += cost
+        self.waiting_requests += 1
+        try:
+            await self._model_lock.acquire()
+        except BaseException:
+            self.queued_tokens -= cost
+            raise
+        finally:
+            self.waiting_requests -= 1
+        self.running_requests += 1
+        try:
+            cancelled = threading.Event()
+            steps = _iterate_in_thread(
+                lambda: self._backend.generate(
+                    prompt_ids, params, cancelled, want_prompt_logprobs=inner.decoder_input_details
+                ),
+                cancelled,
+            )
+            num_generated = 0
+            async for step in steps:
+                num_generated += 1
+                yield self._chunk(step, request_id, with_tokens, prompt_ids, num_generated)
+        finally:
+            self.running_requests -= 1
+            self.queued_tokens -= cost
+            self._model_lock.release()
+
+    def _parse(self, request: common_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
+        inputs = [bool(request.prompt), bool(request.messages), bool(request.prompt_token_ids)]
+        if sum(inputs) != 1:
+            raise ServiceError.invalid(
+                "set exactly one of `prompt` (non-empty text), `messages` or `prompt_token_ids`"
+            )
+        try:
+            if request.prompt:
+                prompt_ids = self._backend.encode_text(request.prompt, request.apply_chat_template)
+            elif request.messages:
+                prompt_ids = self._backend.encode_chat([(m.role, m.content) for m in request.messages])
+            else:
+                prompt_ids = list(request.prompt_token_ids)
+                self._backend.check_token_ids(prompt_ids)
+            if not prompt_ids:
+                raise ValueError("the prompt encodes to zero tokens; send some text")
+            return prompt_ids, _sampling_params(request.parameters, len(prompt_ids), self._backend)
+        except ValueError as error:
+            raise ServiceError.invalid(str(error)) from error
+
+    def _chunk(
+        self, step: StepOutput, request_id: str, with_tokens: bool, prompt_ids: list[int], num_generated: int
+    ) -> common_pb2.GenerateStreamResponse:
+        chunk = common_pb2.GenerateStreamResponse(request_id=request_id, text=step.text)
+        if with_tokens:
+            chunk.tokens.append(self._token(step.token.token_id, step.token.logprob, step.token.top))
+        if step.prompt_logprobs:
+            for token_id, logprob in zip(prompt_ids, step.prompt_logprobs, strict=True):
+                chunk.prefill_tokens.append(
+                    self._token(token_id, float("nan") if logprob is None else logprob, ())
+                )
+        if step.finish_reason:
+            chunk.finish_reason = FINISH_REASONS[step.finish_reason]
+            chunk.usage.CopyFrom(
+                common_pb2.Usage(
+                    prompt_tokens=len(prompt_ids),
+                    completion_tokens=num_generated,
+                    total_tokens=len(prompt_ids) + num_generated,
+                )
+            )
+            chunk.served_by.CopyFrom(common_pb2.ServedBy(shard=self.shard_id))
+        return chunk
+
+    def _token(self, token_id: int, logprob: float, top: tuple[tuple[int, float], ...]) -> common_pb2.Token:
+        return common_pb2.Token(
+            id=token_id,
+            text=self._backend.token_text(token_id),
+            logprob=logprob,
+            special=self._backend.is_special(token_id),
+            top_logprobs=[
+                common_pb2.TopLogprob(id=i, text=self._backend.token_text(i), logprob=lp) for i, lp in top
+            ],
+        )
+
+    async def LoadAdapter(self, request, context):
+        raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, "adapter loading arrives with multi-LoRA serving")
+
+    async def UnloadAdapter(self, request, context):
+        raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, "adapter loading arrives with multi-LoRA serving")
+
+    async def Status(self, request: shard_pb2.ShardStatusRequest, context) -> shard_pb2.ShardStatus:
+        return shard_pb2.ShardStatus(
+            shard_id=self.shard_id,
+            address=self.address,
+            base_model=self.base_model,
+            max_context=self._backend.max_context,
+            running_requests=self.running_requests,
+            waiting_requests=self.waiting_requests,
+            queued_tokens=self.queued_tokens,
+            max_running_requests=1,
+        )
+
+
+def _sampling_params(
+    parameters: common_pb2.SamplingParameters, num_prompt_tokens: int, backend: HFBackend
+) -> SamplingParams:
+    requested = parameters.max_new_tokens if parameters.HasField("max_new_tokens") else None
+    return SamplingParams(
+        max_new_tokens=backend.resolve_max_new_tokens(num_prompt_tokens, requested),
+        temperature=parameters.temperature,
+        top_p=parameters.top_p if parameters.HasField("top_p") else 1.0,
+        top_k=parameters.top_k,
+        seed=parameters.seed if parameters.HasField("seed") else None,
+        repetition_penalty=(
+            parameters.repetition_penalty if parameters.HasField("repetition_penalty") else 1.0
+        ),
+        stop=tuple(parameters.stop),
+        stop_token_ids=tuple(parameters.stop_token_ids),
+        ignore_eos=parameters.ignore_eos,
+        top_logprobs=parameters.top_logprobs,
+    )
+
+
+async def _iterate_in_thread(
+    make_iterator: Callable[[], Iterator[T]], cancelled: threading.Event
+) -> AsyncIterator[T]:
+    """Run a blocking iterator on a worker thread so the event loop (and gRPC) never blocks.
+
+    On exit, including the caller's cancellation, the worker is told to stop and joined, so the
+    resource it uses is free again when this returns.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[object] = asyncio.Queue()
+    done = object()
+
+    def worker() -> None:
+        try:
+            for item in make_iterator():
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+        except Exception as error:  # handed to the consumer, which re-raises it
+            loop.call_soon_threadsafe(queue.put_nowait, error)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+    thread = threading.Thread(target=worker, name="generate", daemon=True)
+    thread.start()
+    try:
+        while (item := await queue.get()) is not done:
+            if isinstance(item, Exception):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        cancelled.set()
+        await asyncio.to_thread(thread.join)

@@ -1,0 +1,57 @@
+"""Starts real mesh processes (shards, router) for integration tests, on free loopback ports."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraplex.tools.processes import free_port, loraplex_command, spawn, stop_all, wait_serving
+
+
+@dataclass
+class Mesh:
+    router: str
+    shards: dict[str, str]  # shard id -> address
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)  # name -> process
+
+    def stop(self) -> None:
+        stop_all(list(self.processes.values())[::-1])
+
+
+def start_mesh(
+    model_dir: Path,
+    redis_url: str,
+    namespace: str,
+    logdir: Path,
+    num_shards: int = 2,
+    heartbeat_ttl: float = 3,
+) -> Mesh:
+    common = ["--model", str(model_dir), "--redis-url", redis_url, "--namespace", namespace]
+    mesh = Mesh(router=f"127.0.0.1:{free_port()}", shards={})
+    try:
+        for index in range(num_shards):
+            shard_id, address = f"shard-{index}", f"127.0.0.1:{free_port()}"
+            command = loraplex_command(
+                "shard",
+                *common,
+                "--shard-id",
+                shard_id,
+                "--port",
+                address.split(":")[1],
+                "--heartbeat-ttl",
+                str(heartbeat_ttl),
+            )
+            mesh.processes[shard_id] = spawn(command, logdir / f"{shard_id}.log")
+            mesh.shards[shard_id] = address
+        for shard_id, address in mesh.shards.items():
+            wait_serving(address, mesh.processes[shard_id])
+        router_port = mesh.router.split(":")[1]
+        mesh.processes["router"] = spawn(
+            loraplex_command("router", *common, "--port", router_port), logdir / "router.log"
+        )
+        wait_serving(mesh.router, mesh.processes["router"])
+    except BaseException:
+        mesh.stop()
+        raise
+    return mesh

@@ -1,0 +1,222 @@
+"""End to end through real processes: redis-server, 2 shards serving SmolLM2, a router."""
+
+import json
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+
+from loraplex.protos.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    common_pb2,
+    generation_pb2_grpc,
+    shard_pb2,
+    shard_pb2_grpc,
+)
+
+from mesh import start_mesh
+from peft_fixtures import write_peft_adapter
+
+FRANCE = common_pb2.GenerateRequest(
+    prompt="What is the capital of France?",
+    apply_chat_template=True,
+    parameters=common_pb2.SamplingParameters(max_new_tokens=24),
+)
+
+
+@pytest.fixture(scope="module")
+def mesh(smollm2_dir, redis_url, tmp_path_factory):
+    mesh = start_mesh(smollm2_dir, redis_url, "mesh-test", tmp_path_factory.mktemp("mesh-logs"))
+    yield mesh
+    mesh.stop()
+
+
+@pytest.fixture(scope="module")
+def channel(mesh):
+    with grpc.insecure_channel(mesh.router) as channel:
+        yield channel
+
+
+@pytest.fixture
+def generation(channel):
+    return generation_pb2_grpc.GenerationStub(channel)
+
+
+@pytest.fixture
+def admin(channel):
+    return adapters_pb2_grpc.AdaptersStub(channel)
+
+
+def _error(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def test_stream_through_the_router_answers_paris(generation):
+    chunks = list(generation.GenerateStream(FRANCE, timeout=60))
+    assert len(chunks) > 3, "tokens should arrive as separate chunks"
+    assert "Paris" in "".join(chunk.text for chunk in chunks)
+    last = chunks[-1]
+    assert last.finish_reason == common_pb2.FINISH_REASON_EOS
+    assert last.usage.completion_tokens == len(chunks)
+    assert last.served_by.shard in {"shard-0", "shard-1"}
+
+
+def test_unary_generate_returns_details_and_usage(generation):
+    request = common_pb2.GenerateRequest()
+    request.CopyFrom(FRANCE)
+    request.details = True
+    reply = generation.Generate(request, timeout=60)
+    assert "Paris" in reply.text
+    assert len(reply.tokens) == reply.usage.completion_tokens
+    assert all(token.logprob <= 0 for token in reply.tokens)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_chat_messages_are_rendered_with_the_template(generation):
+    request = common_pb2.GenerateRequest(
+        messages=[common_pb2.ChatMessage(role="user", content="What is the capital of France?")],
+        parameters=common_pb2.SamplingParameters(max_new_tokens=24),
+    )
+    assert "Paris" in generation.Generate(request, timeout=60).text
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "code", "hint"),
+    [
+        ({"prompt": "hi", "adapter": "no-such-adapter"}, grpc.StatusCode.NOT_FOUND, "not registered"),
+        ({"prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "exactly one of"),
+        (
+            {"prompt": "hi", "parameters": {"max_new_tokens": 0}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_new_tokens",
+        ),
+        (
+            {"prompt": "hi", "parameters": {"max_new_tokens": 100000}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "8191",
+        ),
+        (
+            {"prompt": "hi", "parameters": {"temperature": -1}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "temperature",
+        ),
+        ({"prompt": "hi", "parameters": {"top_p": 0}}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        ({"prompt_token_ids": [10**7]}, grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
+    ],
+)
+def test_bad_input_gets_a_status_that_says_what_to_fix(generation, request_fields, code, hint):
+    from google.protobuf.json_format import ParseDict
+
+    request = ParseDict(request_fields, common_pb2.GenerateRequest())
+    error = _error(lambda: generation.Generate(request, timeout=30))
+    assert error.code() == code
+    assert hint in error.details()
+
+
+def test_bad_requests_lose_nothing(generation):
+    _error(lambda: generation.Generate(common_pb2.GenerateRequest(prompt=""), timeout=30))
+    assert "Paris" in generation.Generate(FRANCE, timeout=60).text
+
+
+def test_adapter_admin_lifecycle(admin, smollm2_dir, tmp_path):
+    source = write_peft_adapter(tmp_path / "support", smollm2_dir, rank=8, targets=("q_proj", "v_proj"))
+    created = admin.Create(adapters_pb2.CreateAdapterRequest(name="support", source=str(source)))
+    assert (created.version, created.rank, list(created.target_modules)) == (1, 8, ["q_proj", "v_proj"])
+    assert created.base_model == smollm2_dir.name
+
+    duplicate = _error(
+        lambda: admin.Create(adapters_pb2.CreateAdapterRequest(name="support", source=str(source)))
+    )
+    assert duplicate.code() == grpc.StatusCode.ALREADY_EXISTS
+
+    v2 = write_peft_adapter(tmp_path / "support-v2", smollm2_dir, rank=16, targets=("o_proj",), seed=1)
+    updated = admin.Update(adapters_pb2.UpdateAdapterRequest(name="support", source=f"file://{v2}"))
+    assert (updated.version, updated.rank, updated.checksum != created.checksum) == (2, 16, True)
+    assert admin.Get(adapters_pb2.GetAdapterRequest(name="support")).version == 2
+    assert [a.name for a in admin.List(adapters_pb2.ListAdaptersRequest()).adapters] == ["support"]
+
+    admin.Delete(adapters_pb2.DeleteAdapterRequest(name="support"))
+    missing = _error(lambda: admin.Get(adapters_pb2.GetAdapterRequest(name="support")))
+    assert missing.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("name", "source", "hint"),
+    [("bad name", "/tmp", "name"), ("ok", "/no/such/dir", "does not exist"), ("ok", "", "source")],
+)
+def test_bad_adapter_sources_are_invalid_argument(admin, name, source, hint):
+    error = _error(lambda: admin.Create(adapters_pb2.CreateAdapterRequest(name=name, source=source)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert hint in error.details()
+
+
+def test_cancelling_a_stream_frees_the_shard(generation, mesh):
+    request = common_pb2.GenerateRequest(
+        prompt="Tell me a very long story.",
+        parameters=common_pb2.SamplingParameters(max_new_tokens=400, ignore_eos=True),
+    )
+    stream = generation.GenerateStream(request, timeout=120)
+    next(stream)
+    next(stream)
+    stream.cancel()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        statuses = []
+        for address in mesh.shards.values():
+            with grpc.insecure_channel(address) as channel:
+                statuses.append(
+                    shard_pb2_grpc.ShardStub(channel).Status(shard_pb2.ShardStatusRequest(), timeout=5)
+                )
+        if all(s.running_requests == 0 and s.queued_tokens == 0 for s in statuses):
+            break
+        time.sleep(0.1)
+    assert all(s.running_requests == 0 and s.queued_tokens == 0 for s in statuses)
+
+
+def test_concurrent_requests_all_complete(generation):
+    results: list[str] = []
+
+    def ask() -> None:
+        results.append(generation.Generate(FRANCE, timeout=120).text)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 4 and all("Paris" in text for text in results)
+
+
+def test_grpcurl_lists_services_checks_health_and_streams(mesh):
+    listed = subprocess.run(
+        ["grpcurl", "-plaintext", mesh.router, "list"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.split()
+    assert {"loraplex.v1.Generation", "loraplex.v1.Adapters", "grpc.health.v1.Health"} <= set(listed)
+    health = subprocess.run(
+        ["grpcurl", "-plaintext", mesh.router, "grpc.health.v1.Health/Check"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert json.loads(health)["status"] == "SERVING"
+    body = json.dumps(
+        {
+            "prompt": "What is the capital of France?",
+            "apply_chat_template": True,
+            "parameters": {"max_new_tokens": 24},
+        }
+    )
+    streamed = subprocess.run(
+        ["grpcurl", "-plaintext", "-d", body, mesh.router, "loraplex.v1.Generation/GenerateStream"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "Paris" in streamed and "FINISH_REASON_EOS" in streamed

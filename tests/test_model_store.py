@@ -1,0 +1,28 @@
+import time
+
+import pytest
+from safetensors import safe_open
+
+from loraplex.tools.model_store import DEFAULT_MODEL, is_prepared, prepare_model, resolve_model
+
+
+def test_prepared_smollm2_is_plain_safetensors_with_tokenizer(smollm2_dir):
+    assert is_prepared(smollm2_dir)
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        assert (smollm2_dir / name).is_file()
+    with safe_open(smollm2_dir / "model.safetensors", "pt") as weights:
+        assert "model.layers.29.mlp.down_proj.weight" in set(weights.keys())
+        assert weights.get_tensor("model.embed_tokens.weight").shape == (49152, 576)
+    assert "quantization_config" not in (smollm2_dir / "config.json").read_text()
+
+
+def test_prepare_is_idempotent_and_fast_the_second_time(smollm2_dir, cache_dir):
+    started = time.monotonic()
+    assert prepare_model(DEFAULT_MODEL, cache_dir) == smollm2_dir
+    assert time.monotonic() - started < 2
+
+
+def test_model_argument_resolves_directories_and_refuses_unknown_ids(tiny_model_dir, cache_dir):
+    assert resolve_model(str(tiny_model_dir), cache_dir) == tiny_model_dir
+    with pytest.raises(FileNotFoundError, match="neither a directory"):
+        resolve_model("no-such-model", cache_dir)

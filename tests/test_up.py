@@ -1,0 +1,112 @@
+"""`loraplex up` as a user runs it: the whole mesh, a shard killed under it, then Ctrl-C."""
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from loraplex.protos.v1 import common_pb2, generation_pb2_grpc
+from loraplex.registry.store import Registry
+from loraplex.tools.processes import free_port
+
+REQUEST = common_pb2.GenerateRequest(
+    prompt="Hello", parameters=common_pb2.SamplingParameters(max_new_tokens=4)
+)
+
+
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return {int(line) for line in out.split()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(")")[1].split()[0] != "Z"  # a zombie has exited
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline") as cmdline:
+        return cmdline.read().replace("\0", " ")
+
+
+@pytest.fixture
+def launcher(tiny_model_dir, cache_dir, tmp_path):
+    router_port, shard_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loraplex.tools.cli",
+            "up",
+            "--model",
+            str(tiny_model_dir),
+            "--cache-dir",
+            str(cache_dir),
+            "--router-port",
+            str(router_port),
+            "--shard-base-port",
+            str(shard_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        output.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    text = "".join(output)
+    if "loraplex mesh is up" not in text:
+        process.kill()
+        pytest.fail(f"loraplex up did not come up:\n{text}")
+    yield process, f"127.0.0.1:{router_port}", text
+    if process.poll() is None:
+        process.kill()
+
+
+def test_up_serves_survives_a_dead_shard_and_stops_cleanly(launcher):
+    process, router, banner = launcher
+    redis_url = re.search(r"redis\s+(redis://\S+)", banner).group(1)
+    children = _children(process.pid)
+    assert len(children) == 4, f"expected redis, 2 shards and the router, got {children}"
+    with grpc.insecure_channel(router) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        served_by = {stub.Generate(REQUEST, timeout=30).served_by.shard for _ in range(3)}
+        assert served_by <= {"shard-0", "shard-1"}
+
+        victim = next(pid for pid in children if "shard-0" in _cmdline(pid))
+        os.kill(victim, signal.SIGKILL)
+        replies = [stub.Generate(REQUEST, timeout=30) for _ in range(5)]
+        assert {reply.served_by.shard for reply in replies} == {"shard-1"}
+        assert all(reply.usage.completion_tokens == 4 for reply in replies)
+
+    async def live_shard_ids() -> list[str]:
+        registry = Registry(redis_url)
+        try:
+            return [shard.shard_id for shard in await registry.live_shards()]
+        finally:
+            await registry.close()
+
+    deadline = time.monotonic() + 8  # the heartbeat TTL is 5 s
+    while asyncio.run(live_shard_ids()) != ["shard-1"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert asyncio.run(live_shard_ids()) == ["shard-1"]
+
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) == 0
+    assert not [pid for pid in children if _alive(pid)], "Ctrl-C must leave no process behind"

@@ -1,0 +1,1 @@
+"""The ``loraplex`` command line and its helpers: mesh launcher, model store, benchmarks."""

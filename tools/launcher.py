@@ -1,0 +1,120 @@
+"""`loraplex up`: a private redis-server, N shards and a router on this machine, until Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraplex.tools.model_store import resolve_model
+from loraplex.tools.processes import (
+    free_port,
+    loraplex_command,
+    spawn,
+    start_redis,
+    stop_all,
+    wait_serving,
+)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    model: str
+    cache_dir: Path
+    namespace: str
+    redis_url: str  # empty: start a private redis-server
+    num_shards: int
+    host: str
+    router_port: int
+    shard_base_port: int
+    log_level: str = "INFO"
+
+
+def run_mesh(config: MeshConfig) -> int:
+    model_dir = resolve_model(config.model, config.cache_dir)
+    workdir = Path(tempfile.mkdtemp(prefix="loraplex-up-"))
+    processes: list[subprocess.Popen] = []  # in start order; stopped newest first
+    stopping = False
+
+    def request_stop(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        redis_url = config.redis_url
+        if not redis_url:
+            redis_port = free_port()
+            processes.append(start_redis(redis_port, workdir, workdir / "redis.log"))
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        common = [
+            "--model",
+            str(model_dir),
+            "--redis-url",
+            redis_url,
+            "--namespace",
+            config.namespace,
+            "--cache-dir",
+            str(config.cache_dir),
+            "--log-level",
+            config.log_level,
+        ]
+        shards = {}
+        for index in range(config.num_shards):
+            address = f"{config.host}:{config.shard_base_port + index}"
+            command = loraplex_command(
+                "shard",
+                *common,
+                "--shard-id",
+                f"shard-{index}",
+                "--host",
+                config.host,
+                "--port",
+                str(config.shard_base_port + index),
+            )
+            shards[address] = spawn(command, workdir / f"shard-{index}.log")
+            processes.append(shards[address])
+        for address, process in shards.items():
+            wait_serving(address, process)
+        router_address = f"{config.host}:{config.router_port}"
+        router = spawn(
+            loraplex_command("router", *common, "--host", config.host, "--port", str(config.router_port)),
+            workdir / "router.log",
+        )
+        processes.append(router)
+        wait_serving(router_address, router)
+        _print_endpoints(router_address, list(shards), redis_url, workdir)
+        exited: set[int] = set()
+        while not stopping:
+            for process in processes:
+                if process.poll() is not None and process.pid not in exited:
+                    exited.add(process.pid)
+                    print(f"warning: {process.args[3:5]} exited with code {process.returncode}", flush=True)
+            time.sleep(0.5)
+        print("\nstopping the mesh ...", flush=True)
+        return 0
+    finally:
+        stop_all(processes[::-1])
+
+
+def _print_endpoints(router: str, shards: list[str], redis_url: str, workdir: Path) -> None:
+    print(
+        f"""
+loraplex mesh is up
+  router (gRPC)  {router}
+  shards (gRPC)  {", ".join(shards)}
+  redis          {redis_url}
+  logs           {workdir}
+
+Try it:
+  grpcurl -plaintext -d '{{"prompt": "What is the capital of France?", "apply_chat_template": true,
+    "parameters": {{"max_new_tokens": 32}}}}' {router} loraplex.v1.Generation/GenerateStream
+
+Ctrl-C stops everything.
+""",
+        flush=True,
+    )

@@ -1,0 +1,64 @@
+"""Tiny random Llama-family models written as safetensors, for fast tests of every code path."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
+
+
+def write_tiny_model(
+    out_dir: Path,
+    tokenizer_dir: Path,
+    *,
+    family: str = "llama",
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    max_context: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Write a random-weight model of the given family with tokenizer_dir's tokenizer into out_dir.
+
+    family is "llama" (tied embeddings, like SmolLM2), "qwen2" (q/k/v bias) or "mistral".
+    """
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    vocab_size = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_context,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    configs = {
+        "llama": lambda: LlamaConfig(**common, tie_word_embeddings=True),
+        "qwen2": lambda: Qwen2Config(**common, tie_word_embeddings=False),
+        "mistral": lambda: MistralConfig(**common, tie_word_embeddings=False, sliding_window=None),
+    }
+    if family not in configs:
+        raise ValueError(f"unknown family {family!r}; choose one of {sorted(configs)}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(configs[family](), dtype=torch.float32)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, out_dir / name)
+    return out_dir
