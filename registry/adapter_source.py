@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlparse
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+MAX_WEIGHTS_BYTES = 2 << 30  # an adapter's weights past 2 GiB are refused before being read
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -66,6 +67,34 @@ def read_metadata(source: str) -> AdapterMetadata:
     return _parse_config(config_bytes, weights_digest)
 
 
+def read_weights(source: str) -> bytes:
+    """The adapter_model.safetensors bytes, read from the directory or straight out of the archive
+    (nothing is extracted to disk, so archive paths can never escape)."""
+    path = local_path(source)
+    if path.is_dir():
+        weights = _require_file(path / WEIGHTS_FILE)
+        _check_size(weights.stat().st_size)
+        return weights.read_bytes()
+    with tarfile.open(path, "r:gz") as archive:
+        member = _archive_members(archive, path)[WEIGHTS_FILE]
+        _check_size(member.size)
+        return archive.extractfile(member).read()
+
+
+def _check_size(num_bytes: int) -> None:
+    if num_bytes > MAX_WEIGHTS_BYTES:
+        raise InvalidAdapter(f"adapter weights are {num_bytes} bytes; the limit is {MAX_WEIGHTS_BYTES}")
+
+
+def _archive_members(archive: tarfile.TarFile, path: Path) -> dict[str, tarfile.TarInfo]:
+    """The config and weights members, which must be regular files at the archive's root."""
+    members = {member.name.removeprefix("./"): member for member in archive.getmembers()}
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if name not in members or not members[name].isfile():
+            raise InvalidAdapter(f"archive {path} has no regular file {name} at its root")
+    return {name: members[name] for name in (CONFIG_FILE, WEIGHTS_FILE)}
+
+
 def _require_file(path: Path) -> Path:
     if not path.is_file():
         hint = (
@@ -91,10 +120,7 @@ def _sha256_file(path: Path) -> str:
 
 def _read_archive(path: Path) -> tuple[bytes, str]:
     with tarfile.open(path, "r:gz") as archive:
-        members = {member.name.removeprefix("./"): member for member in archive.getmembers()}
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if name not in members or not members[name].isfile():
-                raise InvalidAdapter(f"archive {path} has no regular file {name} at its root")
+        members = _archive_members(archive, path)
         config_bytes = archive.extractfile(members[CONFIG_FILE]).read()
         digest = hashlib.sha256()
         weights = archive.extractfile(members[WEIGHTS_FILE])

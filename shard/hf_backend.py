@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from loraplex.shard.detokenizer import IncrementalDetokenizer
+from loraplex.shard.lora import LoraAdapter, applied
 from loraplex.shard.sampling import SampledToken, SamplingParams, TokenSampler
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -94,8 +95,19 @@ class HFBackend:
         params: SamplingParams,
         cancelled: threading.Event,
         want_prompt_logprobs: bool = False,
+        adapter: LoraAdapter | None = None,
     ) -> Iterator[StepOutput]:
         """Yield one StepOutput per generated token until a finish reason or cancellation."""
+        with applied(self.model, adapter):
+            yield from self._generate(prompt_ids, params, cancelled, want_prompt_logprobs)
+
+    def _generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        cancelled: threading.Event,
+        want_prompt_logprobs: bool,
+    ) -> Iterator[StepOutput]:
         sampler = TokenSampler(params)
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         stop_token_ids = set(params.stop_token_ids)

@@ -11,7 +11,7 @@ import redis.exceptions
 
 from loraplex.protos.rpc import create_server, set_not_serving, set_serving, stop_on_signals
 from loraplex.protos.v1 import shard_pb2, shard_pb2_grpc
-from loraplex.registry.records import ShardRecord
+from loraplex.registry.records import HeldAdapter, ShardRecord
 from loraplex.registry.store import Registry
 from loraplex.shard.hf_backend import HFBackend
 from loraplex.shard.service import ShardService
@@ -34,6 +34,8 @@ class ShardConfig:
     namespace: str = "loraplex"
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: float = 5.0
+    max_cpu_adapters: int = 32
+    max_lora_rank: int = 64
     drain_timeout_s: float = 10.0
 
 
@@ -44,7 +46,14 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
     backend = await asyncio.to_thread(HFBackend, model_dir, config.device)
     server, port, health = create_server(f"{config.host}:{config.port}", [SERVICE_NAME])
     address = f"{config.advertise_host or config.host}:{port}"
-    service = ShardService(backend, config.shard_id, address, base_model=model_dir.name)
+    service = ShardService(
+        backend,
+        config.shard_id,
+        address,
+        base_model=model_dir.name,
+        max_adapters=config.max_cpu_adapters,
+        max_lora_rank=config.max_lora_rank,
+    )
     shard_pb2_grpc.add_ShardServicer_to_server(service, server)
     await server.start()
     await set_serving(health, [SERVICE_NAME])
@@ -76,6 +85,7 @@ def _record(service: ShardService, backend: HFBackend) -> ShardRecord:
         running_requests=service.running_requests,
         waiting_requests=service.waiting_requests,
         queued_tokens=service.queued_tokens,
+        adapters=tuple(HeldAdapter(name, version, "cpu") for name, version in service.adapters.held()),
     )
 
 

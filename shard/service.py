@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
@@ -13,7 +14,9 @@ import grpc
 
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
+from loraplex.registry.adapter_source import InvalidAdapter
 from loraplex.shard.hf_backend import HFBackend, StepOutput
+from loraplex.shard.lora import AdapterCache, IncompatibleAdapter, LoraAdapter, load_adapter
 from loraplex.shard.sampling import SamplingParams
 
 FINISH_REASONS = {
@@ -26,9 +29,20 @@ T = TypeVar("T")
 
 
 class ShardService(shard_pb2_grpc.ShardServicer):
-    def __init__(self, backend: HFBackend, shard_id: str, address: str, base_model: str) -> None:
+    def __init__(
+        self,
+        backend: HFBackend,
+        shard_id: str,
+        address: str,
+        base_model: str,
+        max_adapters: int = 32,
+        max_lora_rank: int = 64,
+    ) -> None:
         self._backend = backend
         self._model_lock = asyncio.Lock()  # the foundation backend runs one request at a time
+        self.adapters = AdapterCache(max_adapters)
+        self._max_lora_rank = max_lora_rank
+        self._loading: dict[tuple[str, int], asyncio.Lock] = {}
         self.shard_id = shard_id
         self.address = address
         self.base_model = base_model
@@ -40,13 +54,12 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
         inner = request.request
-        if request.adapter.name or inner.adapter:
-            raise ServiceError(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"adapter {request.adapter.name or inner.adapter!r}: this shard serves the base model only "
-                "until multi-LoRA serving lands; send the request without an adapter",
+        if inner.adapter and inner.adapter != request.adapter.name:
+            raise ServiceError.invalid(
+                f"request names adapter {inner.adapter!r} without its catalogue record; send it through the router"
             )
         prompt_ids, params = self._parse(inner)
+        adapter = await self._adapter(request.adapter) if request.adapter.name else None
         request_id = inner.request_id or uuid.uuid4().hex
         with_tokens = inner.details or inner.parameters.logprobs or params.top_logprobs > 0
         cost = len(prompt_ids) + params.max_new_tokens
@@ -64,14 +77,18 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             cancelled = threading.Event()
             steps = _iterate_in_thread(
                 lambda: self._backend.generate(
-                    prompt_ids, params, cancelled, want_prompt_logprobs=inner.decoder_input_details
+                    prompt_ids,
+                    params,
+                    cancelled,
+                    want_prompt_logprobs=inner.decoder_input_details,
+                    adapter=adapter,
                 ),
                 cancelled,
             )
             num_generated = 0
             async for step in steps:
                 num_generated += 1
-                yield self._chunk(step, request_id, with_tokens, prompt_ids, num_generated)
+                yield self._chunk(step, request_id, with_tokens, prompt_ids, num_generated, adapter)
         finally:
             self.running_requests -= 1
             self.queued_tokens -= cost
@@ -97,8 +114,40 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         except ValueError as error:
             raise ServiceError.invalid(str(error)) from error
 
+    async def _adapter(self, record: common_pb2.Adapter) -> LoraAdapter:
+        """The adapter at the record's version, loaded on first use (once, however many ask at once)."""
+        key = (record.name, record.version)
+        async with self._loading.setdefault(key, asyncio.Lock()):
+            adapter = self.adapters.get(*key)
+            if adapter is None:
+                try:
+                    adapter = await asyncio.to_thread(
+                        load_adapter,
+                        record.source,
+                        record.name,
+                        record.version,
+                        self._backend.model,
+                        self._max_lora_rank,
+                    )
+                except InvalidAdapter as error:
+                    raise ServiceError.invalid(f"adapter {record.name!r}: {error}") from error
+                except IncompatibleAdapter as error:
+                    raise ServiceError(
+                        grpc.StatusCode.FAILED_PRECONDITION, f"adapter {record.name!r}: {error}"
+                    ) from error
+                finally:
+                    self._loading.pop(key, None)
+                self.adapters.put(adapter)
+        return adapter
+
     def _chunk(
-        self, step: StepOutput, request_id: str, with_tokens: bool, prompt_ids: list[int], num_generated: int
+        self,
+        step: StepOutput,
+        request_id: str,
+        with_tokens: bool,
+        prompt_ids: list[int],
+        num_generated: int,
+        adapter: LoraAdapter | None,
     ) -> common_pb2.GenerateStreamResponse:
         chunk = common_pb2.GenerateStreamResponse(request_id=request_id, text=step.text)
         if with_tokens:
@@ -117,7 +166,13 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                     total_tokens=len(prompt_ids) + num_generated,
                 )
             )
-            chunk.served_by.CopyFrom(common_pb2.ServedBy(shard=self.shard_id))
+            chunk.served_by.CopyFrom(
+                common_pb2.ServedBy(
+                    shard=self.shard_id,
+                    adapter=adapter.name if adapter else "",
+                    adapter_version=adapter.version if adapter else 0,
+                )
+            )
         return chunk
 
     def _token(self, token_id: int, logprob: float, top: tuple[tuple[int, float], ...]) -> common_pb2.Token:
@@ -131,11 +186,25 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             ],
         )
 
-    async def LoadAdapter(self, request, context):
-        raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, "adapter loading arrives with multi-LoRA serving")
+    async def LoadAdapter(
+        self, request: shard_pb2.LoadAdapterRequest, context
+    ) -> shard_pb2.LoadAdapterResponse:
+        if not request.adapter.name or not request.adapter.source:
+            raise ServiceError.invalid("`adapter` needs at least a name and a source")
+        started = time.perf_counter()
+        await self._adapter(request.adapter)
+        return shard_pb2.LoadAdapterResponse(
+            tier=common_pb2.TIER_CPU, load_ms=(time.perf_counter() - started) * 1000
+        )
 
-    async def UnloadAdapter(self, request, context):
-        raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, "adapter loading arrives with multi-LoRA serving")
+    async def UnloadAdapter(
+        self, request: shard_pb2.UnloadAdapterRequest, context
+    ) -> shard_pb2.UnloadAdapterResponse:
+        if not self.adapters.drop(request.name, request.version):
+            raise ServiceError.not_found(
+                f"adapter {request.name!r} (version {request.version or 'any'}) is not loaded"
+            )
+        return shard_pb2.UnloadAdapterResponse()
 
     async def Status(self, request: shard_pb2.ShardStatusRequest, context) -> shard_pb2.ShardStatus:
         return shard_pb2.ShardStatus(
@@ -147,6 +216,10 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             waiting_requests=self.waiting_requests,
             queued_tokens=self.queued_tokens,
             max_running_requests=1,
+            adapters=[
+                common_pb2.AdapterPlacement(adapter=name, tier=common_pb2.TIER_CPU, version=version)
+                for name, version in self.adapters.held()
+            ],
         )
 
 

@@ -28,7 +28,10 @@ def write_peft_adapter(
     alpha: float = 16,
     targets: tuple[str, ...] = ("q_proj", "v_proj"),
     seed: int = 0,
+    scale: float = 0.01,
+    use_rslora: bool = False,
 ) -> Path:
+    """Random A and B (PEFT zero-initialises B; random B makes the adapter change the output)."""
     config = json.loads((model_dir / "config.json").read_text())
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
@@ -40,8 +43,8 @@ def write_peft_adapter(
             fan_in, fan_out = PROJECTIONS[target](hidden, inter, kv_dim)
             group = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             prefix = f"base_model.model.model.layers.{layer}.{group}.{target}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator) * 0.01
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator) * 0.01
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator) * scale
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator) * scale
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out_dir / "adapter_model.safetensors")
     (out_dir / "adapter_config.json").write_text(
@@ -51,6 +54,7 @@ def write_peft_adapter(
                 "r": rank,
                 "lora_alpha": alpha,
                 "target_modules": list(targets),
+                "use_rslora": use_rslora,
                 "base_model_name_or_path": model_dir.name,
             }
         )

@@ -123,26 +123,70 @@ def test_bad_requests_lose_nothing(generation):
     assert "Paris" in generation.Generate(FRANCE, timeout=60).text
 
 
-def test_adapter_admin_lifecycle(admin, smollm2_dir, tmp_path):
-    source = write_peft_adapter(tmp_path / "support", smollm2_dir, rank=8, targets=("q_proj", "v_proj"))
+def _ask(generation, adapter: str) -> common_pb2.GenerateResponse:
+    request = common_pb2.GenerateRequest(adapter=adapter)
+    request.MergeFrom(FRANCE)
+    return generation.Generate(request, timeout=60)
+
+
+def test_adapter_lifecycle_is_served_through_the_router(admin, generation, smollm2_dir, tmp_path):
+    source = write_peft_adapter(
+        tmp_path / "support", smollm2_dir, rank=8, targets=("q_proj", "v_proj"), scale=0.2
+    )
     created = admin.Create(adapters_pb2.CreateAdapterRequest(name="support", source=str(source)))
     assert (created.version, created.rank, list(created.target_modules)) == (1, 8, ["q_proj", "v_proj"])
     assert created.base_model == smollm2_dir.name
-
     duplicate = _error(
         lambda: admin.Create(adapters_pb2.CreateAdapterRequest(name="support", source=str(source)))
     )
     assert duplicate.code() == grpc.StatusCode.ALREADY_EXISTS
 
-    v2 = write_peft_adapter(tmp_path / "support-v2", smollm2_dir, rank=16, targets=("o_proj",), seed=1)
-    updated = admin.Update(adapters_pb2.UpdateAdapterRequest(name="support", source=f"file://{v2}"))
+    base_text = generation.Generate(FRANCE, timeout=60).text
+    v1 = _ask(generation, "support")
+    assert (v1.served_by.adapter, v1.served_by.adapter_version) == ("support", 1)
+    assert v1.text != base_text, "the adapter should change the answer"
+
+    deadline = time.monotonic() + 10  # heartbeat, then the router's next registry refresh
+    while (
+        not admin.Get(adapters_pb2.GetAdapterRequest(name="support")).placements
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    placements = admin.Get(adapters_pb2.GetAdapterRequest(name="support")).placements
+    assert [(p.shard, p.tier, p.version) for p in placements] == [
+        (v1.served_by.shard, common_pb2.TIER_CPU, 1)
+    ]
+    assert _ask(generation, "support").served_by.shard == v1.served_by.shard, (
+        "affinity: same adapter, same shard"
+    )
+
+    v2_source = write_peft_adapter(
+        tmp_path / "v2", smollm2_dir, rank=16, targets=("o_proj",), seed=1, scale=0.2
+    )
+    updated = admin.Update(adapters_pb2.UpdateAdapterRequest(name="support", source=f"file://{v2_source}"))
     assert (updated.version, updated.rank, updated.checksum != created.checksum) == (2, 16, True)
-    assert admin.Get(adapters_pb2.GetAdapterRequest(name="support")).version == 2
+    assert _ask(generation, "support").served_by.adapter_version == 2
     assert [a.name for a in admin.List(adapters_pb2.ListAdaptersRequest()).adapters] == ["support"]
 
     admin.Delete(adapters_pb2.DeleteAdapterRequest(name="support"))
-    missing = _error(lambda: admin.Get(adapters_pb2.GetAdapterRequest(name="support")))
-    assert missing.code() == grpc.StatusCode.NOT_FOUND
+    assert (
+        _error(lambda: admin.Get(adapters_pb2.GetAdapterRequest(name="support"))).code()
+        == grpc.StatusCode.NOT_FOUND
+    )
+    assert _error(lambda: _ask(generation, "support")).code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_adapter_that_does_not_fit_the_base_model_fails_precondition(
+    admin, generation, tiny_model_dir, tmp_path
+):
+    source = write_peft_adapter(tmp_path / "tiny", tiny_model_dir)
+    admin.Create(adapters_pb2.CreateAdapterRequest(name="wrong-shapes", source=str(source)))
+    error = _error(lambda: _ask(generation, "wrong-shapes"))
+    assert (
+        error.code() == grpc.StatusCode.FAILED_PRECONDITION and "do not fit the base model" in error.details()
+    )
+    assert "Paris" in generation.Generate(FRANCE, timeout=60).text
+    admin.Delete(adapters_pb2.DeleteAdapterRequest(name="wrong-shapes"))
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shard.add_argument("--device", default=_env("DEVICE", "cpu"))
     shard.add_argument("--heartbeat-ttl", type=float, default=float(_env("HEARTBEAT_TTL", "5")))
+    shard.add_argument("--max-cpu-adapters", type=int, default=int(_env("MAX_CPU_ADAPTERS", "32")))
+    shard.add_argument("--max-lora-rank", type=int, default=int(_env("MAX_LORA_RANK", "64")))
 
     router = commands.add_parser("router", help="run one router")
     _add_common(router)
@@ -133,6 +135,8 @@ def _run_shard(args: argparse.Namespace) -> int:
         namespace=args.namespace,
         heartbeat_ttl_s=args.heartbeat_ttl,
         heartbeat_interval_s=args.heartbeat_ttl / 5,
+        max_cpu_adapters=args.max_cpu_adapters,
+        max_lora_rank=args.max_lora_rank,
     )
     asyncio.run(serve(config))
     return 0

@@ -169,14 +169,16 @@ class GenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., prefill_tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., served_by: _Optional[_Union[ServedBy, _Mapping]] = ...) -> None: ...
 
 class AdapterPlacement(_message.Message):
-    __slots__ = ("shard", "tier", "version")
+    __slots__ = ("shard", "tier", "version", "adapter")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     shard: str
     tier: Tier
     version: int
-    def __init__(self, shard: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., version: _Optional[int] = ...) -> None: ...
+    adapter: str
+    def __init__(self, shard: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., version: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class Adapter(_message.Message):
     __slots__ = ("name", "base_model", "source", "version", "rank", "alpha", "target_modules", "checksum", "created_at", "updated_at", "placements")
