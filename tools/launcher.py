@@ -37,6 +37,7 @@ def run_mesh(config: MeshConfig) -> int:
     model_dir = resolve_model(config.model, config.cache_dir)
     workdir = Path(tempfile.mkdtemp(prefix="loraplex-up-"))
     processes: list[subprocess.Popen] = []  # in start order; stopped newest first
+    names: dict[int, str] = {}  # pid -> what it is, for messages
     stopping = False
 
     def request_stop(signum, frame) -> None:
@@ -50,6 +51,7 @@ def run_mesh(config: MeshConfig) -> int:
         if not redis_url:
             redis_port = free_port()
             processes.append(start_redis(redis_port, workdir, workdir / "redis.log"))
+            names[processes[-1].pid] = "redis-server"
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
         common = [
             "--model",
@@ -78,6 +80,7 @@ def run_mesh(config: MeshConfig) -> int:
             )
             shards[address] = spawn(command, workdir / f"shard-{index}.log")
             processes.append(shards[address])
+            names[shards[address].pid] = f"shard-{index}"
         for address, process in shards.items():
             wait_serving(address, process)
         router_address = f"{config.host}:{config.router_port}"
@@ -86,6 +89,7 @@ def run_mesh(config: MeshConfig) -> int:
             workdir / "router.log",
         )
         processes.append(router)
+        names[router.pid] = "router"
         wait_serving(router_address, router)
         _print_endpoints(router_address, list(shards), redis_url, workdir)
         exited: set[int] = set()
@@ -93,7 +97,7 @@ def run_mesh(config: MeshConfig) -> int:
             for process in processes:
                 if process.poll() is not None and process.pid not in exited:
                     exited.add(process.pid)
-                    print(f"warning: {process.args[3:5]} exited with code {process.returncode}", flush=True)
+                    print(f"warning: {names[process.pid]} exited with code {process.returncode}", flush=True)
             time.sleep(0.5)
         print("\nstopping the mesh ...", flush=True)
         return 0
