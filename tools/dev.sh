@@ -7,15 +7,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${LORAPLEX_VENV:-.venv}"
 
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing $* ..."
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
 setup() {
-  if ! command -v redis-server >/dev/null 2>&1; then
-    local sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    echo "installing redis-server ..."
-    $sudo apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+    echo "loraplex needs Python 3.11 or newer; python3 is $(python3 --version 2>&1)" >&2
+    exit 1
+  }
+  command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+  if [ ! -x "$VENV/bin/python" ]; then
+    # Debian and Ubuntu ship venv's pip bootstrap in a separate package.
+    python3 -m venv "$VENV" 2>/dev/null || { rm -rf "$VENV"; apt_install python3-venv; python3 -m venv "$VENV"; }
   fi
-  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   local stamp="$VENV/.loraplex-installed"
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "installing loraplex into $VENV ..."
