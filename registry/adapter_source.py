@@ -54,31 +54,42 @@ def local_path(source: str) -> Path:
 
 
 def read_metadata(source: str) -> AdapterMetadata:
-    path = local_path(source)
+    """The adapter's config and weights checksum, streaming the weights rather than holding them."""
+    path = _adapter_path(source)
     if path.is_dir():
         config_bytes = _read_file(path / CONFIG_FILE)
         weights_digest = _sha256_file(path / WEIGHTS_FILE)
-    elif path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
-        config_bytes, weights_digest = _read_archive(path)
-    elif path.exists():
-        raise InvalidAdapter(f"{path} is neither a PEFT directory nor a .tar.gz archive")
     else:
-        raise InvalidAdapter(f"adapter source {source!r} does not exist")
+        config_bytes, weights_digest = _read_archive(path)
     return _parse_config(config_bytes, weights_digest)
 
 
-def read_weights(source: str) -> bytes:
-    """The adapter_model.safetensors bytes, read from the directory or straight out of the archive
-    (nothing is extracted to disk, so archive paths can never escape)."""
-    path = local_path(source)
+def read_adapter(source: str) -> tuple[AdapterMetadata, bytes]:
+    """The adapter's config and its adapter_model.safetensors bytes, each read once, from the directory
+    or straight out of the archive (nothing is extracted to disk, so archive paths can never escape)."""
+    path = _adapter_path(source)
     if path.is_dir():
-        weights = _require_file(path / WEIGHTS_FILE)
-        _check_size(weights.stat().st_size)
-        return weights.read_bytes()
-    with tarfile.open(path, "r:gz") as archive:
-        member = _archive_members(archive, path)[WEIGHTS_FILE]
-        _check_size(member.size)
-        return archive.extractfile(member).read()
+        config_bytes = _read_file(path / CONFIG_FILE)
+        weights_file = _require_file(path / WEIGHTS_FILE)
+        _check_size(weights_file.stat().st_size)
+        weights = weights_file.read_bytes()
+    else:
+        with tarfile.open(path, "r:gz") as archive:
+            members = _archive_members(archive, path)
+            config_bytes = archive.extractfile(members[CONFIG_FILE]).read()
+            _check_size(members[WEIGHTS_FILE].size)
+            weights = archive.extractfile(members[WEIGHTS_FILE]).read()
+    return _parse_config(config_bytes, hashlib.sha256(weights).hexdigest()), weights
+
+
+def _adapter_path(source: str) -> Path:
+    """The source's path, which must be a directory or a .tar.gz archive."""
+    path = local_path(source)
+    if path.is_dir() or (path.is_file() and path.name.endswith((".tar.gz", ".tgz"))):
+        return path
+    if path.exists():
+        raise InvalidAdapter(f"{path} is neither a PEFT directory nor a .tar.gz archive")
+    raise InvalidAdapter(f"adapter source {source!r} does not exist")
 
 
 def _check_size(num_bytes: int) -> None:

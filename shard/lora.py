@@ -20,7 +20,7 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 from torch.nn import functional as F
 
-from loraplex.registry.adapter_source import InvalidAdapter, read_metadata, read_weights
+from loraplex.registry.adapter_source import InvalidAdapter, read_adapter
 
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -37,21 +37,17 @@ class LoraAdapter:
     scaling: float
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A [r, in], B [out, r])
 
-    @property
-    def num_bytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
-
 
 def load_adapter(source: str, name: str, version: int, model: nn.Module, max_rank: int) -> LoraAdapter:
     """Read and validate an adapter for `model`. InvalidAdapter: bad source or config;
     IncompatibleAdapter: it does not fit this base model."""
-    metadata = read_metadata(source)
+    metadata, weights_bytes = read_adapter(source)
     if metadata.rank > max_rank:
         raise IncompatibleAdapter(
             f"adapter rank {metadata.rank} exceeds this shard's max_lora_rank {max_rank}"
         )
     try:
-        tensors = load_safetensors(read_weights(source))
+        tensors = load_safetensors(weights_bytes)
     except SafetensorError as error:
         raise InvalidAdapter(f"adapter_model.safetensors is not a valid safetensors file: {error}") from error
     halves: dict[str, dict[str, torch.Tensor]] = {}

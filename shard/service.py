@@ -117,6 +117,9 @@ class ShardService(shard_pb2_grpc.ShardServicer):
     async def _adapter(self, record: common_pb2.Adapter) -> LoraAdapter:
         """The adapter at the record's version, loaded on first use (once, however many ask at once)."""
         key = (record.name, record.version)
+        cached = self.adapters.get(*key)
+        if cached is not None:
+            return cached
         async with self._loading.setdefault(key, asyncio.Lock()):
             adapter = self.adapters.get(*key)
             if adapter is None:
