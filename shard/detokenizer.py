@@ -1,5 +1,9 @@
 """Incremental detokenization: turn a growing list of token ids into text deltas that are always
-valid UTF-8 (a token that ends mid-character is held back until the character completes)."""
+valid UTF-8 (a token that ends mid-character is held back until the character completes).
+
+Each push decodes only a short window of recent tokens (the prefix/read offsets TGI and vLLM use),
+so the cost per token stays constant however long the output grows.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,19 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self._tokenizer = tokenizer
         self._ids: list[int] = []
+        self._prefix_offset = 0  # start of the window decoded for context (spacing depends on it)
+        self._read_offset = 0  # tokens before this have been emitted
         self.text = ""  # everything emitted so far
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (possibly empty)."""
         self._ids.append(token_id)
-        decoded = self._tokenizer.decode(self._ids, skip_special_tokens=True)
-        if decoded.endswith("\ufffd") or not decoded.startswith(self.text):
+        decode = self._tokenizer.decode
+        prefix = decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
+        window = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
+        if len(window) <= len(prefix) or window.endswith("\ufffd"):
             return ""
-        delta = decoded[len(self.text) :]
-        self.text = decoded
+        delta = window[len(prefix) :]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        self.text += delta
         return delta

@@ -1,28 +1,27 @@
-"""LoRA adapters for the foundation backend: load PEFT weights, check them against the model, and
-apply one adapter to the request being served.
+"""LoRA adapters: load PEFT weights, check them against the base model, and add every token's adapter
+delta inside a mixed batch.
 
 Semantics, per target projection W: y = W x + scaling * B (A x), where A: [r, in], B: [out, r] and
-scaling = alpha / r (alpha / sqrt(r) with rslora), as in PEFT. The multi-LoRA issue replaces the
-forward hooks with batched kernels over adapter slots; this module stays the reference for them.
+scaling = alpha / r (alpha / sqrt(r) with rslora), as in PEFT. `LoraBatch` is the plain-torch path over
+segments of tokens that share an adapter; the multi-LoRA issue adds Triton kernels with the same
+semantics and keeps this one as their reference and the CPU path.
 """
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from torch import nn
-from torch.nn import functional as F
 
 from loraplex.registry.adapter_source import InvalidAdapter, read_adapter
 
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])(?:\.[^.]+)?\.weight$")
+_LAYER_MODULE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<name>\w+)$")
 
 
 class IncompatibleAdapter(ValueError):
@@ -35,12 +34,28 @@ class LoraAdapter:
     version: int
     rank: int
     scaling: float
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A [r, in], B [out, r])
+    layers: tuple[
+        dict[str, tuple[torch.Tensor, torch.Tensor]], ...
+    ]  # per layer: module -> (A [r, in], B [out, r])
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for layer in self.layers for a, b in layer.values())
 
 
-def load_adapter(source: str, name: str, version: int, model: nn.Module, max_rank: int) -> LoraAdapter:
-    """Read and validate an adapter for `model`. InvalidAdapter: bad source or config;
-    IncompatibleAdapter: it does not fit this base model."""
+def load_adapter(
+    source: str,
+    name: str,
+    version: int,
+    targets: Mapping[str, tuple[int, int]],
+    num_layers: int,
+    max_rank: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> LoraAdapter:
+    """Read and validate an adapter for a base model whose LoRA-targetable projections are `targets`
+    (module path -> (in, out) features). InvalidAdapter: bad source or config; IncompatibleAdapter: it
+    does not fit this base model."""
     metadata, weights_bytes = read_adapter(source)
     if metadata.rank > max_rank:
         raise IncompatibleAdapter(
@@ -56,64 +71,71 @@ def load_adapter(source: str, name: str, version: int, model: nn.Module, max_ran
         if not match:
             raise IncompatibleAdapter(f"unexpected tensor {key!r}; only LoRA A/B weights are supported")
         halves.setdefault(match["module"], {})[match["half"]] = tensor
-    dtype = next(model.parameters()).dtype
-    weights = {}
-    for module_path, pair in halves.items():
-        weights[module_path] = _checked_pair(
-            model, module_path, pair, metadata.rank, metadata.target_modules, dtype
-        )
-    if not weights:
+    if not halves:
         raise IncompatibleAdapter("the adapter holds no LoRA weights")
+    layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(num_layers)]
+    for module_path, pair in halves.items():
+        a, b = _checked_pair(module_path, pair, metadata.rank, metadata.target_modules, targets)
+        where = _LAYER_MODULE.match(module_path)
+        assert where is not None  # every key of `targets` has this form
+        layers[int(where["layer"])][where["name"]] = (
+            a.to(device=device, dtype=dtype).contiguous(),
+            b.to(device=device, dtype=dtype).contiguous(),
+        )
     scaling = metadata.alpha / (metadata.rank**0.5 if metadata.use_rslora else metadata.rank)
-    return LoraAdapter(name=name, version=version, rank=metadata.rank, scaling=scaling, weights=weights)
+    return LoraAdapter(name=name, version=version, rank=metadata.rank, scaling=scaling, layers=tuple(layers))
 
 
 def _checked_pair(
-    model: nn.Module,
     module_path: str,
     pair: dict[str, torch.Tensor],
     rank: int,
-    targets: tuple[str, ...],
-    dtype: torch.dtype,
+    declared_targets: tuple[str, ...],
+    targets: Mapping[str, tuple[int, int]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if set(pair) != {"A", "B"}:
         raise IncompatibleAdapter(f"{module_path} needs both lora_A and lora_B weights")
-    if module_path.rsplit(".", 1)[-1] not in targets:
-        raise IncompatibleAdapter(f"{module_path} is not among the adapter's target_modules {list(targets)}")
-    try:
-        module = model.get_submodule(module_path)
-    except AttributeError as error:
-        raise IncompatibleAdapter(f"the base model has no module {module_path}") from error
-    if not isinstance(module, nn.Linear):
-        raise IncompatibleAdapter(f"{module_path} is not a linear layer")
+    if module_path.rsplit(".", 1)[-1] not in declared_targets:
+        raise IncompatibleAdapter(
+            f"{module_path} is not among the adapter's target_modules {list(declared_targets)}"
+        )
+    if module_path not in targets:
+        raise IncompatibleAdapter(f"the base model has no LoRA-targetable projection {module_path}")
+    in_features, out_features = targets[module_path]
     a, b = pair["A"], pair["B"]
-    expected_a, expected_b = (rank, module.in_features), (module.out_features, rank)
+    expected_a, expected_b = (rank, in_features), (out_features, rank)
     if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
         raise IncompatibleAdapter(
             f"{module_path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base model, "
             f"which needs {expected_a} / {expected_b}"
         )
-    return a.to(dtype).contiguous(), b.to(dtype).contiguous()
+    return a, b
 
 
-@contextmanager
-def applied(model: nn.Module, adapter: LoraAdapter | None) -> Iterator[None]:
-    """Apply adapter to model's forward for the duration of the block (one request at a time)."""
-    if adapter is None:
-        yield
-        return
-    handles = []
-    for module_path, (a, b) in adapter.weights.items():
+@dataclass(frozen=True)
+class LoraSegment:
+    adapter: LoraAdapter
+    start: int  # rows [start, end) of the step's token batch use this adapter
+    end: int
 
-        def add_delta(module, inputs, output, a=a, b=b):
-            return output + adapter.scaling * F.linear(F.linear(inputs[0], a), b)
 
-        handles.append(model.get_submodule(module_path).register_forward_hook(add_delta))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+class LoraBatch:
+    """The step's adapter mapping: contiguous row segments per adapter (rows outside every segment use
+    the base model alone). Built once per step; every targeted projection calls `add`."""
+
+    def __init__(self, segments: Sequence[LoraSegment]) -> None:
+        self.segments = tuple(segments)
+
+    def add(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Semantics: out[s:e] += scaling * (x[s:e] @ A^T) @ B^T for each segment whose adapter targets
+        module in layer. x: [T, in]; out: [T, out] (a view into the projection's output)."""
+        for segment in self.segments:
+            weights = segment.adapter.layers[layer].get(module)
+            if weights is None:
+                continue
+            a, b = weights
+            shrunk = x[segment.start : segment.end] @ a.t()  # [n, r]
+            out[segment.start : segment.end].addmm_(shrunk, b.t(), alpha=segment.adapter.scaling)
 
 
 class AdapterCache:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis.exceptions
@@ -13,7 +13,7 @@ from loraplex.protos.rpc import create_server, set_not_serving, set_serving, sto
 from loraplex.protos.v1 import shard_pb2, shard_pb2_grpc
 from loraplex.registry.records import HeldAdapter, ShardRecord
 from loraplex.registry.store import Registry
-from loraplex.shard.hf_backend import HFBackend
+from loraplex.shard.engine import Engine, EngineConfig
 from loraplex.shard.service import ShardService
 from loraplex.tools.model_store import resolve_model
 
@@ -30,7 +30,7 @@ class ShardConfig:
     host: str = "127.0.0.1"
     port: int = 50061
     advertise_host: str = ""  # the host the router dials; defaults to `host`
-    device: str = "cpu"
+    engine: EngineConfig = field(default_factory=EngineConfig)
     namespace: str = "loraplex"
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: float = 5.0
@@ -43,11 +43,12 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until `stop` is set (or SIGINT/SIGTERM when stop is None)."""
     stop = stop or stop_on_signals()
     model_dir = await asyncio.to_thread(resolve_model, config.model, config.cache_dir)
-    backend = await asyncio.to_thread(HFBackend, model_dir, config.device)
+    engine = await asyncio.to_thread(Engine, model_dir, config.engine)
+    engine.start()
     server, port, health = create_server(f"{config.host}:{config.port}", [SERVICE_NAME])
     address = f"{config.advertise_host or config.host}:{port}"
     service = ShardService(
-        backend,
+        engine,
         config.shard_id,
         address,
         base_model=model_dir.name,
@@ -58,7 +59,7 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
     await server.start()
     await set_serving(health, [SERVICE_NAME])
     registry = Registry(config.redis_url, config.namespace)
-    heartbeats = asyncio.create_task(_heartbeat_forever(registry, service, backend, config))
+    heartbeats = asyncio.create_task(_heartbeat_forever(registry, service, engine, config))
     log.info("shard %s serving %s on %s", config.shard_id, model_dir.name, address)
     print(f"shard {config.shard_id} ready on {address}", flush=True)
     try:
@@ -72,30 +73,32 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
         except (redis.exceptions.RedisError, OSError, TimeoutError):
             log.warning("could not remove %s from the registry; its heartbeat will expire", config.shard_id)
         await server.stop(grace=config.drain_timeout_s)
+        await asyncio.to_thread(engine.stop)
         await registry.close()
 
 
-def _record(service: ShardService, backend: HFBackend) -> ShardRecord:
+def _record(service: ShardService, engine: Engine) -> ShardRecord:
+    stats = engine.stats
     return ShardRecord(
         shard_id=service.shard_id,
         address=service.address,
         base_model=service.base_model,
-        max_context=backend.max_context,
-        max_running_requests=1,
-        running_requests=service.running_requests,
-        waiting_requests=service.waiting_requests,
-        queued_tokens=service.queued_tokens,
+        max_context=engine.max_context,
+        max_running_requests=engine.scheduler.max_running_requests,
+        running_requests=stats.running_requests,
+        waiting_requests=stats.waiting_requests,
+        queued_tokens=stats.queued_tokens,
         adapters=tuple(HeldAdapter(name, version, "cpu") for name, version in service.adapters.held()),
     )
 
 
 async def _heartbeat_forever(
-    registry: Registry, service: ShardService, backend: HFBackend, config: ShardConfig
+    registry: Registry, service: ShardService, engine: Engine, config: ShardConfig
 ) -> None:
     healthy = True
     while True:
         try:
-            await registry.heartbeat(_record(service, backend), config.heartbeat_ttl_s)
+            await registry.heartbeat(_record(service, engine), config.heartbeat_ttl_s)
             if not healthy:
                 log.info("registry reachable again")
             healthy = True

@@ -1,22 +1,23 @@
 """The Shard gRPC service: converts protobuf to engine inputs and engine outputs to protobuf.
-Protobuf stays here; the backend sees plain Python values."""
+Protobuf stays here; the engine sees plain Python values."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TypeVar
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 from loraplex.registry.adapter_source import InvalidAdapter
-from loraplex.shard.hf_backend import HFBackend, StepOutput
+from loraplex.shard.engine import Engine, EngineOutput, EngineRequest
 from loraplex.shard.lora import AdapterCache, IncompatibleAdapter, LoraAdapter, load_adapter
+from loraplex.shard.outputs import RequestFailed, TokenOutput
+from loraplex.shard.prompts import PromptEncoder
 from loraplex.shard.sampling import SamplingParams
 
 FINISH_REASONS = {
@@ -25,30 +26,25 @@ FINISH_REASONS = {
     "eos": common_pb2.FINISH_REASON_EOS,
 }
 
-T = TypeVar("T")
-
 
 class ShardService(shard_pb2_grpc.ShardServicer):
     def __init__(
         self,
-        backend: HFBackend,
+        engine: Engine,
         shard_id: str,
         address: str,
         base_model: str,
         max_adapters: int = 32,
         max_lora_rank: int = 64,
     ) -> None:
-        self._backend = backend
-        self._model_lock = asyncio.Lock()  # the foundation backend runs one request at a time
+        self._engine = engine
+        self._prompts: PromptEncoder = engine.prompts
         self.adapters = AdapterCache(max_adapters)
         self._max_lora_rank = max_lora_rank
         self._loading: dict[tuple[str, int], asyncio.Lock] = {}
         self.shard_id = shard_id
         self.address = address
         self.base_model = base_model
-        self.running_requests = 0
-        self.waiting_requests = 0
-        self.queued_tokens = 0
 
     async def Generate(
         self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext
@@ -62,37 +58,38 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         adapter = await self._adapter(request.adapter) if request.adapter.name else None
         request_id = inner.request_id or uuid.uuid4().hex
         with_tokens = inner.details or inner.parameters.logprobs or params.top_logprobs > 0
-        cost = len(prompt_ids) + params.max_new_tokens
-        self.queued_tokens += cost
-        self.waiting_requests += 1
+        remaining = context.time_remaining()
+        engine_request = EngineRequest(
+            request_id=uuid.uuid4().hex,  # the client's id need not be unique; the engine's must
+            prompt_ids=prompt_ids,
+            params=params,
+            adapter=adapter,
+            want_prompt_logprobs=inner.decoder_input_details,
+            deadline=None if remaining is None else time.monotonic() + remaining,
+        )
+        async with aclosing(self._outputs(engine_request)) as outputs:
+            async for output in outputs:
+                if isinstance(output, RequestFailed):
+                    deadline = output.reason == "deadline"
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED if deadline else grpc.StatusCode.INTERNAL
+                    raise ServiceError(code, output.message)
+                yield self._chunk(output, request_id, with_tokens, prompt_ids, adapter)
+
+    async def _outputs(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """The request's outputs as the engine thread produces them; leaving early (the client went
+        away, or its deadline passed) aborts the request and frees its KV blocks."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        self._engine.submit(request, lambda output: loop.call_soon_threadsafe(outputs.put_nowait, output))
+        finished = False
         try:
-            await self._model_lock.acquire()
-        except BaseException:
-            self.queued_tokens -= cost
-            raise
+            while not finished:
+                output = await outputs.get()
+                finished = isinstance(output, RequestFailed) or output.finish_reason is not None
+                yield output
         finally:
-            self.waiting_requests -= 1
-        self.running_requests += 1
-        try:
-            cancelled = threading.Event()
-            steps = _iterate_in_thread(
-                lambda: self._backend.generate(
-                    prompt_ids,
-                    params,
-                    cancelled,
-                    want_prompt_logprobs=inner.decoder_input_details,
-                    adapter=adapter,
-                ),
-                cancelled,
-            )
-            num_generated = 0
-            async for step in steps:
-                num_generated += 1
-                yield self._chunk(step, request_id, with_tokens, prompt_ids, num_generated, adapter)
-        finally:
-            self.running_requests -= 1
-            self.queued_tokens -= cost
-            self._model_lock.release()
+            if not finished:
+                self._engine.abort(request.request_id)
 
     def _parse(self, request: common_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
         inputs = [bool(request.prompt), bool(request.messages), bool(request.prompt_token_ids)]
@@ -102,15 +99,15 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             )
         try:
             if request.prompt:
-                prompt_ids = self._backend.encode_text(request.prompt, request.apply_chat_template)
+                prompt_ids = self._prompts.encode_text(request.prompt, request.apply_chat_template)
             elif request.messages:
-                prompt_ids = self._backend.encode_chat([(m.role, m.content) for m in request.messages])
+                prompt_ids = self._prompts.encode_chat([(m.role, m.content) for m in request.messages])
             else:
                 prompt_ids = list(request.prompt_token_ids)
-                self._backend.check_token_ids(prompt_ids)
+                self._prompts.check_token_ids(prompt_ids)
             if not prompt_ids:
                 raise ValueError("the prompt encodes to zero tokens; send some text")
-            return prompt_ids, _sampling_params(request.parameters, len(prompt_ids), self._backend)
+            return prompt_ids, _sampling_params(request.parameters, len(prompt_ids), self._prompts)
         except ValueError as error:
             raise ServiceError.invalid(str(error)) from error
 
@@ -129,8 +126,11 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                         record.source,
                         record.name,
                         record.version,
-                        self._backend.model,
+                        self._engine.model.lora_targets(),
+                        self._engine.model_config.num_layers,
                         self._max_lora_rank,
+                        self._engine.model.embed_tokens.weight.dtype,
+                        self._engine.device,
                     )
                 except InvalidAdapter as error:
                     raise ServiceError.invalid(f"adapter {record.name!r}: {error}") from error
@@ -145,28 +145,27 @@ class ShardService(shard_pb2_grpc.ShardServicer):
 
     def _chunk(
         self,
-        step: StepOutput,
+        output: TokenOutput,
         request_id: str,
         with_tokens: bool,
         prompt_ids: list[int],
-        num_generated: int,
         adapter: LoraAdapter | None,
     ) -> common_pb2.GenerateStreamResponse:
-        chunk = common_pb2.GenerateStreamResponse(request_id=request_id, text=step.text)
+        chunk = common_pb2.GenerateStreamResponse(request_id=request_id, text=output.text)
         if with_tokens:
-            chunk.tokens.append(self._token(step.token.token_id, step.token.logprob, step.token.top))
-        if step.prompt_logprobs:
-            for token_id, logprob in zip(prompt_ids, step.prompt_logprobs, strict=True):
+            chunk.tokens.append(self._token(output.token.token_id, output.token.logprob, output.token.top))
+        if output.prompt_logprobs:
+            for token_id, logprob in zip(prompt_ids, output.prompt_logprobs, strict=True):
                 chunk.prefill_tokens.append(
                     self._token(token_id, float("nan") if logprob is None else logprob, ())
                 )
-        if step.finish_reason:
-            chunk.finish_reason = FINISH_REASONS[step.finish_reason]
+        if output.finish_reason:
+            chunk.finish_reason = FINISH_REASONS[output.finish_reason]
             chunk.usage.CopyFrom(
                 common_pb2.Usage(
-                    prompt_tokens=len(prompt_ids),
-                    completion_tokens=num_generated,
-                    total_tokens=len(prompt_ids) + num_generated,
+                    prompt_tokens=output.num_prompt_tokens,
+                    completion_tokens=output.num_generated,
+                    total_tokens=output.num_prompt_tokens + output.num_generated,
                 )
             )
             chunk.served_by.CopyFrom(
@@ -181,11 +180,11 @@ class ShardService(shard_pb2_grpc.ShardServicer):
     def _token(self, token_id: int, logprob: float, top: tuple[tuple[int, float], ...]) -> common_pb2.Token:
         return common_pb2.Token(
             id=token_id,
-            text=self._backend.token_text(token_id),
+            text=self._prompts.token_text(token_id),
             logprob=logprob,
-            special=self._backend.is_special(token_id),
+            special=self._prompts.is_special(token_id),
             top_logprobs=[
-                common_pb2.TopLogprob(id=i, text=self._backend.token_text(i), logprob=lp) for i, lp in top
+                common_pb2.TopLogprob(id=i, text=self._prompts.token_text(i), logprob=lp) for i, lp in top
             ],
         )
 
@@ -210,15 +209,18 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         return shard_pb2.UnloadAdapterResponse()
 
     async def Status(self, request: shard_pb2.ShardStatusRequest, context) -> shard_pb2.ShardStatus:
+        stats = self._engine.stats
         return shard_pb2.ShardStatus(
             shard_id=self.shard_id,
             address=self.address,
             base_model=self.base_model,
-            max_context=self._backend.max_context,
-            running_requests=self.running_requests,
-            waiting_requests=self.waiting_requests,
-            queued_tokens=self.queued_tokens,
-            max_running_requests=1,
+            max_context=self._engine.max_context,
+            running_requests=stats.running_requests,
+            waiting_requests=stats.waiting_requests,
+            queued_tokens=stats.queued_tokens,
+            max_running_requests=self._engine.scheduler.max_running_requests,
+            kv_blocks_used=stats.kv_blocks_used,
+            kv_blocks_free=stats.kv_blocks_free,
             adapters=[
                 common_pb2.AdapterPlacement(adapter=name, tier=common_pb2.TIER_CPU, version=version)
                 for name, version in self.adapters.held()
@@ -227,11 +229,11 @@ class ShardService(shard_pb2_grpc.ShardServicer):
 
 
 def _sampling_params(
-    parameters: common_pb2.SamplingParameters, num_prompt_tokens: int, backend: HFBackend
+    parameters: common_pb2.SamplingParameters, num_prompt_tokens: int, prompts: PromptEncoder
 ) -> SamplingParams:
     requested = parameters.max_new_tokens if parameters.HasField("max_new_tokens") else None
     return SamplingParams(
-        max_new_tokens=backend.resolve_max_new_tokens(num_prompt_tokens, requested),
+        max_new_tokens=prompts.resolve_max_new_tokens(num_prompt_tokens, requested),
         temperature=parameters.temperature,
         top_p=parameters.top_p if parameters.HasField("top_p") else 1.0,
         top_k=parameters.top_k,
@@ -244,36 +246,3 @@ def _sampling_params(
         ignore_eos=parameters.ignore_eos,
         top_logprobs=parameters.top_logprobs,
     )
-
-
-async def _iterate_in_thread(
-    make_iterator: Callable[[], Iterator[T]], cancelled: threading.Event
-) -> AsyncIterator[T]:
-    """Run a blocking iterator on a worker thread so the event loop (and gRPC) never blocks.
-
-    On exit, including the caller's cancellation, the worker is told to stop and joined, so the
-    resource it uses is free again when this returns.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[object] = asyncio.Queue()
-    done = object()
-
-    def worker() -> None:
-        try:
-            for item in make_iterator():
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-        except Exception as error:  # handed to the consumer, which re-raises it
-            loop.call_soon_threadsafe(queue.put_nowait, error)
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, done)
-
-    thread = threading.Thread(target=worker, name="generate", daemon=True)
-    thread.start()
-    try:
-        while (item := await queue.get()) is not done:
-            if isinstance(item, Exception):
-                raise item
-            yield item  # type: ignore[misc]
-    finally:
-        cancelled.set()
-        await asyncio.to_thread(thread.join)

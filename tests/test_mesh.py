@@ -106,6 +106,8 @@ def test_chat_messages_are_rendered_with_the_template(generation):
             "temperature",
         ),
         ({"prompt": "hi", "parameters": {"top_p": 0}}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        ({"prompt": "hi", "parameters": {"top_p": 1.5}}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        ({"prompt_token_ids": [42] * 9000}, grpc.StatusCode.INVALID_ARGUMENT, "context is 8192"),
         ({"prompt_token_ids": [10**7]}, grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
     ],
 )
@@ -199,7 +201,17 @@ def test_bad_adapter_sources_are_invalid_argument(admin, name, source, hint):
     assert hint in error.details()
 
 
-def test_cancelling_a_stream_frees_the_shard(generation, mesh):
+def _statuses(mesh) -> list[shard_pb2.ShardStatus]:
+    statuses = []
+    for address in mesh.shards.values():
+        with grpc.insecure_channel(address) as channel:
+            statuses.append(
+                shard_pb2_grpc.ShardStub(channel).Status(shard_pb2.ShardStatusRequest(), timeout=5)
+            )
+    return statuses
+
+
+def test_cancelling_a_stream_frees_its_kv_blocks(generation, mesh):
     request = common_pb2.GenerateRequest(
         prompt="Tell me a very long story.",
         parameters=common_pb2.SamplingParameters(max_new_tokens=400, ignore_eos=True),
@@ -207,19 +219,16 @@ def test_cancelling_a_stream_frees_the_shard(generation, mesh):
     stream = generation.GenerateStream(request, timeout=120)
     next(stream)
     next(stream)
+    assert sum(s.kv_blocks_used for s in _statuses(mesh)) > 0
     stream.cancel()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        statuses = []
-        for address in mesh.shards.values():
-            with grpc.insecure_channel(address) as channel:
-                statuses.append(
-                    shard_pb2_grpc.ShardStub(channel).Status(shard_pb2.ShardStatusRequest(), timeout=5)
-                )
-        if all(s.running_requests == 0 and s.queued_tokens == 0 for s in statuses):
+        statuses = _statuses(mesh)
+        if all(s.running_requests == 0 and s.kv_blocks_used == 0 for s in statuses):
             break
         time.sleep(0.1)
-    assert all(s.running_requests == 0 and s.queued_tokens == 0 for s in statuses)
+    assert all(s.running_requests == 0 and s.queued_tokens == 0 and s.kv_blocks_used == 0 for s in statuses)
+    assert all(s.kv_blocks_free > 0 for s in statuses)
 
 
 def test_concurrent_requests_all_complete(generation):

@@ -60,7 +60,40 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument(
         "--advertise-host", default=_env("ADVERTISE_HOST", ""), help="host the router dials (default: --host)"
     )
-    shard.add_argument("--device", default=_env("DEVICE", "cpu"))
+    shard.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+    shard.add_argument(
+        "--dtype",
+        default=_env("DTYPE", "auto"),
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights and KV cache (auto: float32 on CPU, bfloat16 on GPU)",
+    )
+    shard.add_argument(
+        "--kv-cache-bytes",
+        type=parse_bytes,
+        default=parse_bytes(_env("KV_CACHE_BYTES", "0")),
+        help="KV cache budget, e.g. 512MiB or 8GiB (0: 1 GiB on CPU, a share of free memory on GPU)",
+    )
+    shard.add_argument(
+        "--gpu-memory-fraction",
+        type=float,
+        default=float(_env("GPU_MEMORY_FRACTION", "0.9")),
+        help="share of GPU memory weights plus KV cache may fill when --kv-cache-bytes is 0",
+    )
+    shard.add_argument(
+        "--block-size", type=int, default=int(_env("BLOCK_SIZE", "16")), help="tokens per KV block"
+    )
+    shard.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=int(_env("MAX_BATCH_TOKENS", "0")),
+        help="tokens per engine step, prefill and decode together (0: 512 on CPU, 8192 on GPU)",
+    )
+    shard.add_argument(
+        "--max-running-requests",
+        type=int,
+        default=int(_env("MAX_RUNNING_REQUESTS", "0")),
+        help="sequences batched at once (0: 64 on CPU, 256 on GPU)",
+    )
     shard.add_argument("--heartbeat-ttl", type=float, default=float(_env("HEARTBEAT_TTL", "5")))
     shard.add_argument("--max-cpu-adapters", type=int, default=int(_env("MAX_CPU_ADAPTERS", "32")))
     shard.add_argument("--max-lora-rank", type=int, default=int(_env("MAX_LORA_RANK", "64")))
@@ -87,7 +120,78 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = model_actions.add_parser("prepare", help="convert the embedded model to safetensors")
     prepare.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL))
     prepare.add_argument("--cache-dir", type=Path, default=Path(_env("CACHE_DIR", str(default_cache_dir()))))
+
+    bench = commands.add_parser("bench", help="measure throughput and latency")
+    bench_actions = bench.add_subparsers(dest="action", required=True)
+    engine = bench_actions.add_parser(
+        "engine", help="our engine at several concurrency levels vs transformers generate, JSON + PNG"
+    )
+    engine.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL))
+    engine.add_argument("--cache-dir", type=Path, default=Path(_env("CACHE_DIR", str(default_cache_dir()))))
+    engine.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    engine.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+    engine.add_argument(
+        "--concurrency",
+        type=_parse_counts,
+        default=_parse_counts(_env("BENCH_CONCURRENCY", "1,8,32")),
+        help="engine requests kept in flight, one level after another, e.g. 1,8,32",
+    )
+    engine.add_argument(
+        "--num-requests",
+        type=int,
+        default=int(_env("BENCH_NUM_REQUESTS", "32")),
+        help="requests per engine level and for the static-batching baseline",
+    )
+    engine.add_argument("--max-new-tokens", type=int, default=int(_env("BENCH_MAX_NEW_TOKENS", "64")))
+    engine.add_argument(
+        "--baseline-requests",
+        type=int,
+        default=int(_env("BENCH_BASELINE_REQUESTS", "8")),
+        help="requests for transformers generate one at a time (slow)",
+    )
+    engine.add_argument("--output-dir", type=Path, default=Path(_env("BENCH_OUTPUT_DIR", "bench/results")))
+    engine.add_argument(
+        "--kv-cache-bytes",
+        type=parse_bytes,
+        default=parse_bytes(_env("KV_CACHE_BYTES", "0")),
+        help="KV cache budget, e.g. 512MiB (0: the engine's default)",
+    )
+    engine.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=int(_env("MAX_BATCH_TOKENS", "0")),
+        help="tokens per engine step (0: the engine's default)",
+    )
+    engine.add_argument(
+        "--skip-baselines",
+        action="store_true",
+        default=_env("BENCH_SKIP_BASELINES", "") in ("1", "true", "yes"),
+        help="run our engine only",
+    )
     return parser
+
+
+def _parse_counts(text: str) -> tuple[int, ...]:
+    """'1,8,32' -> (1, 8, 32)."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of positive counts; write e.g. 1,8,32")
+    return counts
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'512MiB' -> 536870912; a plain number is bytes."""
+    number = text.strip().rstrip("bBiIkKmMgG")
+    unit = text.strip()[len(number) :].lower()
+    if unit not in _BYTE_UNITS or not number.replace(".", "", 1).isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 1073741824, 512MiB or 8GiB")
+    return int(float(number) * _BYTE_UNITS[unit])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +225,7 @@ def _run_up(args: argparse.Namespace) -> int:
 
 
 def _run_shard(args: argparse.Namespace) -> int:
+    from loraplex.shard.engine import EngineConfig
     from loraplex.shard.server import ShardConfig, serve
 
     config = ShardConfig(
@@ -131,7 +236,15 @@ def _run_shard(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         advertise_host=args.advertise_host,
-        device=args.device,
+        engine=EngineConfig(
+            device=args.device,
+            dtype=args.dtype,
+            block_size=args.block_size,
+            kv_cache_bytes=args.kv_cache_bytes,
+            gpu_memory_fraction=args.gpu_memory_fraction,
+            max_batch_tokens=args.max_batch_tokens,
+            max_running_requests=args.max_running_requests,
+        ),
         namespace=args.namespace,
         heartbeat_ttl_s=args.heartbeat_ttl,
         heartbeat_interval_s=args.heartbeat_ttl / 5,
@@ -189,12 +302,36 @@ def _run_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(args: argparse.Namespace) -> int:
+    from loraplex.tools.bench_engine import BenchConfig, run_bench
+    from loraplex.tools.bench_report import summary_table
+    from loraplex.tools.model_store import resolve_model
+
+    config = BenchConfig(
+        model_dir=resolve_model(args.model, args.cache_dir),
+        device=args.device,
+        concurrency=args.concurrency,
+        num_requests=args.num_requests,
+        max_new_tokens=args.max_new_tokens,
+        baseline_requests=args.baseline_requests,
+        output_dir=args.output_dir,
+        kv_cache_bytes=args.kv_cache_bytes,
+        max_batch_tokens=args.max_batch_tokens,
+        skip_baselines=args.skip_baselines,
+    )
+    result = run_bench(config)
+    print(summary_table(result.report))
+    print(f"wrote {result.json_path} and {result.png_path}")
+    return 0
+
+
 COMMANDS = {
     "up": _run_up,
     "shard": _run_shard,
     "router": _run_router,
     "adapters": _run_adapters,
     "model": _run_model,
+    "bench": _run_bench,
 }
 
 if __name__ == "__main__":

@@ -24,10 +24,12 @@ def write_tiny_model(
     num_kv_heads: int = 2,
     max_context: int = 512,
     seed: int = 0,
+    **config_overrides: object,
 ) -> Path:
     """Write a random-weight model of the given family with tokenizer_dir's tokenizer into out_dir.
 
-    family is "llama" (tied embeddings, like SmolLM2), "qwen2" (q/k/v bias) or "mistral".
+    family is "llama" (tied embeddings, like SmolLM2), "qwen2" (q/k/v bias) or "mistral";
+    config_overrides go to the config as they are (e.g. sliding_window, rope_parameters).
     """
     import json
 
@@ -46,11 +48,12 @@ def write_tiny_model(
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
+        **config_overrides,
     )
     configs = {
-        "llama": lambda: LlamaConfig(**common, tie_word_embeddings=True),
-        "qwen2": lambda: Qwen2Config(**common, tie_word_embeddings=False),
-        "mistral": lambda: MistralConfig(**common, tie_word_embeddings=False, sliding_window=None),
+        "llama": lambda: LlamaConfig(**{"tie_word_embeddings": True, **common}),
+        "qwen2": lambda: Qwen2Config(**{"tie_word_embeddings": False, **common}),
+        "mistral": lambda: MistralConfig(**{"tie_word_embeddings": False, "sliding_window": None, **common}),
     }
     if family not in configs:
         raise ValueError(f"unknown family {family!r}; choose one of {sorted(configs)}")

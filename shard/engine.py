@@ -1,0 +1,278 @@
+"""The shard's engine: continuous batching over the paged KV cache, on its own thread.
+
+`step` reads as schedule -> run -> postprocess. Requests and aborts arrive through a thread-safe inbox
+and join at the next step; each request's outputs go to the callback it was submitted with, called on
+the engine thread (the service hops them onto its event loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraplex.shard.block_manager import BlockManager
+from loraplex.shard.kv_cache import allocate_kv_cache, kv_budget_bytes, num_blocks_for
+from loraplex.shard.lora import LoraAdapter
+from loraplex.shard.model import LlamaModel
+from loraplex.shard.model_config import ModelConfig
+from loraplex.shard.model_runner import ChunkResult, ModelRunner
+from loraplex.shard.outputs import OutputProcessor, RequestFailed, TokenOutput
+from loraplex.shard.parallel import TensorParallel
+from loraplex.shard.prompts import PromptEncoder
+from loraplex.shard.sampling import SamplingParams
+from loraplex.shard.scheduler import Scheduler
+from loraplex.shard.sequence import Sequence
+from loraplex.shard.weights import load_weights, model_dtype
+
+log = logging.getLogger("loraplex.engine")
+
+EngineOutput = TokenOutput | RequestFailed
+OutputCallback = Callable[[EngineOutput], None]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "cpu"
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU; or float32 / bfloat16 / float16
+    block_size: int = 16
+    kv_cache_bytes: int = 0  # 0: a share of free memory (see kv_cache.kv_budget_bytes)
+    gpu_memory_fraction: float = 0.9
+    max_batch_tokens: int = 0  # tokens per step; 0: 512 on CPU, 8192 on GPU
+    max_running_requests: int = 0  # 0: 64 on CPU, 256 on GPU
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str  # unique among the engine's live requests
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: LoraAdapter | None = None
+    want_prompt_logprobs: bool = False
+    deadline: float | None = None  # time.monotonic() by which the request must be done
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running_requests: int = 0
+    waiting_requests: int = 0
+    queued_tokens: int = 0  # prompt tokens still to compute plus output tokens still to generate
+    kv_blocks_used: int = 0
+    kv_blocks_free: int = 0
+    num_preemptions: int = 0  # since start: sequences whose blocks were taken back and recomputed
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    outputs: OutputProcessor
+    callback: OutputCallback
+
+
+class Engine:
+    def __init__(self, model_dir: Path, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model_config = ModelConfig.from_dir(model_dir)
+        self.dtype = model_dtype(self.device, config.dtype)
+        self.model = build_model(self.model_config, model_dir, self.device, self.dtype)
+        on_cpu = self.device.type == "cpu"
+        budget = kv_budget_bytes(self.device, config.kv_cache_bytes, config.gpu_memory_fraction)
+        max_running = config.max_running_requests or (64 if on_cpu else 256)
+        num_blocks = min(
+            num_blocks_for(budget, self.model_config.kv_bytes_per_token(self.dtype), config.block_size),
+            # more than every running sequence at full context could never be used
+            -(-max_running * self.model_config.max_position_embeddings // config.block_size),
+        )
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.kv_cache = allocate_kv_cache(self.model, num_blocks, config.block_size)
+        self.max_context = min(self.model_config.max_position_embeddings, num_blocks * config.block_size)
+        self.scheduler = Scheduler(
+            self.blocks,
+            config.max_batch_tokens or (512 if on_cpu else 8192),
+            max_running,
+        )
+        self.runner = ModelRunner(self.model, config.block_size, self.device)
+        self.prompts = PromptEncoder(model_dir, self.model_config.vocab_size, self.max_context)
+        self.stats = EngineStats(kv_blocks_free=num_blocks)
+        self._requests: dict[str, _Request] = {}
+        self._num_preemptions = 0
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        log.info(
+            "engine ready: %d KV blocks of %d tokens (%.0f MiB), context %d",
+            num_blocks,
+            config.block_size,
+            self.kv_cache.nbytes / 2**20,
+            self.max_context,
+        )
+
+    # --- called from any thread ------------------------------------------------------------------
+
+    def submit(self, request: EngineRequest, callback: OutputCallback) -> None:
+        self._inbox.put(("submit", (request, callback)))
+
+    def abort(self, request_id: str) -> None:
+        """Drop the request and free its KV blocks before the next step (no-op if it already ended)."""
+        self._inbox.put(("abort", request_id))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._inbox.put(("stop", None))
+            self._thread.join()
+            self._thread = None
+
+    def generate(self, requests: list[EngineRequest]) -> dict[str, list[EngineOutput]]:
+        """Run requests to completion on the calling thread (offline use: tests, benchmarks); they
+        are all submitted at once and so share batches. Not for use while the thread is started."""
+        if self._thread is not None:
+            raise RuntimeError("generate() drives the engine inline; the engine thread is running")
+        outputs: dict[str, list[EngineOutput]] = {r.request_id: [] for r in requests}
+        for request in requests:
+            self._add(request, outputs[request.request_id].append)
+        while self.scheduler.has_work:
+            self.step()
+        return outputs
+
+    # --- the engine thread -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            if not self._drain_inbox(block=not self.scheduler.has_work):
+                return
+            if self.scheduler.has_work:
+                try:
+                    self.step()
+                except Exception:  # keep serving: fail what was in flight, not the shard
+                    log.exception("engine step failed; failing the requests in flight")
+                    self._fail_all("the shard hit an internal error while running this request")
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply queued submits and aborts; False once asked to stop."""
+        while True:
+            try:
+                kind, payload = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "stop":
+                self._fail_all("the shard is shutting down")
+                return False
+            if kind == "submit":
+                self._add(*payload)  # type: ignore[misc]
+            elif kind == "abort":
+                self._finish(payload)  # type: ignore[arg-type]
+            self._publish_stats()
+
+    def _add(self, request: EngineRequest, callback: OutputCallback) -> None:
+        seq = Sequence(
+            request_id=request.request_id,
+            token_ids=list(request.prompt_ids),
+            num_prompt_tokens=len(request.prompt_ids),
+            params=request.params,
+            adapter=request.adapter,
+            want_prompt_logprobs=request.want_prompt_logprobs,
+            deadline=request.deadline,
+        )
+        outputs = OutputProcessor(
+            request.params,
+            self.prompts.tokenizer,
+            frozenset(self.model_config.eos_token_ids),
+            self.max_context,
+            request.want_prompt_logprobs,
+        )
+        self._requests[request.request_id] = _Request(seq, outputs, callback)
+        self.scheduler.add(seq)
+
+    def step(self) -> None:
+        """One iteration: schedule, run the model, turn logits into tokens and outputs."""
+        self._expire_deadlines()
+        schedule = self.scheduler.schedule()
+        self._num_preemptions += len(schedule.preempted)
+        if schedule.chunks:
+            results = self.runner.run(schedule.chunks)
+            self.scheduler.advance(schedule.chunks)
+            for result in results:
+                self._postprocess(result)
+        self._publish_stats()
+
+    def _postprocess(self, result: ChunkResult) -> None:
+        seq = result.chunk.seq
+        request = self._requests[seq.request_id]
+        request.outputs.prompt_logprobs.extend(result.prompt_logprobs)
+        if result.next_token_logits is None:
+            return
+        token = request.outputs.sampler.choose(result.next_token_logits, seq.token_ids)
+        seq.token_ids.append(token.token_id)
+        output = request.outputs.process(token, seq.token_ids, seq.num_prompt_tokens)
+        if output.finish_reason:
+            self._finish(seq.request_id)
+        _deliver(request, output)
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        for seq in self.scheduler.sequences():
+            if seq.deadline is not None and now > seq.deadline:
+                self._finish(seq.request_id, RequestFailed("deadline", "the request's deadline passed"))
+
+    def _finish(self, request_id: str, failure: RequestFailed | None = None) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return
+        self.scheduler.finish(request.seq)
+        if failure is not None:
+            _deliver(request, failure)
+
+    def _fail_all(self, message: str) -> None:
+        for request_id in list(self._requests):
+            self._finish(request_id, RequestFailed("error", message))
+
+    def _publish_stats(self) -> None:
+        sequences = self.scheduler.sequences()
+        self.stats = EngineStats(
+            running_requests=len(self.scheduler.running),
+            waiting_requests=len(self.scheduler.waiting),
+            queued_tokens=sum(seq.num_remaining_tokens for seq in sequences),
+            kv_blocks_used=self.blocks.num_used_blocks,
+            kv_blocks_free=self.blocks.num_free_blocks,
+            num_preemptions=self._num_preemptions,
+        )
+
+
+def _deliver(request: _Request, output: EngineOutput) -> None:
+    """Hand an output to its request's callback; a failing callback (e.g. its event loop has closed)
+    is that request's problem, never the batch's."""
+    try:
+        request.callback(output)
+    except Exception:
+        log.exception("output callback of request %s failed", request.seq.request_id)
+
+
+def build_model(
+    config: ModelConfig,
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    tp: TensorParallel | None = None,
+) -> LlamaModel:
+    """Construct the model directly on `device` in its serving dtype and load the checkpoint."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = LlamaModel(config, tp)
+    finally:
+        torch.set_default_dtype(previous)
+    model.inv_freq = model.inv_freq.float()
+    load_weights(model, model_dir)
+    return model.eval()

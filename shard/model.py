@@ -1,0 +1,180 @@
+"""Our Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2), written tensor-parallel-ready.
+
+The model computes hidden states for a flat batch of tokens from many sequences (prefill chunks and
+decode steps mixed); attention reads and writes the paged KV cache through `AttentionMetadata`, and
+every projection LoRA can target (q, k, v, o, gate, up, down) adds the batch's per-token adapter deltas
+through `LoraBatch`. Tensor shapes: T = tokens in the step, H = hidden size, h/kv = heads on this rank.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from loraplex.shard.attention import AttentionMetadata, paged_attention
+from loraplex.shard.model_config import ModelConfig
+from loraplex.shard.parallel import (
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    TensorParallel,
+    VocabEmbedding,
+)
+
+
+class LoraDeltas(Protocol):
+    """Adds out += scaling * B(A x) for each token's adapter (tokens with no adapter are left alone)."""
+
+    def add(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the half-split layout Hugging Face checkpoints use. x: [T, heads, D]."""
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _project(linear: ColumnParallelLinear, names: tuple[str, ...], layer: int, x, lora) -> torch.Tensor:
+    out = linear(x)
+    if lora is not None:
+        for name, offset, size in zip(names, linear.offsets, linear.output_sizes, strict=True):
+            lora.add(layer, name, x, out[:, offset : offset + size])
+    return out
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, tp: TensorParallel) -> None:
+        super().__init__()
+        self.layer = layer
+        self.head_dim = config.head_dim
+        self.num_heads = tp.split(config.num_heads, "attention heads")
+        self.num_kv_heads = max(1, config.num_kv_heads // tp.size)
+        self.sliding_window = config.sliding_window
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, config.qkv_bias, tp
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_heads * config.head_dim, config.hidden_size, config.o_bias, tp
+        )
+        self.k_cache = torch.empty(0)  # [num_blocks, block_size, kv, D], set by the KV cache
+        self.v_cache = torch.empty(0)
+
+    def forward(self, x, cos, sin, attn: AttentionMetadata, lora: LoraDeltas | None) -> torch.Tensor:
+        qkv = _project(self.qkv_proj, ("q_proj", "k_proj", "v_proj"), self.layer, x, lora)
+        q_size, kv_size, _ = self.qkv_proj.output_sizes
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = rotate(q.view(-1, self.num_heads, self.head_dim), cos, sin)  # [T, h, D]
+        k = rotate(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)  # [T, kv, D]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = paged_attention(q, k, v, self.k_cache, self.v_cache, attn)  # [T, h * D]
+        partial = self.o_proj(out)
+        if lora is not None:
+            lora.add(self.layer, "o_proj", out, partial)
+        return self.o_proj.reduce(partial)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, tp: TensorParallel) -> None:
+        super().__init__()
+        self.layer = layer
+        size = config.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, (size, size), config.mlp_bias, tp)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, config.mlp_bias, tp)
+
+    def forward(self, x: torch.Tensor, lora: LoraDeltas | None) -> torch.Tensor:
+        gate_up = _project(self.gate_up_proj, ("gate_proj", "up_proj"), self.layer, x, lora)
+        gate, up = gate_up.chunk(2, dim=-1)
+        hidden = F.silu(gate) * up  # [T, intermediate / tp]
+        partial = self.down_proj(hidden)
+        if lora is not None:
+            lora.add(self.layer, "down_proj", hidden, partial)
+        return self.down_proj.reduce(partial)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, tp: TensorParallel) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer, tp)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, layer, tp)
+
+    def forward(self, x, cos, sin, attn: AttentionMetadata, lora: LoraDeltas | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
+        super().__init__()
+        tp = tp or TensorParallel()
+        self.config = config
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, tp) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # The LM head is replicated: logits are computed only for the rows being sampled, so splitting
+        # it would save little and cost a gather of the vocabulary on every step.
+        self.lm_head = (
+            None if config.tie_word_embeddings else VocabEmbedding(config.vocab_size, config.hidden_size)
+        )
+        inv_freq, self.rope_scaling = config.rope_inv_freq()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        lora: LoraDeltas | None = None,
+    ) -> torch.Tensor:
+        """token_ids, positions: [T] -> hidden states [T, H] after the final norm."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+        x = self.embed_tokens(token_ids)
+        cos = (angles.cos() * self.rope_scaling).to(x.dtype)
+        sin = (angles.sin() * self.rope_scaling).to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn, lora)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, H] -> logits [N, vocab] in fp32."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(hidden, head.weight).float()
+
+    def lora_targets(self) -> dict[str, tuple[int, int]]:
+        """Every projection an adapter may target, by its Hugging Face module path -> (in, out) features
+        of the full (unsplit) layer; adapters are validated against these shapes."""
+        config = self.config
+        q_out, kv_out = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        shapes = {
+            "self_attn.q_proj": (config.hidden_size, q_out),
+            "self_attn.k_proj": (config.hidden_size, kv_out),
+            "self_attn.v_proj": (config.hidden_size, kv_out),
+            "self_attn.o_proj": (q_out, config.hidden_size),
+            "mlp.gate_proj": (config.hidden_size, config.intermediate_size),
+            "mlp.up_proj": (config.hidden_size, config.intermediate_size),
+            "mlp.down_proj": (config.intermediate_size, config.hidden_size),
+        }
+        return {
+            f"model.layers.{layer}.{name}": shape
+            for layer in range(config.num_layers)
+            for name, shape in shapes.items()
+        }

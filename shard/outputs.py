@@ -1,0 +1,81 @@
+"""Per-request output processing: sample the next token, detokenize, apply stop conditions.
+
+Runs on the engine thread after each model step; the result is a plain `TokenOutput` that the
+service turns into protobuf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from loraplex.shard.detokenizer import IncrementalDetokenizer
+from loraplex.shard.sampling import SampledToken, SamplingParams, TokenSampler
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    token: SampledToken
+    text: str  # text released at this step, valid UTF-8, possibly empty
+    finish_reason: str | None  # "length" | "stop" | "eos" on the last token
+    num_prompt_tokens: int
+    num_generated: int
+    prompt_logprobs: tuple[float | None, ...] = ()  # with the first token, when asked for
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    """The engine dropped the request: `reason` is "deadline" or "error"; `message` says why."""
+
+    reason: str
+    message: str
+
+
+class OutputProcessor:
+    def __init__(
+        self,
+        params: SamplingParams,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_token_ids: frozenset[int],
+        max_context: int,
+        want_prompt_logprobs: bool = False,
+    ) -> None:
+        self.params = params
+        self.sampler = TokenSampler(params)
+        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._eos = frozenset() if params.ignore_eos else eos_token_ids
+        self._stop_ids = frozenset(params.stop_token_ids)
+        self._holdback = max((len(s) for s in params.stop), default=1) - 1
+        self._pending = ""  # decoded text not yet released, kept to match stop strings across tokens
+        self._max_context = max_context
+        self._want_prompt_logprobs = want_prompt_logprobs
+        self.prompt_logprobs: list[float | None] = [None]  # the first prompt token has none
+
+    def process(self, token: SampledToken, token_ids: list[int], num_prompt_tokens: int) -> TokenOutput:
+        """token has just been appended to token_ids; decide what to release and whether to stop."""
+        num_generated = len(token_ids) - num_prompt_tokens
+        finish = None
+        if token.token_id in self._eos:
+            finish = "eos"
+        elif token.token_id in self._stop_ids:
+            finish = "stop"
+        else:
+            self._pending += self._detokenizer.push(token.token_id)
+            cut = _first_stop(self._pending, self.params.stop)
+            if cut is not None:
+                self._pending, finish = self._pending[:cut], "stop"
+        if finish is None and (
+            num_generated >= self.params.max_new_tokens or len(token_ids) >= self._max_context
+        ):
+            finish = "length"
+        release_upto = len(self._pending) if finish else max(0, len(self._pending) - self._holdback)
+        released, self._pending = self._pending[:release_upto], self._pending[release_upto:]
+        first = num_generated == 1 and self._want_prompt_logprobs
+        prompt_logprobs = tuple(self.prompt_logprobs) if first else ()
+        return TokenOutput(token, released, finish, num_prompt_tokens, num_generated, prompt_logprobs)
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [index for index in (text.find(stop) for stop in stops) if index >= 0]
+    return min(hits) if hits else None

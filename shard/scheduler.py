@@ -1,0 +1,115 @@
+"""Iteration-level scheduling: which sequences run in the next model step, and how many tokens each.
+
+Every step, running sequences go first in admission order (a decode costs one token, an unfinished
+prefill continues with a chunk), then waiting sequences are admitted first-come first-served while the
+token budget, the running limit and the KV blocks allow. When blocks run out, the most recently
+admitted sequence is preempted: its blocks are freed and it is recomputed later from its tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from loraplex.shard.block_manager import BlockManager
+from loraplex.shard.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # position of the chunk's first token (= tokens already in the cache)
+    num_new_tokens: int
+    samples: bool  # the chunk reaches seq's last token, so the step yields seq's next token
+
+    @classmethod
+    def of(cls, seq: Sequence, num_new_tokens: int) -> ScheduledChunk:
+        start = seq.num_computed_tokens
+        return cls(seq, start, num_new_tokens, start + num_new_tokens == seq.num_tokens)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    chunks: list[ScheduledChunk]
+    preempted: list[Sequence]
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_batch_tokens: int, max_running_requests: int) -> None:
+        self.blocks = blocks
+        self.max_batch_tokens = max_batch_tokens
+        self.max_running_requests = max_running_requests
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def sequences(self) -> list[Sequence]:
+        return [*self.running, *self.waiting]
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop seq (done, cancelled or expired) and free its blocks at once."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        self.blocks.free(seq)
+
+    def schedule(self) -> Schedule:
+        budget = self.max_batch_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Sequence] = []
+        queue = deque(self.running)
+        kept: list[Sequence] = []
+        while queue and budget > 0:
+            seq = queue.popleft()
+            num_new = min(seq.num_uncomputed, budget)
+            while not self.blocks.can_reserve(seq, num_new):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break
+            self.blocks.reserve(seq, num_new)
+            chunks.append(ScheduledChunk.of(seq, num_new))
+            kept.append(seq)
+            budget -= num_new
+        self.running = kept + list(queue)
+        for seq in preempted:  # latest admitted first, so the earliest ends up at the front
+            self.waiting.appendleft(seq)
+        if not preempted:
+            budget = self._admit(budget, chunks)
+        return Schedule(chunks, preempted)
+
+    def _admit(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
+            seq = self.waiting[0]
+            num_new = min(seq.num_uncomputed, budget)
+            if not self.blocks.can_reserve(seq, num_new):
+                break  # first come, first served: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.blocks.reserve(seq, num_new)
+            self.running.append(seq)
+            chunks.append(ScheduledChunk.of(seq, num_new))
+            budget -= num_new
+        return budget
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+
+    def advance(self, chunks: list[ScheduledChunk]) -> None:
+        """Record that the step computed these chunks' tokens into the cache."""
+        for chunk in chunks:
+            chunk.seq.num_computed_tokens += chunk.num_new_tokens

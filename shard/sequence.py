@@ -1,0 +1,46 @@
+"""One request's state inside the engine: its tokens, how many are in the KV cache, its blocks."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from loraplex.shard.sampling import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    token_ids: list[int]  # prompt, then every generated token
+    num_prompt_tokens: int
+    params: SamplingParams
+    adapter: object | None = None  # the LoRA adapter the model applies to this sequence's tokens
+    want_prompt_logprobs: bool = False
+    deadline: float | None = None  # time.monotonic() after which the request is dropped
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def num_remaining_tokens(self) -> int:
+        """Tokens still to process or generate: what this sequence will cost the shard from now on."""
+        return self.num_uncomputed + self.params.max_new_tokens - self.num_generated

@@ -1,0 +1,102 @@
+"""Scheduling and block allocation as pure logic: no model, no tensors."""
+
+import pytest
+
+from loraplex.shard.block_manager import BlockManager
+from loraplex.shard.sampling import SamplingParams
+from loraplex.shard.scheduler import Scheduler
+from loraplex.shard.sequence import Sequence, SequenceStatus
+
+
+def _seq(name: str, num_prompt: int, max_new: int = 8) -> Sequence:
+    return Sequence(name, list(range(num_prompt)), num_prompt, SamplingParams(max_new_tokens=max_new))
+
+
+def _run_step(scheduler: Scheduler) -> dict[str, int]:
+    """Schedule one step, pretend the model ran, and append a token to every sequence that sampled."""
+    schedule = scheduler.schedule()
+    scheduler.advance(schedule.chunks)
+    for chunk in schedule.chunks:
+        if chunk.samples:
+            chunk.seq.token_ids.append(0)
+    return {chunk.seq.request_id: chunk.num_new_tokens for chunk in schedule.chunks}
+
+
+def test_blocks_are_reserved_per_block_size_and_freed():
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    seq = _seq("a", 5)
+    assert blocks.blocks_needed(seq, 5) == 2
+    blocks.reserve(seq, 5)
+    assert len(seq.block_table) == 2 and blocks.num_free_blocks == 2
+    seq.num_computed_tokens = 5
+    assert blocks.blocks_needed(seq, 3) == 0  # positions 5..7 still fit the second block
+    assert blocks.blocks_needed(seq, 4) == 1
+    blocks.free(seq)
+    assert blocks.num_free_blocks == 4 and seq.block_table == []
+
+
+def test_reserving_more_than_is_free_is_refused():
+    blocks = BlockManager(num_blocks=1, block_size=4)
+    seq = _seq("a", 8)
+    assert not blocks.can_reserve(seq, 8)
+    with pytest.raises(RuntimeError):
+        blocks.reserve(seq, 8)
+
+
+def test_new_requests_join_running_ones_at_the_next_step():
+    scheduler = Scheduler(BlockManager(64, 4), max_batch_tokens=100, max_running_requests=8)
+    scheduler.add(_seq("a", 10))
+    assert _run_step(scheduler) == {"a": 10}
+    scheduler.add(_seq("b", 6))
+    assert _run_step(scheduler) == {"a": 1, "b": 6}  # a decodes while b prefills, in one step
+
+
+def test_long_prompts_are_prefilled_in_chunks_under_the_token_budget():
+    scheduler = Scheduler(BlockManager(64, 4), max_batch_tokens=16, max_running_requests=8)
+    scheduler.add(_seq("long", 40))
+    scheduler.add(_seq("short", 3))
+    assert _run_step(scheduler) == {"long": 16}
+    assert _run_step(scheduler) == {"long": 16}
+    assert _run_step(scheduler) == {"long": 8, "short": 3}
+    assert _run_step(scheduler) == {"long": 1, "short": 1}
+
+
+def test_waiting_requests_are_admitted_first_come_first_served():
+    scheduler = Scheduler(BlockManager(64, 4), max_batch_tokens=12, max_running_requests=8)
+    for name, size in (("a", 8), ("b", 8), ("c", 2)):
+        scheduler.add(_seq(name, size))
+    assert _run_step(scheduler) == {"a": 8, "b": 4}  # c must not overtake b
+    assert _run_step(scheduler) == {"a": 1, "b": 4, "c": 2}
+
+
+def test_running_requests_are_capped():
+    scheduler = Scheduler(BlockManager(64, 4), max_batch_tokens=100, max_running_requests=2)
+    for name in "abc":
+        scheduler.add(_seq(name, 2))
+    assert set(_run_step(scheduler)) == {"a", "b"}
+    assert [seq.request_id for seq in scheduler.waiting] == ["c"]
+
+
+def test_the_latest_request_is_preempted_when_blocks_run_out_and_recomputed_later():
+    scheduler = Scheduler(BlockManager(4, 4), max_batch_tokens=100, max_running_requests=8)
+    first, second = _seq("first", 8), _seq("second", 8)
+    scheduler.add(first)
+    scheduler.add(second)
+    assert _run_step(scheduler) == {"first": 8, "second": 8}  # all 4 blocks in use
+    assert _run_step(scheduler) == {"first": 1}  # first needs a block: second gives its two back
+    assert second.status is SequenceStatus.WAITING and second.num_computed_tokens == 0
+    assert second.num_preemptions == 1 and second.block_table == []
+    assert second.num_tokens == 9  # its generated token is kept and recomputed with the prompt
+    scheduler.finish(first)
+    assert _run_step(scheduler) == {"second": 9}
+
+
+def test_finishing_a_sequence_frees_its_blocks_at_once():
+    blocks = BlockManager(8, 4)
+    scheduler = Scheduler(blocks, max_batch_tokens=100, max_running_requests=8)
+    seq = _seq("a", 10)
+    scheduler.add(seq)
+    _run_step(scheduler)
+    assert blocks.num_used_blocks == 3
+    scheduler.finish(seq)
+    assert blocks.num_used_blocks == 0 and not scheduler.has_work
