@@ -46,6 +46,7 @@ class EngineConfig:
     gpu_memory_fraction: float = 0.9
     max_batch_tokens: int = 0  # tokens per step; 0: 512 on CPU, 8192 on GPU
     max_running_requests: int = 0  # 0: 64 on CPU, 256 on GPU
+    enable_prefix_caching: bool = True  # share the KV blocks of identical prompt prefixes
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class EngineStats:
     kv_blocks_used: int = 0
     kv_blocks_free: int = 0
     num_preemptions: int = 0  # since start: sequences whose blocks were taken back and recomputed
+    num_prefix_hit_tokens: int = 0  # since start: prompt tokens whose K/V came from the prefix cache
 
 
 @dataclass
@@ -90,7 +92,7 @@ class Engine:
             # more than every running sequence at full context could never be used
             -(-max_running * self.model_config.max_position_embeddings // config.block_size),
         )
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv_cache = allocate_kv_cache(self.model, num_blocks, config.block_size)
         self.max_context = min(self.model_config.max_position_embeddings, num_blocks * config.block_size)
         self.scheduler = Scheduler(
@@ -183,6 +185,9 @@ class Engine:
             adapter=request.adapter,
             want_prompt_logprobs=request.want_prompt_logprobs,
             deadline=request.deadline,
+            cache_salt=0
+            if request.adapter is None
+            else hash((request.adapter.name, request.adapter.version)),
         )
         outputs = OutputProcessor(
             request.params,
@@ -246,6 +251,7 @@ class Engine:
             kv_blocks_used=self.blocks.num_used_blocks,
             kv_blocks_free=self.blocks.num_free_blocks,
             num_preemptions=self._num_preemptions,
+            num_prefix_hit_tokens=self.blocks.num_prefix_hit_tokens,
         )
 
 

@@ -9,10 +9,11 @@ semantics and keeps this one as their reference and the CPU path.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import SafetensorError
@@ -34,9 +35,11 @@ class LoraAdapter:
     version: int
     rank: int
     scaling: float
-    layers: tuple[
-        dict[str, tuple[torch.Tensor, torch.Tensor]], ...
-    ]  # per layer: module -> (A [r, in], B [out, r])
+    # per layer: module name -> (A [r, in], B [out, r])
+    layers: tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], ...]
+    # Unique per loaded copy (a name and version may come back with other weights after a delete),
+    # so K/V cached under one adapter are never served to another.
+    uid: int = field(default_factory=itertools.count(1).__next__, compare=False)
 
     @property
     def num_bytes(self) -> int:

@@ -64,7 +64,7 @@ class ModelRunner:
             seq = chunk.seq
             first = len(rows)
             num_prompt_rows = 0
-            if seq.want_prompt_logprobs and seq.num_preemptions == 0:
+            if seq.wants_all_prompt_logits:
                 # Row at position p predicts token p + 1; only rows whose next token is a prompt token.
                 last = min(chunk.start + chunk.num_new_tokens, seq.num_prompt_tokens - 1)
                 num_prompt_rows = max(0, last - chunk.start)

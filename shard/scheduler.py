@@ -92,12 +92,13 @@ class Scheduler:
     def _admit(self, budget: int, chunks: list[ScheduledChunk]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             seq = self.waiting[0]
-            num_new = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_reserve(seq, num_new):
+            prefix = self.blocks.cached_prefix(seq)
+            num_new = min(seq.num_uncomputed - len(prefix) * self.blocks.block_size, budget)
+            if not self.blocks.can_reserve(seq, num_new, prefix):
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
-            self.blocks.reserve(seq, num_new)
+            self.blocks.reserve(seq, num_new, prefix)
             self.running.append(seq)
             chunks.append(ScheduledChunk.of(seq, num_new))
             budget -= num_new
@@ -113,3 +114,4 @@ class Scheduler:
         """Record that the step computed these chunks' tokens into the cache."""
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_new_tokens
+            self.blocks.register_computed(chunk.seq)

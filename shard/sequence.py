@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from loraplex.shard.lora import LoraAdapter
 from loraplex.shard.sampling import SamplingParams
 
 
@@ -20,13 +21,19 @@ class Sequence:
     token_ids: list[int]  # prompt, then every generated token
     num_prompt_tokens: int
     params: SamplingParams
-    adapter: object | None = None  # the LoRA adapter the model applies to this sequence's tokens
+    adapter: LoraAdapter | None = None  # applied to this sequence's tokens
     want_prompt_logprobs: bool = False
     deadline: float | None = None  # time.monotonic() after which the request is dropped
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # content hashes of the full computed blocks
+    cache_salt: int = 0  # separates prefix-cache entries whose K/V differ: set from the adapter
     num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if self.adapter is not None:
+            self.cache_salt = self.adapter.uid
 
     @property
     def num_tokens(self) -> int:
@@ -39,6 +46,11 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def wants_all_prompt_logits(self) -> bool:
+        """Prompt log-probs need every prompt position computed here, not taken from the cache."""
+        return self.want_prompt_logprobs and self.num_preemptions == 0
 
     @property
     def num_remaining_tokens(self) -> int:

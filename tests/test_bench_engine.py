@@ -38,7 +38,7 @@ def test_engine_only_run_writes_json_and_png(tiny_model_dir: Path, tmp_path: Pat
     assert {"date", "machine", "model", "workload", "systems", "ratios", "target"} <= set(report)
     assert report["date"] in result.json_path.name
     assert report["machine"]["device"] == "cpu" and report["machine"]["torch_threads"] >= 1
-    assert list(report["systems"]) == ["engine_c1", "engine_c3"]
+    assert list(report["systems"]) == ["engine_c1", "engine_c3", "engine_c3_no_prefix_cache"]
     for system in report["systems"].values():
         assert set(system) == SYSTEM_KEYS
         assert system["throughput_tok_s"] > 0
@@ -56,6 +56,7 @@ def test_baselines_run_on_the_same_prompts_and_give_ratios(tiny_model_dir: Path,
         baseline_requests=1,
         static_batch_size=2,
         output_dir=tmp_path,
+        compare_prefix_caching=False,
     )
     report = run_bench(config).report
 

@@ -72,9 +72,21 @@ def _mixed_prompts(engine) -> list[list[int]]:
 def test_concurrent_greedy_output_equals_transformers_token_for_token(engine, reference):
     prompts = _mixed_prompts(engine)
     assert len(prompts) >= 20 and max(map(len, prompts)) > 2 * engine.scheduler.max_batch_tokens
+    hits_before = engine.stats.num_prefix_hit_tokens
     outputs = engine.generate(greedy_requests(prompts, max_new_tokens=12))
     for i, prompt_ids in enumerate(prompts):
         assert tokens(outputs[f"r{i}"]) == reference_greedy(reference, prompt_ids, 12), f"prompt {i}"
+    assert engine.stats.num_prefix_hit_tokens > hits_before  # the chat template's system prompt is shared
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache_with_the_same_tokens(engine):
+    prompt = engine.prompts.encode_text(LONG_TEXT[:400] + " What is 3 squared?", True)
+    first = tokens(engine.generate(greedy_requests([prompt], 12))["r0"])
+    hits_before = engine.stats.num_prefix_hit_tokens
+    again = tokens(engine.generate(greedy_requests([prompt], 12))["r0"])
+    block_size = engine.blocks.block_size
+    assert engine.stats.num_prefix_hit_tokens - hits_before == (len(prompt) - 1) // block_size * block_size
+    assert again == first
 
 
 def test_last_step_logits_match_transformers_within_tolerance(engine, reference):

@@ -8,8 +8,10 @@ from loraplex.shard.scheduler import Scheduler
 from loraplex.shard.sequence import Sequence, SequenceStatus
 
 
-def _seq(name: str, num_prompt: int, max_new: int = 8) -> Sequence:
-    return Sequence(name, list(range(num_prompt)), num_prompt, SamplingParams(max_new_tokens=max_new))
+def _seq(name: str, num_prompt: int, max_new: int = 8, tokens: list[int] | None = None) -> Sequence:
+    """Sequences with different names get different prompts unless `tokens` says otherwise."""
+    token_ids = tokens if tokens is not None else [1000 * (ord(name[0]) % 32) + i for i in range(num_prompt)]
+    return Sequence(name, token_ids, len(token_ids), SamplingParams(max_new_tokens=max_new))
 
 
 def _run_step(scheduler: Scheduler) -> dict[str, int]:
@@ -88,7 +90,9 @@ def test_the_latest_request_is_preempted_when_blocks_run_out_and_recomputed_late
     assert second.num_preemptions == 1 and second.block_table == []
     assert second.num_tokens == 9  # its generated token is kept and recomputed with the prompt
     scheduler.finish(first)
-    assert _run_step(scheduler) == {"second": 9}
+    # Its first block survived in the prefix cache (its tail went back to the free list first and
+    # was the one handed to `first`), so only the rest is recomputed.
+    assert _run_step(scheduler) == {"second": 5}
 
 
 def test_finishing_a_sequence_frees_its_blocks_at_once():
@@ -100,3 +104,63 @@ def test_finishing_a_sequence_frees_its_blocks_at_once():
     assert blocks.num_used_blocks == 3
     scheduler.finish(seq)
     assert blocks.num_used_blocks == 0 and not scheduler.has_work
+
+
+def test_a_shared_prompt_prefix_reuses_computed_blocks():
+    blocks = BlockManager(16, 4)
+    scheduler = Scheduler(blocks, max_batch_tokens=100, max_running_requests=8)
+    system = list(range(9))  # two full blocks and one more token
+    scheduler.add(_seq("first", 0, tokens=[*system, 50, 51]))
+    assert _run_step(scheduler) == {"first": 11}
+    second = _seq("second", 0, tokens=[*system, 60])
+    scheduler.add(second)
+    assert _run_step(scheduler)["second"] == 2  # 8 tokens came from the cache
+    assert second.block_table[:2] == scheduler.running[0].block_table[:2]
+    assert blocks.num_prefix_hit_tokens == 8
+
+
+def test_the_last_prompt_token_is_always_computed():
+    scheduler = Scheduler(BlockManager(16, 4), max_batch_tokens=100, max_running_requests=8)
+    scheduler.add(_seq("first", 0, tokens=list(range(8))))
+    _run_step(scheduler)
+    scheduler.add(_seq("again", 0, tokens=list(range(8))))
+    assert _run_step(scheduler)["again"] == 4  # the block holding the last token is recomputed
+
+
+def test_prefix_blocks_differ_per_adapter_salt():
+    scheduler = Scheduler(BlockManager(16, 4), max_batch_tokens=100, max_running_requests=8)
+    scheduler.add(_seq("base", 0, tokens=list(range(9))))
+    _run_step(scheduler)
+    adapted = _seq("adapted", 0, tokens=list(range(9)))
+    adapted.cache_salt = 7
+    scheduler.add(adapted)
+    assert _run_step(scheduler)["adapted"] == 9
+
+
+def test_freed_blocks_stay_cached_until_handed_out_again():
+    blocks = BlockManager(4, 4)
+    scheduler = Scheduler(blocks, max_batch_tokens=100, max_running_requests=8)
+    first = _seq("first", 0, tokens=list(range(9)))
+    scheduler.add(first)
+    _run_step(scheduler)
+    scheduler.finish(first)
+    assert blocks.num_free_blocks == 4
+    scheduler.add(_seq("again", 0, tokens=list(range(9))))
+    assert _run_step(scheduler) == {"again": 1}
+    filler = _seq("filler", 0, tokens=[500 + i for i in range(16)])
+    scheduler.finish(scheduler.running[0])
+    scheduler.add(filler)
+    _run_step(scheduler)  # takes every block: the cached ones are overwritten
+    scheduler.finish(filler)
+    scheduler.add(_seq("late", 0, tokens=list(range(9))))
+    assert _run_step(scheduler) == {"late": 9}
+
+
+def test_prompt_logprob_requests_compute_every_position():
+    scheduler = Scheduler(BlockManager(16, 4), max_batch_tokens=100, max_running_requests=8)
+    scheduler.add(_seq("first", 0, tokens=list(range(9))))
+    _run_step(scheduler)
+    wanting = _seq("wanting", 0, tokens=list(range(9)))
+    wanting.want_prompt_logprobs = True
+    scheduler.add(wanting)
+    assert _run_step(scheduler)["wanting"] == 9

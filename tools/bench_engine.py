@@ -61,6 +61,9 @@ class BenchConfig:
     kv_cache_bytes: int = 0
     max_batch_tokens: int = 0
     skip_baselines: bool = False
+    # Also run the top level with prefix caching off: the chat template's shared system prompt is a
+    # real saving, and the report should show how much of the gain it is.
+    compare_prefix_caching: bool = True
 
 
 @dataclass(frozen=True)
@@ -73,22 +76,32 @@ class BenchResult:
 def run_bench(config: BenchConfig) -> BenchResult:
     """Run every system on the same workload and write the JSON report and PNG plot."""
     started = datetime.now().astimezone()
-    engine = Engine(
-        config.model_dir,
-        EngineConfig(
-            device=config.device,
-            kv_cache_bytes=config.kv_cache_bytes,
-            max_batch_tokens=config.max_batch_tokens,
-        ),
-    )
+    engine = _engine(config, enable_prefix_caching=True)
     prompts = build_workload(engine.prompts.encode_text, config.num_requests)
     runs = run_engine_levels(engine, prompts, config.concurrency, config.max_new_tokens)
-    del engine  # free its KV cache before the baselines load their own copy of the weights
+    del engine  # free its KV cache before the next system loads its own copy of the weights
+    if config.compare_prefix_caching:
+        engine = _engine(config, enable_prefix_caching=False)
+        top = (max(config.concurrency),)
+        runs += run_engine_levels(engine, prompts, top, config.max_new_tokens, "_no_prefix_cache")
+        del engine
     if not config.skip_baselines:
         runs += run_hf_baselines(config, prompts)
     report = build_report(config, started, prompts, runs)
     json_path, png_path = write_report(report, config.output_dir)
     return BenchResult(report, json_path, png_path)
+
+
+def _engine(config: BenchConfig, enable_prefix_caching: bool) -> Engine:
+    return Engine(
+        config.model_dir,
+        EngineConfig(
+            device=config.device,
+            kv_cache_bytes=config.kv_cache_bytes,
+            max_batch_tokens=config.max_batch_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+        ),
+    )
 
 
 def build_workload(encode, num_requests: int) -> list[list[int]]:
@@ -100,7 +113,7 @@ def build_workload(encode, num_requests: int) -> list[list[int]]:
 
 
 def run_engine_levels(
-    engine: Engine, prompts: list[list[int]], levels: tuple[int, ...], max_new_tokens: int
+    engine: Engine, prompts: list[list[int]], levels: tuple[int, ...], max_new_tokens: int, suffix: str = ""
 ) -> list[SystemRun]:
     """One started engine for every level, warmed up by one short request first."""
     engine.start()
@@ -109,7 +122,8 @@ def run_engine_levels(
         params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
         runs = []
         for concurrency in levels:
-            runs.append(run_closed_loop(engine, prompts, concurrency, params, f"engine_c{concurrency}"))
+            name = f"engine_c{concurrency}{suffix}"
+            runs.append(run_closed_loop(engine, prompts, concurrency, params, name))
             log.info("%s: %.1f tok/s", runs[-1].name, runs[-1].throughput_tok_s)
         return runs
     finally:

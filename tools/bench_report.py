@@ -119,6 +119,7 @@ def build_report(
             },
             "kv_cache_bytes": config.kv_cache_bytes,
             "max_batch_tokens": config.max_batch_tokens,
+            "prefix_caching": "on, except systems named *_no_prefix_cache",
         },
         "systems": systems,
         "ratios": _throughput_ratios(runs),
@@ -157,7 +158,7 @@ def _target(runs: list[SystemRun], static_batch_size: int) -> dict | None:
     static = next((r for r in runs if r.name == f"hf_static_{static_batch_size}"), None)
     if not engines or static is None:
         return None
-    top = max(engines, key=lambda r: r.concurrency)
+    top = max((r for r in engines if r.name == f"engine_c{r.concurrency}"), key=lambda r: r.concurrency)
     ratio = top.throughput_tok_s / static.throughput_tok_s
     return {
         "ratio": f"{top.name}/{static.name}",

@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(_env("MAX_RUNNING_REQUESTS", "0")),
         help="sequences batched at once (0: 64 on CPU, 256 on GPU)",
     )
+    shard.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        default=_env("NO_PREFIX_CACHING", "") in ("1", "true", "yes"),
+        help="recompute every prompt instead of sharing the KV blocks of identical prefixes",
+    )
     shard.add_argument("--heartbeat-ttl", type=float, default=float(_env("HEARTBEAT_TTL", "5")))
     shard.add_argument("--max-cpu-adapters", type=int, default=int(_env("MAX_CPU_ADAPTERS", "32")))
     shard.add_argument("--max-lora-rank", type=int, default=int(_env("MAX_LORA_RANK", "64")))
@@ -167,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=_env("BENCH_SKIP_BASELINES", "") in ("1", "true", "yes"),
         help="run our engine only",
+    )
+    engine.add_argument(
+        "--skip-prefix-cache-comparison",
+        action="store_true",
+        default=_env("BENCH_SKIP_PREFIX_CACHE_COMPARISON", "") in ("1", "true", "yes"),
+        help="do not rerun the top concurrency level with prefix caching off",
     )
     return parser
 
@@ -244,6 +256,7 @@ def _run_shard(args: argparse.Namespace) -> int:
             gpu_memory_fraction=args.gpu_memory_fraction,
             max_batch_tokens=args.max_batch_tokens,
             max_running_requests=args.max_running_requests,
+            enable_prefix_caching=not args.no_prefix_caching,
         ),
         namespace=args.namespace,
         heartbeat_ttl_s=args.heartbeat_ttl,
@@ -318,6 +331,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         kv_cache_bytes=args.kv_cache_bytes,
         max_batch_tokens=args.max_batch_tokens,
         skip_baselines=args.skip_baselines,
+        compare_prefix_caching=not args.skip_prefix_cache_comparison,
     )
     result = run_bench(config)
     print(summary_table(result.report))
