@@ -150,14 +150,14 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            if not self._drain_inbox(block=not self.scheduler.has_work):
-                return
-            if self.scheduler.has_work:
-                try:
+            try:
+                if not self._drain_inbox(block=not self.scheduler.has_work):
+                    return
+                if self.scheduler.has_work:
                     self.step()
-                except Exception:  # keep serving: fail what was in flight, not the shard
-                    log.exception("engine step failed; failing the requests in flight")
-                    self._fail_all("the shard hit an internal error while running this request")
+            except Exception:  # keep serving: fail what was in flight, not the shard
+                log.exception("engine step failed; failing the requests in flight")
+                self._fail_all("the shard hit an internal error while running this request")
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued submits and aborts; False once asked to stop."""

@@ -203,7 +203,7 @@ def plot_report(report: dict, path: Path) -> None:
     right.set_title("Time to first token")
     right.legend()
     for axis in (left, right):
-        axis.tick_params(axis="x", labelrotation=20)
+        plt.setp(axis.get_xticklabels(), rotation=30, ha="right")
     workload = report["workload"]
     fig.suptitle(
         f"{report['model']} on {report['machine']['device']} ({report['machine']['cpu_count']} CPUs), "
