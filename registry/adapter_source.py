@@ -67,6 +67,12 @@ def read_metadata(source: str) -> AdapterMetadata:
 def read_adapter(source: str) -> tuple[AdapterMetadata, bytes]:
     """The adapter's config and its adapter_model.safetensors bytes, each read once, from the directory
     or straight out of the archive (nothing is extracted to disk, so archive paths can never escape)."""
+    config_bytes, weights = read_adapter_files(source)
+    return _parse_config(config_bytes, hashlib.sha256(weights).hexdigest()), weights
+
+
+def read_adapter_files(source: str) -> tuple[bytes, bytes]:
+    """The raw adapter_config.json and adapter_model.safetensors bytes (validated as read_adapter does)."""
     path = _adapter_path(source)
     if path.is_dir():
         config_bytes = _read_file(path / CONFIG_FILE)
@@ -79,7 +85,8 @@ def read_adapter(source: str) -> tuple[AdapterMetadata, bytes]:
             config_bytes = archive.extractfile(members[CONFIG_FILE]).read()
             _check_size(members[WEIGHTS_FILE].size)
             weights = archive.extractfile(members[WEIGHTS_FILE]).read()
-    return _parse_config(config_bytes, hashlib.sha256(weights).hexdigest()), weights
+    _parse_config(config_bytes, "")  # a bad config fails here, before anything is cached
+    return config_bytes, weights
 
 
 def _adapter_path(source: str) -> Path:

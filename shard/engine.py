@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from loraplex.shard.adapter_slots import AdapterSlots
 from loraplex.shard.block_manager import BlockManager
 from loraplex.shard.kv_cache import allocate_kv_cache, kv_budget_bytes, num_blocks_for
-from loraplex.shard.lora import LoraAdapter
+from loraplex.shard.lora import LoraAdapter, load_adapter
 from loraplex.shard.model import LlamaModel
 from loraplex.shard.model_config import ModelConfig
 from loraplex.shard.model_runner import ChunkResult, ModelRunner
@@ -47,6 +48,7 @@ class EngineConfig:
     max_batch_tokens: int = 0  # tokens per step; 0: 512 on CPU, 8192 on GPU
     max_running_requests: int = 0  # 0: 64 on CPU, 256 on GPU
     enable_prefix_caching: bool = True  # share the KV blocks of identical prompt prefixes
+    max_gpu_adapters: int = 16  # adapters active in the batch at once (slots)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,9 @@ class EngineStats:
     kv_blocks_free: int = 0
     num_preemptions: int = 0  # since start: sequences whose blocks were taken back and recomputed
     num_prefix_hit_tokens: int = 0  # since start: prompt tokens whose K/V came from the prefix cache
+    adapters_in_slots: tuple[tuple[str, int], ...] = ()  # (name, version) of each adapter in a slot
+    slot_hits: int = 0  # since start: admissions whose adapter already had a slot
+    slot_misses: int = 0  # ... and those that loaded it into one
 
 
 @dataclass
@@ -95,10 +100,12 @@ class Engine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv_cache = allocate_kv_cache(self.model, num_blocks, config.block_size)
         self.max_context = min(self.model_config.max_position_embeddings, num_blocks * config.block_size)
+        self.slots = AdapterSlots(config.max_gpu_adapters)
         self.scheduler = Scheduler(
             self.blocks,
             config.max_batch_tokens or (512 if on_cpu else 8192),
             max_running,
+            self.slots,
         )
         self.runner = ModelRunner(self.model, config.block_size, self.device)
         self.prompts = PromptEncoder(model_dir, self.model_config.vocab_size, self.max_context)
@@ -123,6 +130,24 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Drop the request and free its KV blocks before the next step (no-op if it already ended)."""
         self._inbox.put(("abort", request_id))
+
+    def load_adapter(self, source: str, name: str, version: int, max_rank: int) -> LoraAdapter:
+        """Read an adapter from a local source and check it against this model (any thread).
+        Its tensors live on the model's device, where the plain-torch LoRA path reads them."""
+        return load_adapter(
+            source,
+            name,
+            version,
+            self.model.lora_targets(),
+            self.model_config.num_layers,
+            max_rank,
+            self.dtype,
+            self.device,
+        )
+
+    def drop_adapter(self, adapter_uid: int) -> None:
+        """Free the adapter's slot once no running sequence uses it (after a delete or an update)."""
+        self._inbox.put(("drop_adapter", adapter_uid))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -174,6 +199,8 @@ class Engine:
                 self._add(*payload)  # type: ignore[misc]
             elif kind == "abort":
                 self._finish(payload)  # type: ignore[arg-type]
+            elif kind == "drop_adapter":
+                self.slots.drop(payload)  # type: ignore[arg-type]
             self._publish_stats()
 
     def _add(self, request: EngineRequest, callback: OutputCallback) -> None:
@@ -252,6 +279,9 @@ class Engine:
             kv_blocks_free=self.blocks.num_free_blocks,
             num_preemptions=self._num_preemptions,
             num_prefix_hit_tokens=self.blocks.num_prefix_hit_tokens,
+            adapters_in_slots=tuple((a.name, a.version) for a in self.slots.held()),
+            slot_hits=self.slots.counters.hits,
+            slot_misses=self.slots.counters.misses,
         )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -117,6 +116,7 @@ def _checked_pair(
 
 @dataclass(frozen=True)
 class LoraSegment:
+    slot: int  # the adapter's slot in this step (what the kernels index)
     adapter: LoraAdapter
     start: int  # rows [start, end) of the step's token batch use this adapter
     end: int
@@ -139,33 +139,3 @@ class LoraBatch:
             a, b = weights
             shrunk = x[segment.start : segment.end] @ a.t()  # [n, r]
             out[segment.start : segment.end].addmm_(shrunk, b.t(), alpha=segment.adapter.scaling)
-
-
-class AdapterCache:
-    """Loaded adapters by (name, version), least recently used evicted first past max_adapters."""
-
-    def __init__(self, max_adapters: int) -> None:
-        self._max = max_adapters
-        self._adapters: OrderedDict[tuple[str, int], LoraAdapter] = OrderedDict()
-
-    def get(self, name: str, version: int) -> LoraAdapter | None:
-        adapter = self._adapters.get((name, version))
-        if adapter is not None:
-            self._adapters.move_to_end((name, version))
-        return adapter
-
-    def put(self, adapter: LoraAdapter) -> None:
-        self._adapters[(adapter.name, adapter.version)] = adapter
-        self._adapters.move_to_end((adapter.name, adapter.version))
-        while len(self._adapters) > self._max:
-            self._adapters.popitem(last=False)
-
-    def drop(self, name: str, version: int = 0) -> int:
-        """Remove one version of name, or every version when version is 0; return how many."""
-        keys = [key for key in self._adapters if key[0] == name and version in (0, key[1])]
-        for key in keys:
-            del self._adapters[key]
-        return len(keys)
-
-    def held(self) -> list[tuple[str, int]]:
-        return list(self._adapters)

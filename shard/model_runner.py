@@ -29,8 +29,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> list[ChunkResult]:
-        # Tokens sharing an adapter sit next to each other, so each adapter is one row segment.
-        ordered = sorted(chunks, key=lambda c: 0 if c.seq.adapter is None else 1 + id(c.seq.adapter))
+        # Tokens sharing an adapter slot sit next to each other, so each adapter is one row segment.
+        ordered = sorted(chunks, key=lambda c: c.seq.lora_slot)
         token_ids: list[int] = []
         positions: list[int] = []
         layouts: list[ChunkLayout] = []
@@ -42,10 +42,10 @@ class ModelRunner:
             positions.extend(range(chunk.start, end))
             layouts.append(ChunkLayout(row, chunk.num_new_tokens, chunk.start, seq.block_table))
             if seq.adapter is not None:
-                if segments and segments[-1].adapter is seq.adapter:
-                    segments[-1] = LoraSegment(seq.adapter, segments[-1].start, len(token_ids))
+                if segments and segments[-1].slot == seq.lora_slot:
+                    segments[-1] = LoraSegment(seq.lora_slot, seq.adapter, segments[-1].start, len(token_ids))
                 else:
-                    segments.append(LoraSegment(seq.adapter, row, len(token_ids)))  # type: ignore[arg-type]
+                    segments.append(LoraSegment(seq.lora_slot, seq.adapter, row, len(token_ids)))
         attn = build_metadata(layouts, self.block_size, self.model.config.sliding_window, self.device)
         hidden = self.model(
             self._tensor(token_ids),

@@ -4,6 +4,8 @@ Every step, running sequences go first in admission order (a decode costs one to
 prefill continues with a chunk), then waiting sequences are admitted first-come first-served while the
 token budget, the running limit and the KV blocks allow. When blocks run out, the most recently
 admitted sequence is preempted: its blocks are freed and it is recomputed later from its tokens.
+A sequence with an adapter is admitted only once its adapter has a slot; while every slot is busy
+it waits and later requests for the base model or for adapters already in a slot go ahead of it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from loraplex.shard.adapter_slots import NO_SLOT, AdapterSlots
 from loraplex.shard.block_manager import BlockManager
 from loraplex.shard.sequence import Sequence, SequenceStatus
 
@@ -35,8 +38,15 @@ class Schedule:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batch_tokens: int, max_running_requests: int) -> None:
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_batch_tokens: int,
+        max_running_requests: int,
+        slots: AdapterSlots | None = None,
+    ) -> None:
         self.blocks = blocks
+        self.slots = slots
         self.max_batch_tokens = max_batch_tokens
         self.max_running_requests = max_running_requests
         self.waiting: deque[Sequence] = deque()
@@ -60,6 +70,7 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         self.blocks.free(seq)
+        self._release_slot(seq)
 
     def schedule(self) -> Schedule:
         budget = self.max_batch_tokens
@@ -90,22 +101,41 @@ class Scheduler:
         return Schedule(chunks, preempted)
 
     def _admit(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+        waiting_for_slot: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             seq = self.waiting[0]
             prefix = self.blocks.cached_prefix(seq)
             num_new = min(seq.num_uncomputed - len(prefix) * self.blocks.block_size, budget)
             if not self.blocks.can_reserve(seq, num_new, prefix):
-                break  # first come, first served: nobody overtakes the head of the queue
+                break  # first come, first served: nobody overtakes the head of the queue for blocks
             self.waiting.popleft()
+            if not self._acquire_slot(seq):
+                waiting_for_slot.append(seq)
+                continue
             seq.status = SequenceStatus.RUNNING
             self.blocks.reserve(seq, num_new, prefix)
             self.running.append(seq)
             chunks.append(ScheduledChunk.of(seq, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(waiting_for_slot))
         return budget
+
+    def _acquire_slot(self, seq: Sequence) -> bool:
+        if seq.adapter is None:
+            return True
+        if self.slots is None:
+            raise RuntimeError("a sequence has an adapter but the scheduler has no adapter slots")
+        seq.lora_slot = self.slots.acquire(seq.adapter)
+        return seq.lora_slot != NO_SLOT
+
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.lora_slot != NO_SLOT and self.slots is not None:
+            self.slots.release(seq.lora_slot)
+        seq.lora_slot = NO_SLOT
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)
+        self._release_slot(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1

@@ -30,6 +30,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # content hashes of the full computed blocks
     cache_salt: int = 0  # separates prefix-cache entries whose K/V differ: set from the adapter
     num_preemptions: int = 0
+    lora_slot: int = -1  # the adapter's slot while the sequence runs; -1: none (base model or waiting)
 
     def __post_init__(self) -> None:
         if self.adapter is not None:

@@ -13,6 +13,7 @@ from loraplex.protos.rpc import create_server, set_not_serving, set_serving, sto
 from loraplex.protos.v1 import shard_pb2, shard_pb2_grpc
 from loraplex.registry.records import HeldAdapter, ShardRecord
 from loraplex.registry.store import Registry
+from loraplex.shard.adapter_store import AdapterStore, DiskCache
 from loraplex.shard.engine import Engine, EngineConfig
 from loraplex.shard.service import ShardService
 from loraplex.tools.model_store import resolve_model
@@ -36,6 +37,8 @@ class ShardConfig:
     heartbeat_ttl_s: float = 5.0
     max_cpu_adapters: int = 32
     max_lora_rank: int = 64
+    disk_cache_dir: Path | None = None  # default: <cache_dir>/adapters/<shard_id>
+    disk_cache_bytes: int = 10 << 30
     drain_timeout_s: float = 10.0
 
 
@@ -47,14 +50,16 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
     engine.start()
     server, port, health = create_server(f"{config.host}:{config.port}", [SERVICE_NAME])
     address = f"{config.advertise_host or config.host}:{port}"
-    service = ShardService(
-        engine,
-        config.shard_id,
-        address,
-        base_model=model_dir.name,
-        max_adapters=config.max_cpu_adapters,
-        max_lora_rank=config.max_lora_rank,
+    disk = DiskCache(
+        config.disk_cache_dir or config.cache_dir / "adapters" / config.shard_id, config.disk_cache_bytes
     )
+    adapters = AdapterStore(
+        lambda source, name, version: engine.load_adapter(source, name, version, config.max_lora_rank),
+        config.max_cpu_adapters,
+        disk,
+        on_evict=lambda adapter: engine.drop_adapter(adapter.uid),
+    )
+    service = ShardService(engine, adapters, config.shard_id, address, base_model=model_dir.name)
     shard_pb2_grpc.add_ShardServicer_to_server(service, server)
     await server.start()
     await set_serving(health, [SERVICE_NAME])
@@ -88,7 +93,7 @@ def _record(service: ShardService, engine: Engine) -> ShardRecord:
         running_requests=stats.running_requests,
         waiting_requests=stats.waiting_requests,
         queued_tokens=stats.queued_tokens,
-        adapters=tuple(HeldAdapter(name, version, "cpu") for name, version in service.adapters.held()),
+        adapters=tuple(HeldAdapter(name, version, tier) for name, version, tier in service.held_adapters()),
     )
 
 

@@ -14,12 +14,14 @@ import grpc
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 from loraplex.registry.adapter_source import InvalidAdapter
+from loraplex.shard.adapter_store import AdapterStore
 from loraplex.shard.engine import Engine, EngineOutput, EngineRequest
-from loraplex.shard.lora import AdapterCache, IncompatibleAdapter, LoraAdapter, load_adapter
+from loraplex.shard.lora import IncompatibleAdapter, LoraAdapter
 from loraplex.shard.outputs import RequestFailed, TokenOutput
 from loraplex.shard.prompts import PromptEncoder
 from loraplex.shard.sampling import SamplingParams
 
+TIERS = {"gpu": common_pb2.TIER_GPU, "cpu": common_pb2.TIER_CPU, "disk": common_pb2.TIER_DISK}
 FINISH_REASONS = {
     "length": common_pb2.FINISH_REASON_LENGTH,
     "stop": common_pb2.FINISH_REASON_STOP,
@@ -31,17 +33,14 @@ class ShardService(shard_pb2_grpc.ShardServicer):
     def __init__(
         self,
         engine: Engine,
+        adapters: AdapterStore,
         shard_id: str,
         address: str,
         base_model: str,
-        max_adapters: int = 32,
-        max_lora_rank: int = 64,
     ) -> None:
         self._engine = engine
         self._prompts: PromptEncoder = engine.prompts
-        self.adapters = AdapterCache(max_adapters)
-        self._max_lora_rank = max_lora_rank
-        self._loading: dict[tuple[str, int], asyncio.Lock] = {}
+        self.adapters = adapters
         self.shard_id = shard_id
         self.address = address
         self.base_model = base_model
@@ -56,6 +55,21 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             )
         prompt_ids, params = self._parse(inner)
         adapter = await self._adapter(request.adapter) if request.adapter.name else None
+        try:
+            async for chunk in self._generate(inner, prompt_ids, params, adapter, context):
+                yield chunk
+        finally:
+            if adapter is not None:
+                self.adapters.release(adapter)
+
+    async def _generate(
+        self,
+        inner: common_pb2.GenerateRequest,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter: LoraAdapter | None,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
         request_id = inner.request_id or uuid.uuid4().hex
         with_tokens = inner.details or inner.parameters.logprobs or params.top_logprobs > 0
         remaining = context.time_remaining()
@@ -112,36 +126,15 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             raise ServiceError.invalid(str(error)) from error
 
     async def _adapter(self, record: common_pb2.Adapter) -> LoraAdapter:
-        """The adapter at the record's version, loaded on first use (once, however many ask at once)."""
-        key = (record.name, record.version)
-        cached = self.adapters.get(*key)
-        if cached is not None:
-            return cached
-        async with self._loading.setdefault(key, asyncio.Lock()):
-            adapter = self.adapters.get(*key)
-            if adapter is None:
-                try:
-                    adapter = await asyncio.to_thread(
-                        load_adapter,
-                        record.source,
-                        record.name,
-                        record.version,
-                        self._engine.model.lora_targets(),
-                        self._engine.model_config.num_layers,
-                        self._max_lora_rank,
-                        self._engine.model.embed_tokens.weight.dtype,
-                        self._engine.device,
-                    )
-                except InvalidAdapter as error:
-                    raise ServiceError.invalid(f"adapter {record.name!r}: {error}") from error
-                except IncompatibleAdapter as error:
-                    raise ServiceError(
-                        grpc.StatusCode.FAILED_PRECONDITION, f"adapter {record.name!r}: {error}"
-                    ) from error
-                finally:
-                    self._loading.pop(key, None)
-                self.adapters.put(adapter)
-        return adapter
+        """The adapter at the record's version, from the fastest tier holding it; release it after use."""
+        try:
+            return await self.adapters.acquire(record.source, record.name, record.version, record.checksum)
+        except InvalidAdapter as error:
+            raise ServiceError.invalid(f"adapter {record.name!r}: {error}") from error
+        except IncompatibleAdapter as error:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"adapter {record.name!r}: {error}"
+            ) from error
 
     def _chunk(
         self,
@@ -194,7 +187,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         if not request.adapter.name or not request.adapter.source:
             raise ServiceError.invalid("`adapter` needs at least a name and a source")
         started = time.perf_counter()
-        await self._adapter(request.adapter)
+        self.adapters.release(await self._adapter(request.adapter))
         return shard_pb2.LoadAdapterResponse(
             tier=common_pb2.TIER_CPU, load_ms=(time.perf_counter() - started) * 1000
         )
@@ -221,11 +214,24 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             max_running_requests=self._engine.scheduler.max_running_requests,
             kv_blocks_used=stats.kv_blocks_used,
             kv_blocks_free=stats.kv_blocks_free,
+            max_gpu_adapters=self._engine.slots.num_slots,
+            max_cpu_adapters=self.adapters.max_cpu_adapters,
             adapters=[
-                common_pb2.AdapterPlacement(adapter=name, tier=common_pb2.TIER_CPU, version=version)
-                for name, version in self.adapters.held()
+                common_pb2.AdapterPlacement(adapter=name, version=version, tier=TIERS[tier])
+                for name, version, tier in self.held_adapters()
             ],
         )
+
+    def held_adapters(self) -> list[tuple[str, int, str]]:
+        """(name, version, fastest tier) of every adapter this shard holds."""
+        held: dict[tuple[str, int], str] = {}
+        for key in self.adapters.disk.held() if self.adapters.disk else ():
+            held[key] = "disk"
+        for key in self.adapters.held():
+            held[key] = "cpu"
+        for key in self._engine.stats.adapters_in_slots:
+            held[key] = "gpu"
+        return [(name, version, tier) for (name, version), tier in held.items()]
 
 
 def _sampling_params(

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+
+# Triton decides between compiling and interpreting when it is first imported, and torch, peft or
+# transformers may import it before any kernel test runs: choose here. On a GPU machine run the suite
+# with TRITON_INTERPRET=0 to compile the kernels for real.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import shutil
 import subprocess
 import uuid

@@ -7,7 +7,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loraplex.shard.engine import Engine, EngineConfig, EngineRequest
-from loraplex.shard.lora import AdapterCache, IncompatibleAdapter, load_adapter
+from loraplex.shard.lora import IncompatibleAdapter, load_adapter
 from loraplex.shard.sampling import SamplingParams
 
 from engine_helpers import engine_last_logits, reference_greedy, reference_last_logits, tokens
@@ -99,19 +99,3 @@ def test_rank_above_the_limit_is_incompatible(engine, smollm2_dir, tmp_path):
     source = write_peft_adapter(tmp_path / "big", smollm2_dir, rank=32, targets=("q_proj",))
     with pytest.raises(IncompatibleAdapter, match="max_lora_rank 16"):
         _load(engine, source, "big", max_rank=16)
-
-
-def test_cache_evicts_least_recently_used_and_drops_versions(engine, smollm2_dir, tmp_path):
-    source = write_peft_adapter(tmp_path / "a", smollm2_dir, targets=("q_proj",))
-    cache = AdapterCache(max_adapters=2)
-    for name in ("x", "y"):
-        cache.put(_load(engine, source, name))
-    cache.get("x", 1)
-    cache.put(_load(engine, source, "z"))
-    assert cache.held() == [("x", 1), ("z", 1)]
-    cache.put(_load(engine, source, "x", 2))
-    assert cache.held() == [("z", 1), ("x", 2)]
-    cache.put(_load(engine, source, "x", 3))
-    assert cache.drop("x", 2) == 1 and cache.held() == [("x", 3)]
-    cache.put(_load(engine, source, "x", 4))
-    assert cache.drop("x") == 2 and cache.held() == []

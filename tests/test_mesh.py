@@ -156,7 +156,7 @@ def test_adapter_lifecycle_is_served_through_the_router(admin, generation, smoll
         time.sleep(0.2)
     placements = admin.Get(adapters_pb2.GetAdapterRequest(name="support")).placements
     assert [(p.shard, p.tier, p.version) for p in placements] == [
-        (v1.served_by.shard, common_pb2.TIER_CPU, 1)
+        (v1.served_by.shard, common_pb2.TIER_GPU, 1)  # just served: still in a slot
     ]
     assert _ask(generation, "support").served_by.shard == v1.served_by.shard, (
         "affinity: same adapter, same shard"

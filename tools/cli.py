@@ -101,7 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute every prompt instead of sharing the KV blocks of identical prefixes",
     )
     shard.add_argument("--heartbeat-ttl", type=float, default=float(_env("HEARTBEAT_TTL", "5")))
-    shard.add_argument("--max-cpu-adapters", type=int, default=int(_env("MAX_CPU_ADAPTERS", "32")))
+    shard.add_argument(
+        "--max-gpu-adapters",
+        type=int,
+        default=int(_env("MAX_GPU_ADAPTERS", os.environ.get("OPTION_MAX_LORAS", "16"))),
+        help="adapters active in the batch at once (slots); OPTION_MAX_LORAS is accepted as an alias",
+    )
+    shard.add_argument(
+        "--max-cpu-adapters",
+        type=int,
+        default=int(_env("MAX_CPU_ADAPTERS", os.environ.get("OPTION_MAX_CPU_LORAS", "32"))),
+        help="adapters kept loaded in host memory; OPTION_MAX_CPU_LORAS is accepted as an alias",
+    )
+    shard.add_argument(
+        "--disk-cache-dir",
+        type=Path,
+        default=Path(_env("DISK_CACHE_DIR", "")) if _env("DISK_CACHE_DIR", "") else None,
+        help="where adapter files are cached (default: <cache-dir>/adapters/<shard-id>)",
+    )
+    shard.add_argument(
+        "--disk-cache-bytes",
+        type=parse_bytes,
+        default=parse_bytes(_env("DISK_CACHE_BYTES", "10GiB")),
+        help="size cap of the adapter disk cache",
+    )
     shard.add_argument("--max-lora-rank", type=int, default=int(_env("MAX_LORA_RANK", "64")))
 
     router = commands.add_parser("router", help="run one router")
@@ -257,12 +280,15 @@ def _run_shard(args: argparse.Namespace) -> int:
             max_batch_tokens=args.max_batch_tokens,
             max_running_requests=args.max_running_requests,
             enable_prefix_caching=not args.no_prefix_caching,
+            max_gpu_adapters=args.max_gpu_adapters,
         ),
         namespace=args.namespace,
         heartbeat_ttl_s=args.heartbeat_ttl,
         heartbeat_interval_s=args.heartbeat_ttl / 5,
         max_cpu_adapters=args.max_cpu_adapters,
         max_lora_rank=args.max_lora_rank,
+        disk_cache_dir=args.disk_cache_dir,
+        disk_cache_bytes=args.disk_cache_bytes,
     )
     asyncio.run(serve(config))
     return 0

@@ -1,0 +1,104 @@
+"""The fastest adapter tier: the slots the batched LoRA path reads from (GPU memory on a GPU shard).
+
+At most `num_slots` adapters are active at once. A sequence holds its adapter's slot from admission to
+finish; an idle slot keeps its adapter (a later request is a hit) until the least recently used idle
+slot is needed for another adapter. A slot in use is never taken.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from loraplex.shard.lora import LoraAdapter
+from loraplex.shard.lora_ops import NO_SLOT
+
+__all__ = ["NO_SLOT", "AdapterSlots", "TierCounters"]
+
+
+@dataclass
+class TierCounters:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    load_seconds: list[float] = field(default_factory=list)  # one per miss
+
+
+class AdapterSlots:
+    def __init__(self, num_slots: int, write_slot: Callable[[int, LoraAdapter], None] | None = None) -> None:
+        """write_slot(slot, adapter) copies the weights where the kernels read them (stacked GPU buffers);
+        the plain-torch path reads the adapter's own tensors and needs no copy."""
+        if num_slots < 1:
+            raise ValueError("max_gpu_adapters must be at least 1")
+        self.num_slots = num_slots
+        self._write_slot = write_slot
+        self._adapters: list[LoraAdapter | None] = [None] * num_slots
+        self._refs = [0] * num_slots
+        self._slot_of: dict[int, int] = {}  # adapter uid -> slot
+        self._idle: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_slots))  # LRU first
+        self._doomed: set[int] = set()  # uids to drop as soon as their slot is idle
+        self.counters = TierCounters()
+
+    def acquire(self, adapter: LoraAdapter) -> int:
+        """The adapter's slot, loading it into the least recently used idle slot if needed; NO_SLOT when
+        every slot is in use (the request waits)."""
+        slot = self._slot_of.get(adapter.uid)
+        if slot is not None:
+            self.counters.hits += 1
+        else:
+            if not self._idle:
+                return NO_SLOT
+            slot = next(iter(self._idle))
+            started = time.perf_counter()
+            self._evict(slot)
+            if self._write_slot is not None:
+                self._write_slot(slot, adapter)
+            self._adapters[slot] = adapter
+            self._slot_of[adapter.uid] = slot
+            self.counters.misses += 1
+            self.counters.load_seconds.append(time.perf_counter() - started)
+        if self._refs[slot] == 0:
+            del self._idle[slot]
+        self._refs[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._refs[slot] -= 1
+        if self._refs[slot] == 0:
+            self._idle[slot] = None  # most recently used goes last
+            adapter = self._adapters[slot]
+            if adapter is not None and adapter.uid in self._doomed:
+                self._evict(slot)
+
+    def drop(self, adapter_uid: int) -> None:
+        """Free the adapter's slot now if idle, else as soon as its last sequence finishes."""
+        slot = self._slot_of.get(adapter_uid)
+        if slot is None:
+            return
+        if self._refs[slot] == 0:
+            self._evict(slot)
+        else:
+            self._doomed.add(adapter_uid)
+
+    def adapter(self, slot: int) -> LoraAdapter:
+        adapter = self._adapters[slot]
+        assert adapter is not None, f"slot {slot} is empty"
+        return adapter
+
+    def held(self) -> list[LoraAdapter]:
+        return [adapter for adapter in self._adapters if adapter is not None]
+
+    def in_use(self, adapter_uid: int) -> bool:
+        slot = self._slot_of.get(adapter_uid)
+        return slot is not None and self._refs[slot] > 0
+
+    def _evict(self, slot: int) -> None:
+        adapter = self._adapters[slot]
+        if adapter is None:
+            return
+        del self._slot_of[adapter.uid]
+        self._doomed.discard(adapter.uid)
+        self._adapters[slot] = None
+        self.counters.evictions += 1

@@ -1,0 +1,185 @@
+"""The slower adapter tiers: adapters loaded in host memory (CPU tier) and their files in a local disk
+cache (disk tier). A request for a cold adapter is served from the first tier that has it:
+GPU slot (engine) > CPU > disk > the adapter's source.
+
+CPU tier: least recently used first out past `max_cpu_adapters`, but never an adapter a request in
+flight uses (the tier may run over its limit until that request ends). Disk tier: copies of the
+adapters' two files under `disk_cache_dir`, least recently used first out past `max_bytes`. Disk
+entries are keyed by the weights' checksum as well as name and version, so a cache that outlives the
+process (or a registry) never serves other weights under a reused name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+from loraplex.registry.adapter_source import CONFIG_FILE, WEIGHTS_FILE, InvalidAdapter, read_adapter_files
+from loraplex.shard.adapter_slots import TierCounters
+from loraplex.shard.lora import LoraAdapter
+
+AdapterLoader = Callable[[str, str, int], LoraAdapter]  # (local source, name, version) -> adapter
+Key = tuple[str, int]  # (name, version)
+
+
+class DiskCache:
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.counters = TierCounters()
+        self._seen: set[Key] = set()
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def local_copy(self, source: str, name: str, version: int, checksum: str) -> Path:
+        """A directory holding the adapter's files, fetched from `source` on a miss."""
+        entry = self.directory / f"{name}-v{version}-{checksum}"
+        if (entry / WEIGHTS_FILE).is_file():
+            self._seen.add((name, version))
+            self.counters.hits += 1
+            entry.touch()  # recency for eviction
+            return entry
+        started = time.perf_counter()
+        config_bytes, weights = read_adapter_files(source)
+        if hashlib.sha256(weights).hexdigest() != checksum:
+            raise InvalidAdapter(
+                f"the weights at {source} changed since the adapter was registered; update the adapter"
+            )
+        staging = self.directory / f".{entry.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        (staging / CONFIG_FILE).write_bytes(config_bytes)
+        (staging / WEIGHTS_FILE).write_bytes(weights)
+        shutil.rmtree(entry, ignore_errors=True)
+        staging.rename(entry)
+        self._seen.add((name, version))
+        self.counters.misses += 1
+        self.counters.load_seconds.append(time.perf_counter() - started)
+        self._evict(keep=entry)
+        return entry
+
+    def drop(self, name: str, version: int) -> None:
+        for entry in self.directory.glob(f"{name}-v{version}-*"):
+            shutil.rmtree(entry, ignore_errors=True)
+        self._seen.discard((name, version))
+
+    def held(self) -> list[Key]:
+        """Adapters asked for since start whose files are here (older entries are not advertised:
+        their names may belong to another registry; they still serve as hits)."""
+        return sorted(self._seen)
+
+    def _evict(self, keep: Path) -> None:
+        entries = sorted(
+            (e for e in self.directory.iterdir() if not e.name.startswith(".")),
+            key=lambda e: e.stat().st_mtime,
+        )
+        total = sum(_size(entry) for entry in entries)
+        for entry in entries:
+            if total <= self.max_bytes:
+                break
+            if entry != keep:
+                total -= _size(entry)
+                shutil.rmtree(entry, ignore_errors=True)
+                self.counters.evictions += 1
+
+
+def _size(entry: Path) -> int:
+    return sum(file.stat().st_size for file in entry.iterdir())
+
+
+class AdapterStore:
+    """The CPU tier over the disk tier; `acquire` loads an adapter at most once however many ask."""
+
+    def __init__(
+        self,
+        load: AdapterLoader,
+        max_cpu_adapters: int,
+        disk: DiskCache | None = None,
+        on_evict: Callable[[LoraAdapter], None] = lambda adapter: None,
+    ) -> None:
+        """on_evict(adapter) runs for every adapter that leaves this tier, so faster tiers (the engine's
+        slots) let it go too and always hold a subset of this one."""
+        self._load = load
+        self._on_evict = on_evict
+        self.max_cpu_adapters = max_cpu_adapters
+        self.disk = disk
+        self._adapters: OrderedDict[Key, LoraAdapter] = OrderedDict()  # least recently used first
+        self._refs: dict[Key, int] = {}
+        self._loading: dict[Key, asyncio.Future[LoraAdapter]] = {}
+        self.counters = TierCounters()
+
+    async def acquire(self, source: str, name: str, version: int, checksum: str = "") -> LoraAdapter:
+        """The adapter, loaded if needed; the caller must `release` it when its request ends."""
+        key = (name, version)
+        adapter = self._adapters.get(key)
+        if adapter is not None:
+            self.counters.hits += 1
+            self._adapters.move_to_end(key)
+        else:
+            adapter = await self._load_once(source, key, checksum)
+        self._refs[key] = self._refs.get(key, 0) + 1
+        self._evict()  # after counting this use, so the adapter just loaded is never the one to go
+        return adapter
+
+    def release(self, adapter: LoraAdapter) -> None:
+        key = (adapter.name, adapter.version)
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self._evict()
+
+    def drop(self, name: str, version: int = 0) -> list[LoraAdapter]:
+        """Remove one version of name, or all when version is 0; requests using them keep their copy."""
+        dropped = [
+            self._adapters.pop(key)
+            for key in list(self._adapters)
+            if key[0] == name and version in (0, key[1])
+        ]
+        for adapter in dropped:
+            self._on_evict(adapter)
+            if self.disk is not None:
+                self.disk.drop(adapter.name, adapter.version)
+        return dropped
+
+    def held(self) -> list[Key]:
+        return list(self._adapters)
+
+    async def _load_once(self, source: str, key: Key, checksum: str) -> LoraAdapter:
+        pending = self._loading.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[LoraAdapter] = asyncio.get_running_loop().create_future()
+        self._loading[key] = future
+        try:
+            adapter = await asyncio.to_thread(self._load_from_tiers, source, key, checksum)
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # retrieved here, so an unawaited failure is not logged as lost
+            raise
+        finally:
+            del self._loading[key]
+        future.set_result(adapter)
+        self._adapters[key] = adapter
+        return adapter
+
+    def _load_from_tiers(self, source: str, key: Key, checksum: str) -> LoraAdapter:
+        started = time.perf_counter()
+        local = source
+        if self.disk is not None and checksum:  # without a checksum a cached copy can't be trusted
+            local = str(self.disk.local_copy(source, *key, checksum))
+        adapter = self._load(local, *key)
+        self.counters.misses += 1
+        self.counters.load_seconds.append(time.perf_counter() - started)
+        return adapter
+
+    def _evict(self) -> None:
+        for key in list(self._adapters):
+            if len(self._adapters) <= self.max_cpu_adapters:
+                return
+            if key not in self._refs:
+                self._on_evict(self._adapters.pop(key))
+                self.counters.evictions += 1

@@ -1,0 +1,176 @@
+"""Adapter tiers: GPU slots (engine), CPU memory and the disk cache (shard), on real adapter files."""
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from loraplex.registry.adapter_source import InvalidAdapter, read_metadata
+from loraplex.shard.adapter_slots import NO_SLOT, AdapterSlots
+from loraplex.shard.adapter_store import AdapterStore, DiskCache
+from loraplex.shard.engine import Engine, EngineConfig, EngineRequest
+from loraplex.shard.lora import LoraAdapter
+from loraplex.shard.sampling import SamplingParams
+
+from engine_helpers import tokens
+from peft_fixtures import write_peft_adapter
+
+
+def _fake(name: str) -> LoraAdapter:
+    return LoraAdapter(name=name, version=1, rank=1, scaling=1.0, layers=())
+
+
+def test_slots_evict_the_least_recently_used_idle_adapter():
+    slots = AdapterSlots(2)
+    a, b, c = _fake("a"), _fake("b"), _fake("c")
+    slot_a, slot_b = slots.acquire(a), slots.acquire(b)
+    slots.release(slot_a)
+    slots.release(slot_b)
+    assert slots.acquire(a) == slot_a  # a hit, and now the most recently used
+    slots.release(slot_a)
+    assert slots.acquire(c) == slot_b  # b was the least recently used
+    assert [x.name for x in slots.held()] == ["a", "c"] or [x.name for x in slots.held()] == ["c", "a"]
+    assert (slots.counters.hits, slots.counters.misses, slots.counters.evictions) == (1, 3, 1)
+
+
+def test_a_slot_in_use_is_never_taken_and_requests_wait_for_one():
+    slots = AdapterSlots(1)
+    busy = slots.acquire(_fake("busy"))
+    assert slots.acquire(_fake("other")) == NO_SLOT
+    slots.release(busy)
+    assert slots.acquire(_fake("other")) == busy
+
+
+def test_dropping_a_busy_adapter_frees_its_slot_when_its_last_user_leaves():
+    slots = AdapterSlots(2)
+    adapter = _fake("going")
+    slot = slots.acquire(adapter)
+    slots.drop(adapter.uid)
+    assert slots.in_use(adapter.uid)
+    slots.release(slot)
+    assert slots.held() == []
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir):
+    return Engine(tiny_model_dir, EngineConfig(kv_cache_bytes=16 << 20, max_gpu_adapters=4))
+
+
+@pytest.fixture(scope="module")
+def fifty_adapters(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fifty")
+    targets = [("q_proj", "v_proj"), ("o_proj", "down_proj"), ("gate_proj", "up_proj", "k_proj")]
+    return [
+        write_peft_adapter(
+            root / f"a{i}", tiny_model_dir, rank=(4, 8, 16)[i % 3], targets=targets[i % 3], seed=i, scale=0.5
+        )
+        for i in range(50)
+    ]
+
+
+def _store(engine: Engine, max_cpu: int, disk: DiskCache | None = None) -> AdapterStore:
+    return AdapterStore(
+        lambda source, name, version: engine.load_adapter(source, name, version, max_rank=64),
+        max_cpu,
+        disk,
+        on_evict=lambda adapter: engine.slots.drop(adapter.uid),
+    )
+
+
+def test_fifty_adapters_in_random_order_through_4_slots_and_8_cpu_entries(
+    tiny_engine, tiny_model_dir, fifty_adapters
+):
+    """Every request completes with the tokens its adapter gives when nothing is evicted."""
+    roomy = Engine(tiny_model_dir, EngineConfig(kv_cache_bytes=16 << 20, max_gpu_adapters=64))
+    order = list(range(50)) * 2  # every adapter twice, in random order
+    random.Random(0).shuffle(order)
+    prompt = [11, 12, 13, 14, 15]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+
+    async def run(engine: Engine, store: AdapterStore) -> dict[int, list[int]]:
+        results = {}
+        for batch_start in range(0, len(order), 16):  # 16 requests share each batch
+            batch = order[batch_start : batch_start + 16]
+            adapters = [await store.acquire(str(fifty_adapters[i]), f"a{i}", 1) for i in batch]
+            requests = [
+                EngineRequest(f"{batch_start + k}", prompt, params, adapter=adapter)
+                for k, adapter in enumerate(adapters)
+            ]
+            outputs = engine.generate(requests)
+            for k, (index, adapter) in enumerate(zip(batch, adapters, strict=True)):
+                results.setdefault(index, tokens(outputs[f"{batch_start + k}"]))
+                assert tokens(outputs[f"{batch_start + k}"]) == results[index], f"adapter {index} changed"
+                store.release(adapter)
+            assert len(store.held()) <= store.max_cpu_adapters
+        return results
+
+    small_store = _store(tiny_engine, max_cpu=8)
+    constrained = asyncio.run(run(tiny_engine, small_store))
+    expected = asyncio.run(run(roomy, _store(roomy, max_cpu=64)))
+    assert constrained == expected
+    assert len(set(map(tuple, expected.values()))) > 10, "the adapters should give different outputs"
+    assert tiny_engine.slots.counters.evictions > 0 and small_store.counters.evictions > 0
+    assert tiny_engine.blocks.num_used_blocks == 0
+
+
+def test_the_cpu_tier_keeps_adapters_in_use_and_evicts_idle_ones_lru(tiny_engine, fifty_adapters):
+    async def scenario() -> None:
+        store = _store(tiny_engine, max_cpu=2)
+        first = await store.acquire(str(fifty_adapters[0]), "a0", 1)  # held throughout
+        second = await store.acquire(str(fifty_adapters[1]), "a1", 1)
+        store.release(second)
+        third = await store.acquire(str(fifty_adapters[2]), "a2", 1)
+        assert store.held() == [("a0", 1), ("a2", 1)]  # a1 was idle and least recent
+        fourth = await store.acquire(str(fifty_adapters[3]), "a3", 1)
+        assert ("a0", 1) in store.held() and len(store.held()) == 3  # over the limit: all three in use
+        for adapter in (first, third, fourth):
+            store.release(adapter)
+        assert len(store.held()) == 2
+
+    asyncio.run(scenario())
+
+
+def test_concurrent_requests_load_a_cold_adapter_once(tiny_engine, fifty_adapters):
+    async def scenario() -> None:
+        store = _store(tiny_engine, max_cpu=4)
+        adapters = await asyncio.gather(*(store.acquire(str(fifty_adapters[5]), "a5", 1) for _ in range(6)))
+        assert all(adapter is adapters[0] for adapter in adapters)
+        assert (store.counters.misses, store.counters.hits) == (1, 0)
+
+    asyncio.run(scenario())
+
+
+def test_the_disk_cache_serves_repeat_loads_and_checks_the_checksum(tiny_engine, fifty_adapters, tmp_path):
+    disk = DiskCache(tmp_path / "disk", max_bytes=10 << 20)
+    source = str(fifty_adapters[7])
+    checksum = read_metadata(source).checksum
+
+    async def scenario() -> None:
+        store = _store(tiny_engine, max_cpu=1, disk=disk)
+        store.release(await store.acquire(source, "a7", 1, checksum))
+        store.release(
+            await store.acquire(
+                str(fifty_adapters[8]), "a8", 1, read_metadata(str(fifty_adapters[8])).checksum
+            )
+        )
+        again = await store.acquire(source, "a7", 1, checksum)  # evicted from CPU, found on disk
+        assert (disk.counters.misses, disk.counters.hits) == (2, 1)
+        assert torch.equal(
+            again.layers[0]["o_proj"][0], tiny_engine.load_adapter(source, "x", 1, 64).layers[0]["o_proj"][0]
+        )
+        with pytest.raises(InvalidAdapter, match="changed since the adapter was registered"):
+            await store.acquire(source, "a7", 2, "0" * 64)
+
+    asyncio.run(scenario())
+    assert disk.held() == [("a7", 1), ("a8", 1)]
+
+
+def test_the_disk_cache_stays_under_its_size_cap(fifty_adapters, tmp_path):
+    one = sum(f.stat().st_size for f in fifty_adapters[0].iterdir())
+    disk = DiskCache(tmp_path / "disk", max_bytes=int(2.5 * one))
+    for i in range(5):
+        disk.local_copy(str(fifty_adapters[i]), f"a{i}", 1, read_metadata(str(fifty_adapters[i])).checksum)
+    entries = [e for e in (tmp_path / "disk").iterdir() if not e.name.startswith(".")]
+    assert len(entries) <= 3 and disk.counters.evictions >= 2
+    assert any(e.name.startswith("a4-v1-") for e in entries)  # the newest stays
