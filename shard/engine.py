@@ -21,6 +21,7 @@ from loraplex.shard.adapter_slots import AdapterSlots
 from loraplex.shard.block_manager import BlockManager
 from loraplex.shard.kv_cache import allocate_kv_cache, kv_budget_bytes, num_blocks_for
 from loraplex.shard.lora import LoraAdapter, load_adapter
+from loraplex.shard.lora_stacked import StackedLoraWeights
 from loraplex.shard.model import LlamaModel
 from loraplex.shard.model_config import ModelConfig
 from loraplex.shard.model_runner import ChunkResult, ModelRunner
@@ -49,6 +50,8 @@ class EngineConfig:
     max_running_requests: int = 0  # 0: 64 on CPU, 256 on GPU
     enable_prefix_caching: bool = True  # share the KV blocks of identical prompt prefixes
     max_gpu_adapters: int = 16  # adapters active in the batch at once (slots)
+    max_lora_rank: int = 64  # adapters of higher rank are refused; sizes the kernels' slot buffers
+    lora_backend: str = "auto"  # "torch" (per-segment matmuls) or "triton" (SGMV kernels); auto: by device
 
 
 @dataclass(frozen=True)
@@ -100,14 +103,15 @@ class Engine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv_cache = allocate_kv_cache(self.model, num_blocks, config.block_size)
         self.max_context = min(self.model_config.max_position_embeddings, num_blocks * config.block_size)
-        self.slots = AdapterSlots(config.max_gpu_adapters)
+        self.lora_weights = self._lora_weights(config)
+        self.slots = AdapterSlots(config.max_gpu_adapters, self.lora_weights and self.lora_weights.write)
         self.scheduler = Scheduler(
             self.blocks,
             config.max_batch_tokens or (512 if on_cpu else 8192),
             max_running,
             self.slots,
         )
-        self.runner = ModelRunner(self.model, config.block_size, self.device)
+        self.runner = ModelRunner(self.model, config.block_size, self.device, self.lora_weights)
         self.prompts = PromptEncoder(model_dir, self.model_config.vocab_size, self.max_context)
         self.stats = EngineStats(kv_blocks_free=num_blocks)
         self._requests: dict[str, _Request] = {}
@@ -131,7 +135,7 @@ class Engine:
         """Drop the request and free its KV blocks before the next step (no-op if it already ended)."""
         self._inbox.put(("abort", request_id))
 
-    def load_adapter(self, source: str, name: str, version: int, max_rank: int) -> LoraAdapter:
+    def load_adapter(self, source: str, name: str, version: int) -> LoraAdapter:
         """Read an adapter from a local source and check it against this model (any thread).
         Its tensors live on the model's device, where the plain-torch LoRA path reads them."""
         return load_adapter(
@@ -140,7 +144,30 @@ class Engine:
             version,
             self.model.lora_targets(),
             self.model_config.num_layers,
-            max_rank,
+            self.config.max_lora_rank,
+            self.dtype,
+            self.device,
+        )
+
+    def _lora_weights(self, config: EngineConfig) -> StackedLoraWeights | None:
+        """The kernels' slot buffers, when adapters are applied by the Triton kernels."""
+        backend = config.lora_backend
+        if backend == "auto":
+            backend = "torch" if self.device.type == "cpu" else "triton"
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"lora_backend {config.lora_backend!r} is not one of auto, torch, triton")
+        if backend == "torch":
+            return None
+        shapes = {
+            path.rsplit(".", 1)[-1]: shape
+            for path, shape in self.model.lora_targets().items()
+            if path.startswith("model.layers.0.")
+        }
+        return StackedLoraWeights(
+            shapes,
+            self.model_config.num_layers,
+            config.max_gpu_adapters,
+            config.max_lora_rank,
             self.dtype,
             self.device,
         )

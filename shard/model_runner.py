@@ -10,6 +10,8 @@ import torch
 
 from loraplex.shard.attention import ChunkLayout, build_metadata
 from loraplex.shard.lora import LoraBatch, LoraSegment
+from loraplex.shard.lora_ops import build_lora_metadata
+from loraplex.shard.lora_stacked import KernelLoraBatch, StackedLoraWeights
 from loraplex.shard.model import LlamaModel
 from loraplex.shard.scheduler import ScheduledChunk
 
@@ -22,10 +24,18 @@ class ChunkResult:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, block_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        block_size: int,
+        device: torch.device,
+        lora_weights: StackedLoraWeights | None = None,
+    ) -> None:
+        """lora_weights: the kernels' slot buffers; None applies adapters with the plain-torch path."""
         self.model = model
         self.block_size = block_size
         self.device = device
+        self.lora_weights = lora_weights
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> list[ChunkResult]:
@@ -48,12 +58,19 @@ class ModelRunner:
                     segments.append(LoraSegment(seq.lora_slot, seq.adapter, row, len(token_ids)))
         attn = build_metadata(layouts, self.block_size, self.model.config.sliding_window, self.device)
         hidden = self.model(
-            self._tensor(token_ids),
-            self._tensor(positions),
-            attn,
-            LoraBatch(segments) if segments else None,
+            self._tensor(token_ids), self._tensor(positions), attn, self._lora(ordered, segments)
         )  # [T, H]
         return self._logits(ordered, layouts, hidden)
+
+    def _lora(
+        self, ordered: list[ScheduledChunk], segments: list[LoraSegment]
+    ) -> LoraBatch | KernelLoraBatch | None:
+        if not segments:
+            return None  # no adapter in the step: no LoRA work, no kernel launch
+        if self.lora_weights is None:
+            return LoraBatch(segments)
+        runs = [(chunk.seq.lora_slot, chunk.num_new_tokens) for chunk in ordered]
+        return KernelLoraBatch(build_lora_metadata(runs, self.device), self.lora_weights)
 
     def _logits(
         self, ordered: list[ScheduledChunk], layouts: list[ChunkLayout], hidden: torch.Tensor

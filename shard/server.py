@@ -36,7 +36,6 @@ class ShardConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: float = 5.0
     max_cpu_adapters: int = 32
-    max_lora_rank: int = 64
     disk_cache_dir: Path | None = None  # default: <cache_dir>/adapters/<shard_id>
     disk_cache_bytes: int = 10 << 30
     drain_timeout_s: float = 10.0
@@ -54,7 +53,7 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
         config.disk_cache_dir or config.cache_dir / "adapters" / config.shard_id, config.disk_cache_bytes
     )
     adapters = AdapterStore(
-        lambda source, name, version: engine.load_adapter(source, name, version, config.max_lora_rank),
+        engine.load_adapter,
         config.max_cpu_adapters,
         disk,
         on_evict=lambda adapter: engine.drop_adapter(adapter.uid),

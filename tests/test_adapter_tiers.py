@@ -71,7 +71,7 @@ def fifty_adapters(tiny_model_dir, tmp_path_factory):
 
 def _store(engine: Engine, max_cpu: int, disk: DiskCache | None = None) -> AdapterStore:
     return AdapterStore(
-        lambda source, name, version: engine.load_adapter(source, name, version, max_rank=64),
+        engine.load_adapter,
         max_cpu,
         disk,
         on_evict=lambda adapter: engine.slots.drop(adapter.uid),
@@ -157,7 +157,7 @@ def test_the_disk_cache_serves_repeat_loads_and_checks_the_checksum(tiny_engine,
         again = await store.acquire(source, "a7", 1, checksum)  # evicted from CPU, found on disk
         assert (disk.counters.misses, disk.counters.hits) == (2, 1)
         assert torch.equal(
-            again.layers[0]["o_proj"][0], tiny_engine.load_adapter(source, "x", 1, 64).layers[0]["o_proj"][0]
+            again.layers[0]["o_proj"][0], tiny_engine.load_adapter(source, "x", 1).layers[0]["o_proj"][0]
         )
         with pytest.raises(InvalidAdapter, match="changed since the adapter was registered"):
             await store.acquire(source, "a7", 2, "0" * 64)

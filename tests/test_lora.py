@@ -14,17 +14,22 @@ from engine_helpers import engine_last_logits, reference_greedy, reference_last_
 from peft_fixtures import write_peft_adapter
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LOGIT_ATOL = 5e-4  # fp32 on CPU: the same math in a different order (measured <= 1e-4)
-ADAPTERS = {  # name -> (rank, alpha, targets, rslora)
+LOGIT_ATOL = 1e-3  # fp32 on CPU, same math in another order (measured <= 7e-4, rank-64 all-target row)
+ADAPTERS = {  # name -> (rank, alpha, targets, rslora): ranks {4, 8, 16, 64}, different target sets
     "qv-r4": (4, 8, ("q_proj", "v_proj"), False),
     "all-r16": (16, 16, ALL_TARGETS, False),
     "mlp-o-r8-rslora": (8, 16, ("o_proj", "gate_proj", "up_proj", "down_proj"), True),
+    "attn-r64": (64, 64, ("q_proj", "k_proj", "v_proj", "o_proj"), False),
+    "down-r4": (4, 4, ("down_proj",), False),
+    "kv-gate-r8": (8, 32, ("k_proj", "v_proj", "gate_proj"), False),
+    "up-o-r16-rslora": (16, 8, ("o_proj", "up_proj"), True),
+    "all-r64": (64, 128, ALL_TARGETS, False),
 }
 
 
 @pytest.fixture(scope="module")
 def engine(smollm2_dir):
-    return Engine(smollm2_dir, EngineConfig(kv_cache_bytes=128 << 20))
+    return Engine(smollm2_dir, EngineConfig(kv_cache_bytes=128 << 20, max_gpu_adapters=8))
 
 
 def _load(engine, source, name, version=1, max_rank=64):
@@ -58,7 +63,7 @@ def _peft(smollm2_dir, source):
 
 
 def test_a_batch_mixing_base_and_adapters_matches_peft_row_by_row(engine, adapters, smollm2_dir):
-    questions = ["What is the capital of France?", "Name a colour.", "Write a short poem about rain."]
+    questions = ["What is the capital of France?", "Write a short poem about rain."]
     rows = [(question, name) for question in questions for name in (None, *ADAPTERS)]
     requests = [
         EngineRequest(

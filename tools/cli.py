@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shard.add_argument("--heartbeat-ttl", type=float, default=float(_env("HEARTBEAT_TTL", "5")))
     shard.add_argument(
+        "--lora-backend",
+        default=_env("LORA_BACKEND", "auto"),
+        choices=("auto", "torch", "triton"),
+        help="how adapters are applied: Triton SGMV kernels or plain torch (auto: triton on GPU)",
+    )
+    shard.add_argument(
         "--max-gpu-adapters",
         type=int,
         default=int(_env("MAX_GPU_ADAPTERS", os.environ.get("OPTION_MAX_LORAS", "16"))),
@@ -281,12 +287,13 @@ def _run_shard(args: argparse.Namespace) -> int:
             max_running_requests=args.max_running_requests,
             enable_prefix_caching=not args.no_prefix_caching,
             max_gpu_adapters=args.max_gpu_adapters,
+            max_lora_rank=args.max_lora_rank,
+            lora_backend=args.lora_backend,
         ),
         namespace=args.namespace,
         heartbeat_ttl_s=args.heartbeat_ttl,
         heartbeat_interval_s=args.heartbeat_ttl / 5,
         max_cpu_adapters=args.max_cpu_adapters,
-        max_lora_rank=args.max_lora_rank,
         disk_cache_dir=args.disk_cache_dir,
         disk_cache_bytes=args.disk_cache_bytes,
     )
