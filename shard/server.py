@@ -11,8 +11,9 @@ import redis.exceptions
 
 from loraplex.protos.rpc import create_server, set_not_serving, set_serving, stop_on_signals
 from loraplex.protos.v1 import shard_pb2, shard_pb2_grpc
-from loraplex.registry.records import HeldAdapter, ShardRecord
-from loraplex.registry.store import Registry
+from loraplex.registry.adapter_source import read_metadata, validate_name
+from loraplex.registry.records import AdapterRecord, HeldAdapter, ShardRecord
+from loraplex.registry.store import AdapterExists, Registry
 from loraplex.shard.adapter_store import AdapterStore, DiskCache
 from loraplex.shard.engine import Engine, EngineConfig
 from loraplex.shard.service import ShardService
@@ -36,6 +37,7 @@ class ShardConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: float = 5.0
     max_cpu_adapters: int = 32
+    preload: tuple[tuple[str, str], ...] = ()  # (name, source): registered if new, loaded at start
     disk_cache_dir: Path | None = None  # default: <cache_dir>/adapters/<shard_id>
     disk_cache_bytes: int = 10 << 30
     drain_timeout_s: float = 10.0
@@ -59,10 +61,11 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
         on_evict=lambda adapter: engine.drop_adapter(adapter.uid),
     )
     service = ShardService(engine, adapters, config.shard_id, address, base_model=model_dir.name)
+    registry = Registry(config.redis_url, config.namespace)
+    await _preload(registry, adapters, config.preload, model_dir.name)
     shard_pb2_grpc.add_ShardServicer_to_server(service, server)
     await server.start()
     await set_serving(health, [SERVICE_NAME])
-    registry = Registry(config.redis_url, config.namespace)
     heartbeats = asyncio.create_task(_heartbeat_forever(registry, service, engine, config))
     log.info("shard %s serving %s on %s", config.shard_id, model_dir.name, address)
     print(f"shard {config.shard_id} ready on {address}", flush=True)
@@ -79,6 +82,33 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
         await server.stop(grace=config.drain_timeout_s)
         await asyncio.to_thread(engine.stop)
         await registry.close()
+
+
+async def _preload(
+    registry: Registry, adapters: AdapterStore, preload: tuple[tuple[str, str], ...], base_model: str
+) -> None:
+    """Register each (name, source) unless the catalogue has it already, then load it into memory, so
+    the first request finds it warm (TGI's LORA_ADAPTERS). A bad adapter stops the shard from starting."""
+    for name, source in preload:
+        validate_name(name)
+        metadata = await asyncio.to_thread(read_metadata, source)
+        record = AdapterRecord(
+            name=name,
+            base_model=base_model,
+            source=source,
+            rank=metadata.rank,
+            alpha=metadata.alpha,
+            target_modules=metadata.target_modules,
+            checksum=metadata.checksum,
+        )
+        try:
+            record = await registry.create_adapter(record)
+        except AdapterExists:
+            record = await registry.get_adapter(name)
+            if record.checksum != metadata.checksum:
+                log.warning("adapter %s is registered with other weights; serving the registered ones", name)
+        adapters.release(await adapters.acquire(record.source, record.name, record.version, record.checksum))
+        log.info("preloaded adapter %s v%d", record.name, record.version)
 
 
 def _record(service: ShardService, engine: Engine) -> ShardRecord:

@@ -26,6 +26,7 @@ def start_mesh(
     logdir: Path,
     num_shards: int = 2,
     heartbeat_ttl: float = 3,
+    shard_args: tuple[str, ...] = (),
 ) -> Mesh:
     common = ["--model", str(model_dir), "--redis-url", redis_url, "--namespace", namespace]
     mesh = Mesh(router=f"127.0.0.1:{free_port()}", shards={})
@@ -41,6 +42,7 @@ def start_mesh(
                 address.split(":")[1],
                 "--heartbeat-ttl",
                 str(heartbeat_ttl),
+                *shard_args,
             )
             mesh.processes[shard_id] = spawn(command, logdir / f"{shard_id}.log")
             mesh.shards[shard_id] = address

@@ -273,3 +273,45 @@ def test_grpcurl_lists_services_checks_health_and_streams(mesh):
         check=True,
     ).stdout
     assert "Paris" in streamed and "FINISH_REASON_EOS" in streamed
+
+
+def test_updating_an_adapter_under_load_never_mixes_versions_and_fails_nothing(
+    admin, generation, smollm2_dir, tmp_path
+):
+    sources = [
+        write_peft_adapter(
+            tmp_path / f"v{v}", smollm2_dir, targets=("q_proj", "v_proj"), seed=10 + v, scale=0.2
+        )
+        for v in (1, 2)
+    ]
+    admin.Create(adapters_pb2.CreateAdapterRequest(name="hot", source=str(sources[0])))
+    request = common_pb2.GenerateRequest(adapter="hot")
+    request.MergeFrom(FRANCE)
+    request.parameters.max_new_tokens = 12
+    request.parameters.ignore_eos = True
+    expected = {1: generation.Generate(request, timeout=60).text}
+    results: list[tuple[int, str]] = []
+    errors: list[grpc.RpcError] = []
+
+    def keep_asking() -> None:
+        for _ in range(4):
+            try:
+                reply = generation.Generate(request, timeout=120)
+                results.append((reply.served_by.adapter_version, reply.text))
+            except grpc.RpcError as error:
+                errors.append(error)
+
+    threads = [threading.Thread(target=keep_asking) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    admin.Update(adapters_pb2.UpdateAdapterRequest(name="hot", source=str(sources[1])))
+    for thread in threads:
+        thread.join()
+    after = generation.Generate(request, timeout=60)
+    expected[2] = after.text
+    admin.Delete(adapters_pb2.DeleteAdapterRequest(name="hot"))
+    assert not errors, [error.details() for error in errors]
+    assert after.served_by.adapter_version == 2 and expected[1] != expected[2]
+    assert len(results) == 16
+    assert all(text == expected[version] for version, text in results), "a response mixed versions"

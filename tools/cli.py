@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shard.add_argument("--heartbeat-ttl", type=float, default=float(_env("HEARTBEAT_TTL", "5")))
     shard.add_argument(
+        "--adapters",
+        type=parse_adapter_list,
+        default=parse_adapter_list(_env("ADAPTERS", os.environ.get("LORA_ADAPTERS", ""))),
+        help="preload adapters: name=path,... (registered if new); LORA_ADAPTERS is accepted as an alias",
+    )
+    shard.add_argument(
         "--lora-backend",
         default=_env("LORA_BACKEND", "auto"),
         choices=("auto", "torch", "triton"),
@@ -235,6 +241,19 @@ def parse_bytes(text: str) -> int:
     return int(float(number) * _BYTE_UNITS[unit])
 
 
+def parse_adapter_list(text: str) -> tuple[tuple[str, str], ...]:
+    """'a=/path/a,b=file:///b.tar.gz' -> (("a", "/path/a"), ("b", "file:///b.tar.gz"))."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not name=path; write e.g. support=/adapters/support"
+            )
+        pairs.append((name.strip(), source.strip()))
+    return tuple(pairs)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -294,6 +313,7 @@ def _run_shard(args: argparse.Namespace) -> int:
         heartbeat_ttl_s=args.heartbeat_ttl,
         heartbeat_interval_s=args.heartbeat_ttl / 5,
         max_cpu_adapters=args.max_cpu_adapters,
+        preload=args.adapters,
         disk_cache_dir=args.disk_cache_dir,
         disk_cache_bytes=args.disk_cache_bytes,
     )
