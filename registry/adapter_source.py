@@ -105,7 +105,16 @@ def _check_size(num_bytes: int) -> None:
 
 
 def _archive_members(archive: tarfile.TarFile, path: Path) -> dict[str, tarfile.TarInfo]:
-    """The config and weights members, which must be regular files at the archive's root."""
+    """The config and weights members, which must be regular files at the archive's root. Nothing is
+    ever extracted, but an archive with absolute paths, `..`, links or devices is refused outright:
+    whoever built it did not build a plain adapter archive."""
+    for member in archive.getmembers():
+        parts = Path(member.name).parts
+        if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
+            raise InvalidAdapter(
+                f"archive {path} holds an unsafe member {member.name!r} (absolute path, '..', link or "
+                "device); pack only adapter_config.json and adapter_model.safetensors at the root"
+            )
     members = {member.name.removeprefix("./"): member for member in archive.getmembers()}
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if name not in members or not members[name].isfile():
