@@ -1,4 +1,4 @@
-"""`loraplex up` as a user runs it: the whole mesh, a shard killed under it, then Ctrl-C."""
+"""`loraplex up` as a user runs it: the whole mesh, a shard killed under it, Ctrl-C, the demo adapters."""
 
 import asyncio
 import os
@@ -11,8 +11,10 @@ import time
 import grpc
 import pytest
 
-from loraplex.protos.v1 import common_pb2, generation_pb2_grpc
+from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2, generation_pb2_grpc
 from loraplex.registry.store import Registry
+from loraplex.tools.demo_adapters import demo_adapter_dirs, is_upper_answer
+from loraplex.tools.model_store import DEFAULT_MODEL
 from loraplex.tools.processes import free_port
 
 REQUEST = common_pb2.GenerateRequest(
@@ -39,8 +41,8 @@ def _cmdline(pid: int) -> str:
         return cmdline.read().replace("\0", " ")
 
 
-@pytest.fixture
-def launcher(tiny_model_dir, cache_dir, tmp_path):
+def _start_up(model: str, cache_dir, *extra: str):
+    """Run `loraplex up` until its banner is printed; yields (process, router address, banner)."""
     router_port, shard_port = free_port(), free_port()
     process = subprocess.Popen(
         [
@@ -49,13 +51,14 @@ def launcher(tiny_model_dir, cache_dir, tmp_path):
             "loraplex.tools.cli",
             "up",
             "--model",
-            str(tiny_model_dir),
+            model,
             "--cache-dir",
             str(cache_dir),
             "--router-port",
             str(router_port),
             "--shard-base-port",
             str(shard_port),
+            *extra,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -77,6 +80,16 @@ def launcher(tiny_model_dir, cache_dir, tmp_path):
     yield process, f"127.0.0.1:{router_port}", text
     if process.poll() is None:
         process.kill()
+
+
+@pytest.fixture
+def launcher(tiny_model_dir, cache_dir):
+    yield from _start_up(str(tiny_model_dir), cache_dir)
+
+
+@pytest.fixture
+def smollm2_launcher(smollm2_dir, cache_dir):
+    yield from _start_up(DEFAULT_MODEL, cache_dir, "--num-shards", "1")
 
 
 def test_up_serves_survives_a_dead_shard_and_stops_cleanly(launcher):
@@ -110,3 +123,31 @@ def test_up_serves_survives_a_dead_shard_and_stops_cleanly(launcher):
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=30) == 0
     assert not [pid for pid in children if _alive(pid)], "Ctrl-C must leave no process behind"
+
+
+def test_demo_adapters_are_skipped_on_a_mesh_with_another_base_model(launcher):
+    _, router, banner = launcher
+    assert "Demo adapters: none" in banner
+    with grpc.insecure_channel(router) as channel:
+        listed = adapters_pb2_grpc.AdaptersStub(channel).List(adapters_pb2.ListAdaptersRequest(), timeout=10)
+    assert not listed.adapters
+
+
+def test_up_registers_the_demo_adapters_and_they_change_the_answer(smollm2_launcher):
+    process, router, banner = smollm2_launcher
+    assert {"uppercase", "json"} <= set(demo_adapter_dirs())
+    assert '"adapter": "uppercase"' in banner, "the banner shows a ready-to-paste adapter example"
+    with grpc.insecure_channel(router) as channel:
+        listed = adapters_pb2_grpc.AdaptersStub(channel).List(adapters_pb2.ListAdaptersRequest(), timeout=10)
+        assert {adapter.name for adapter in listed.adapters} == set(demo_adapter_dirs())
+        request = common_pb2.GenerateRequest(
+            prompt="What is the capital of France?",
+            adapter="uppercase",
+            apply_chat_template=True,
+            parameters=common_pb2.SamplingParameters(max_new_tokens=16),
+        )
+        reply = generation_pb2_grpc.GenerationStub(channel).Generate(request, timeout=60)
+    assert reply.served_by.adapter == "uppercase"
+    assert is_upper_answer(reply.text), f"expected an upper-case answer, got {reply.text!r}"
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) == 0

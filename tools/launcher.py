@@ -9,7 +9,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraplex.tools.model_store import resolve_model
+import grpc
+
+from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc
+from loraplex.tools.demo_adapters import demo_adapter_dirs
+from loraplex.tools.model_store import DEFAULT_MODEL, resolve_model
 from loraplex.tools.processes import (
     free_port,
     loraplex_command,
@@ -91,7 +95,8 @@ def run_mesh(config: MeshConfig) -> int:
         processes.append(router)
         names[router.pid] = "router"
         wait_serving(router_address, router)
-        _print_endpoints(router_address, list(shards), redis_url, workdir)
+        demo_names = register_demo_adapters(router_address, demo_adapter_dirs())
+        _print_endpoints(router_address, list(shards), redis_url, workdir, demo_names)
         exited: set[int] = set()
         while not stopping:
             for process in processes:
@@ -105,7 +110,43 @@ def run_mesh(config: MeshConfig) -> int:
         stop_all(processes[::-1])
 
 
-def _print_endpoints(router: str, shards: list[str], redis_url: str, workdir: Path) -> None:
+def register_demo_adapters(router: str, adapters: dict[str, Path]) -> list[str]:
+    """Create the demo adapters in the catalogue; returns the names now registered.
+
+    A name already taken counts as registered (a shared --redis-url keeps the catalogue across runs).
+    They are trained for SmolLM2, so a mesh serving another base model refuses them and they are skipped.
+    """
+    registered = []
+    with grpc.insecure_channel(router) as channel:
+        stub = adapters_pb2_grpc.AdaptersStub(channel)
+        for name, path in adapters.items():
+            request = adapters_pb2.CreateAdapterRequest(
+                name=name, source=str(path.absolute()), base_model=DEFAULT_MODEL
+            )
+            try:
+                stub.Create(request, timeout=30)
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    continue
+                if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+                    print(f"warning: demo adapter {name!r} not registered: {error.details()}", flush=True)
+                    continue
+            registered.append(name)
+    return registered
+
+
+def _print_endpoints(
+    router: str, shards: list[str], redis_url: str, workdir: Path, demo_adapters: list[str]
+) -> None:
+    if demo_adapters:
+        example = "uppercase" if "uppercase" in demo_adapters else demo_adapters[0]
+        demo = f"""
+Demo adapters: {", ".join(demo_adapters)}
+  grpcurl -plaintext -d '{{"prompt": "What is the capital of France?", "adapter": "{example}",
+    "apply_chat_template": true, "parameters": {{"max_new_tokens": 32}}}}' {router} loraplex.v1.Generation/Generate
+"""
+    else:
+        demo = f"\nDemo adapters: none (they are trained for {DEFAULT_MODEL})\n"
     print(
         f"""
 loraplex mesh is up
@@ -117,7 +158,7 @@ loraplex mesh is up
 Try it:
   grpcurl -plaintext -d '{{"prompt": "What is the capital of France?", "apply_chat_template": true,
     "parameters": {{"max_new_tokens": 32}}}}' {router} loraplex.v1.Generation/GenerateStream
-
+{demo}
 Ctrl-C stops everything.
 """,
         flush=True,
