@@ -109,7 +109,7 @@ class AdapterStore:
         self.disk = disk
         self._adapters: OrderedDict[Key, LoraAdapter] = OrderedDict()  # least recently used first
         self._refs: dict[Key, int] = {}
-        self._loading: dict[Key, asyncio.Future[LoraAdapter]] = {}
+        self._loading: dict[Key, asyncio.Task[LoraAdapter]] = {}
         self.counters = TierCounters()
 
     async def acquire(self, source: str, name: str, version: int, checksum: str = "") -> LoraAdapter:
@@ -149,20 +149,18 @@ class AdapterStore:
         return list(self._adapters)
 
     async def _load_once(self, source: str, key: Key, checksum: str) -> LoraAdapter:
-        pending = self._loading.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[LoraAdapter] = asyncio.get_running_loop().create_future()
-        self._loading[key] = future
-        try:
-            adapter = await asyncio.to_thread(self._load_from_tiers, source, key, checksum)
-        except BaseException as error:
-            future.set_exception(error)
-            future.exception()  # retrieved here, so an unawaited failure is not logged as lost
-            raise
-        finally:
-            del self._loading[key]
-        future.set_result(adapter)
+        """One load per key however many ask; it runs as its own task, so a caller that goes away
+        (a cancelled request) never cancels the load the others are waiting for."""
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load_and_keep(source, key, checksum))
+            self._loading[key] = task
+            task.add_done_callback(lambda done: self._loading.pop(key, None))
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, not "lost"
+        return await asyncio.shield(task)
+
+    async def _load_and_keep(self, source: str, key: Key, checksum: str) -> LoraAdapter:
+        adapter = await asyncio.to_thread(self._load_from_tiers, source, key, checksum)
         self._adapters[key] = adapter
         return adapter
 

@@ -174,3 +174,17 @@ def test_the_disk_cache_stays_under_its_size_cap(fifty_adapters, tmp_path):
     entries = [e for e in (tmp_path / "disk").iterdir() if not e.name.startswith(".")]
     assert len(entries) <= 3 and disk.counters.evictions >= 2
     assert any(e.name.startswith("a4-v1-") for e in entries)  # the newest stays
+
+
+def test_a_cancelled_request_does_not_cancel_the_load_others_wait_for(tiny_engine, fifty_adapters):
+    async def scenario() -> None:
+        store = _store(tiny_engine, max_cpu=4)
+        first = asyncio.create_task(store.acquire(str(fifty_adapters[9]), "a9", 1))
+        second = asyncio.create_task(store.acquire(str(fifty_adapters[9]), "a9", 1))
+        await asyncio.sleep(0)  # both are waiting on the one load
+        first.cancel()
+        adapter = await second
+        assert adapter.name == "a9" and store.held() == [("a9", 1)]
+        store.release(adapter)
+
+    asyncio.run(scenario())
