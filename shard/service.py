@@ -56,8 +56,9 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         prompt_ids, params = self._parse(inner)
         adapter = await self._adapter(request.adapter) if request.adapter.name else None
         try:
-            async for chunk in self._generate(inner, prompt_ids, params, adapter, context):
-                yield chunk
+            async with aclosing(self._generate(inner, prompt_ids, params, adapter, context)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
             if adapter is not None:
                 self.adapters.release(adapter)
