@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from loraplex.registry.records import AdapterRecord
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_WEIGHTS_BYTES = 2 << 30  # an adapter's weights past 2 GiB are refused before being read
@@ -33,6 +35,22 @@ class AdapterMetadata:
     target_modules: tuple[str, ...]
     base_model: str
     checksum: str
+
+
+def catalogue_record(name: str, source: str, base_model: str) -> AdapterRecord:
+    """The catalogue entry for a new adapter: its name checked and its source read (blocking I/O).
+    InvalidAdapter names what is wrong with either."""
+    validate_name(name)
+    metadata = read_metadata(source)
+    return AdapterRecord(
+        name=name,
+        base_model=base_model,
+        source=source,
+        rank=metadata.rank,
+        alpha=metadata.alpha,
+        target_modules=metadata.target_modules,
+        checksum=metadata.checksum,
+    )
 
 
 def validate_name(name: str) -> None:

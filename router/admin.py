@@ -9,7 +9,7 @@ import redis.exceptions
 
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2
-from loraplex.registry.adapter_source import InvalidAdapter, read_metadata, validate_name
+from loraplex.registry.adapter_source import InvalidAdapter, catalogue_record
 from loraplex.registry.records import AdapterRecord
 from loraplex.registry.store import AdapterExists, AdapterNotFound, Registry
 from loraplex.router.convert import adapter_to_pb
@@ -60,26 +60,17 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
     async def _record_from_source(self, name: str, source: str, base_model: str) -> AdapterRecord:
         if not source:
             raise ServiceError.invalid("`source` is required: a local path or file:// URI of a PEFT adapter")
+        base_model = base_model or self._base_model
         try:
-            validate_name(name)
-            metadata = await asyncio.to_thread(read_metadata, source)
+            record = await asyncio.to_thread(catalogue_record, name, source, base_model)
         except InvalidAdapter as error:
             raise ServiceError.invalid(str(error)) from error
-        base_model = base_model or self._base_model
         if base_model != self._base_model:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"adapter base model {base_model!r} differs from the mesh's base model {self._base_model!r}",
             )
-        return AdapterRecord(
-            name=name,
-            base_model=base_model,
-            source=source,
-            rank=metadata.rank,
-            alpha=metadata.alpha,
-            target_modules=metadata.target_modules,
-            checksum=metadata.checksum,
-        )
+        return record
 
     @staticmethod
     async def _call(operation):

@@ -11,8 +11,8 @@ import redis.exceptions
 
 from loraplex.protos.rpc import create_server, set_not_serving, set_serving, stop_on_signals
 from loraplex.protos.v1 import shard_pb2, shard_pb2_grpc
-from loraplex.registry.adapter_source import read_metadata, validate_name
-from loraplex.registry.records import AdapterRecord, HeldAdapter, ShardRecord
+from loraplex.registry.adapter_source import catalogue_record
+from loraplex.registry.records import HeldAdapter, ShardRecord
 from loraplex.registry.store import AdapterExists, Registry
 from loraplex.shard.adapter_store import AdapterStore, DiskCache
 from loraplex.shard.engine import Engine, EngineConfig
@@ -90,22 +90,12 @@ async def _preload(
     """Register each (name, source) unless the catalogue has it already, then load it into memory, so
     the first request finds it warm (TGI's LORA_ADAPTERS). A bad adapter stops the shard from starting."""
     for name, source in preload:
-        validate_name(name)
-        metadata = await asyncio.to_thread(read_metadata, source)
-        record = AdapterRecord(
-            name=name,
-            base_model=base_model,
-            source=source,
-            rank=metadata.rank,
-            alpha=metadata.alpha,
-            target_modules=metadata.target_modules,
-            checksum=metadata.checksum,
-        )
+        wanted = await asyncio.to_thread(catalogue_record, name, source, base_model)
         try:
-            record = await registry.create_adapter(record)
+            record = await registry.create_adapter(wanted)
         except AdapterExists:
             record = await registry.get_adapter(name)
-            if record.checksum != metadata.checksum:
+            if record.checksum != wanted.checksum:
                 log.warning("adapter %s is registered with other weights; serving the registered ones", name)
         adapters.release(await adapters.acquire(record.source, record.name, record.version, record.checksum))
         log.info("preloaded adapter %s v%d", record.name, record.version)

@@ -22,6 +22,11 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"LORAPLEX_{name}", default)
 
 
+def _env_flag(name: str) -> bool:
+    """A LORAPLEX_* switch: 1, true or yes turns it on."""
+    return _env(name, "") in ("1", "true", "yes")
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -97,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument(
         "--no-prefix-caching",
         action="store_true",
-        default=_env("NO_PREFIX_CACHING", "") in ("1", "true", "yes"),
+        default=_env_flag("NO_PREFIX_CACHING"),
         help="recompute every prompt instead of sharing the KV blocks of identical prefixes",
     )
     shard.add_argument("--heartbeat-ttl", type=float, default=float(_env("HEARTBEAT_TTL", "5")))
@@ -206,13 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument(
         "--skip-baselines",
         action="store_true",
-        default=_env("BENCH_SKIP_BASELINES", "") in ("1", "true", "yes"),
+        default=_env_flag("BENCH_SKIP_BASELINES"),
         help="run our engine only",
     )
     engine.add_argument(
         "--skip-prefix-cache-comparison",
         action="store_true",
-        default=_env("BENCH_SKIP_PREFIX_CACHE_COMPARISON", "") in ("1", "true", "yes"),
+        default=_env_flag("BENCH_SKIP_PREFIX_CACHE_COMPARISON"),
         help="do not rerun the top concurrency level with prefix caching off",
     )
     return parser
