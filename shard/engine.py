@@ -22,6 +22,7 @@ from loraplex.shard.block_manager import BlockManager
 from loraplex.shard.kv_cache import allocate_kv_cache, kv_budget_bytes, num_blocks_for
 from loraplex.shard.lora import LoraAdapter, load_adapter
 from loraplex.shard.lora_stacked import StackedLoraWeights
+from loraplex.shard.lora_torch import PackedLoraSlots
 from loraplex.shard.model import LlamaModel
 from loraplex.shard.model_config import ModelConfig
 from loraplex.shard.model_runner import ChunkResult, ModelRunner
@@ -104,7 +105,7 @@ class Engine:
         self.kv_cache = allocate_kv_cache(self.model, num_blocks, config.block_size)
         self.max_context = min(self.model_config.max_position_embeddings, num_blocks * config.block_size)
         self.lora_weights = self._lora_weights(config)
-        self.slots = AdapterSlots(config.max_gpu_adapters, self.lora_weights and self.lora_weights.write)
+        self.slots = AdapterSlots(config.max_gpu_adapters, self.lora_weights.write)
         self.scheduler = Scheduler(
             self.blocks,
             config.max_batch_tokens or (512 if on_cpu else 8192),
@@ -136,8 +137,9 @@ class Engine:
         self._inbox.put(("abort", request_id))
 
     def load_adapter(self, source: str, name: str, version: int) -> LoraAdapter:
-        """Read an adapter from a local source and check it against this model (any thread).
-        Its tensors live on the model's device, where the plain-torch LoRA path reads them."""
+        """Read an adapter from a local source and check it against this model (any thread). Its
+        tensors stay in host memory (the CPU tier), pinned on a GPU shard so that taking a slot is an
+        asynchronous copy."""
         return load_adapter(
             source,
             name,
@@ -146,24 +148,27 @@ class Engine:
             self.model_config.num_layers,
             self.config.max_lora_rank,
             self.dtype,
-            self.device,
+            pin_memory=self.device.type == "cuda",
         )
 
-    def _lora_weights(self, config: EngineConfig) -> StackedLoraWeights | None:
-        """The kernels' slot buffers, when adapters are applied by the Triton kernels."""
+    def _lora_weights(self, config: EngineConfig) -> StackedLoraWeights | PackedLoraSlots:
+        """The slot tier of the LoRA backend: the Triton kernels' stacked buffers, or packed adapters
+        for the plain-torch path."""
         backend = config.lora_backend
         if backend == "auto":
             backend = "torch" if self.device.type == "cpu" else "triton"
         if backend not in ("torch", "triton"):
             raise ValueError(f"lora_backend {config.lora_backend!r} is not one of auto, torch, triton")
+        layout = self.model.lora_layout()
         if backend == "torch":
-            return None
+            return PackedLoraSlots(layout, config.max_gpu_adapters, self.dtype, self.device)
         shapes = {
             path.rsplit(".", 1)[-1]: shape
             for path, shape in self.model.lora_targets().items()
             if path.startswith("model.layers.0.")
         }
         return StackedLoraWeights(
+            layout,
             shapes,
             self.model_config.num_layers,
             config.max_gpu_adapters,

@@ -2,16 +2,16 @@
 delta inside a mixed batch.
 
 Semantics, per target projection W: y = W x + scaling * B (A x), where A: [r, in], B: [out, r] and
-scaling = alpha / r (alpha / sqrt(r) with rslora), as in PEFT. `LoraBatch` is the plain-torch path over
-segments of tokens that share an adapter; the multi-LoRA issue adds Triton kernels with the same
-semantics and keeps this one as their reference and the CPU path.
+scaling = alpha / r (alpha / sqrt(r) with rslora), as in PEFT. A loaded adapter is the CPU tier's
+copy; the backends' slot tiers (`lora_stacked` for the Triton kernels, `lora_torch` for plain torch)
+copy it into their own layout when it takes a slot.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -53,11 +53,11 @@ def load_adapter(
     num_layers: int,
     max_rank: int,
     dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
+    pin_memory: bool = False,
 ) -> LoraAdapter:
     """Read and validate an adapter for a base model whose LoRA-targetable projections are `targets`
-    (module path -> (in, out) features). InvalidAdapter: bad source or config; IncompatibleAdapter: it
-    does not fit this base model."""
+    (module path -> (in, out) features); its tensors are in host memory, page-locked with pin_memory.
+    InvalidAdapter: bad source or config; IncompatibleAdapter: it does not fit this base model."""
     metadata, weights_bytes = read_adapter(source)
     if metadata.rank > max_rank:
         raise IncompatibleAdapter(
@@ -81,11 +81,16 @@ def load_adapter(
         where = _LAYER_MODULE.match(module_path)
         assert where is not None  # every key of `targets` has this form
         layers[int(where["layer"])][where["name"]] = (
-            a.to(device=device, dtype=dtype).contiguous(),
-            b.to(device=device, dtype=dtype).contiguous(),
+            _host(a, dtype, pin_memory),
+            _host(b, dtype, pin_memory),
         )
     scaling = metadata.alpha / (metadata.rank**0.5 if metadata.use_rslora else metadata.rank)
     return LoraAdapter(name=name, version=version, rank=metadata.rank, scaling=scaling, layers=tuple(layers))
+
+
+def _host(tensor: torch.Tensor, dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
+    tensor = tensor.to(dtype).contiguous()
+    return tensor.pin_memory() if pin_memory else tensor
 
 
 def _checked_pair(
@@ -112,30 +117,3 @@ def _checked_pair(
             f"which needs {expected_a} / {expected_b}"
         )
     return a, b
-
-
-@dataclass(frozen=True)
-class LoraSegment:
-    slot: int  # the adapter's slot in this step (what the kernels index)
-    adapter: LoraAdapter
-    start: int  # rows [start, end) of the step's token batch use this adapter
-    end: int
-
-
-class LoraBatch:
-    """The step's adapter mapping: contiguous row segments per adapter (rows outside every segment use
-    the base model alone). Built once per step; every targeted projection calls `add`."""
-
-    def __init__(self, segments: Sequence[LoraSegment]) -> None:
-        self.segments = tuple(segments)
-
-    def add(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        """Semantics: out[s:e] += scaling * (x[s:e] @ A^T) @ B^T for each segment whose adapter targets
-        module in layer. x: [T, in]; out: [T, out] (a view into the projection's output)."""
-        for segment in self.segments:
-            weights = segment.adapter.layers[layer].get(module)
-            if weights is None:
-                continue
-            a, b = weights
-            shrunk = x[segment.start : segment.end] @ a.t()  # [n, r]
-            out[segment.start : segment.end].addmm_(shrunk, b.t(), alpha=segment.adapter.scaling)

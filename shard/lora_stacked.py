@@ -14,6 +14,7 @@ import torch
 
 from loraplex.shard.lora import LoraAdapter
 from loraplex.shard.lora_ops import LoraStepMetadata
+from loraplex.shard.lora_torch import ProjectionLayout
 
 Projection = tuple[int, str]  # (layer, module name such as "q_proj")
 
@@ -21,6 +22,7 @@ Projection = tuple[int, str]  # (layer, module name such as "q_proj")
 class StackedLoraWeights:
     def __init__(
         self,
+        layout: ProjectionLayout,
         shapes: Mapping[str, tuple[int, int]],
         num_layers: int,
         num_slots: int,
@@ -28,7 +30,9 @@ class StackedLoraWeights:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        """shapes: module name -> (in, out) features of that projection on this rank."""
+        """layout: the model's fused projections (see `LlamaModel.lora_layout`); shapes: module name ->
+        (in, out) features of that module on this rank."""
+        self.layout = layout
         self.a: dict[Projection, torch.Tensor] = {}
         self.b: dict[Projection, torch.Tensor] = {}
         for layer in range(num_layers):
@@ -59,9 +63,12 @@ class StackedLoraWeights:
     def targeted(self, projection: Projection, slots: set[int]) -> bool:
         return any(projection in self._targets[slot] for slot in slots)
 
+    def batch(self, meta: LoraStepMetadata) -> KernelLoraBatch:
+        return KernelLoraBatch(meta, self)
+
 
 class KernelLoraBatch:
-    """The step's adapter mapping for the Triton path; same contract as `lora.LoraBatch`."""
+    """The step's adapter mapping for the Triton path; same contract as `lora_torch.TorchLoraBatch`."""
 
     def __init__(self, meta: LoraStepMetadata, weights: StackedLoraWeights) -> None:
         from loraplex.shard import lora_kernels  # Triton is only imported where the kernels run
@@ -71,9 +78,12 @@ class KernelLoraBatch:
         self.weights = weights
         self._slots = {slot for _, _, slot in meta.segments if slot >= 0}
 
-    def add(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        """Semantics: out[rows of s] += scalings[slot_s] * (x[rows of s] @ A[slot_s]^T) @ B[slot_s]^T."""
-        if not self.weights.targeted((layer, module), self._slots):
-            return  # no adapter in this step touches the projection: skip both launches
-        shrunk = self._kernels.shrink(x, self.weights.a[layer, module], self.meta)  # [T, R]
-        self._kernels.expand(out, shrunk, self.weights.b[layer, module], self.weights.scalings, self.meta)
+    def add(self, layer: int, projection: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """For each module of the fused projection: out[rows of s, module's columns] +=
+        scalings[slot_s] * (x[rows of s] @ A[slot_s]^T) @ B[slot_s]^T."""
+        for module, offset, size in self.weights.layout[projection]:
+            if not self.weights.targeted((layer, module), self._slots):
+                continue  # no adapter in this step touches the module: skip both launches
+            shrunk = self._kernels.shrink(x, self.weights.a[layer, module], self.meta)  # [T, R]
+            b = self.weights.b[layer, module]
+            self._kernels.expand(out, shrunk, b, self.weights.scalings, self.meta, offset, size)

@@ -3,7 +3,8 @@
 The model computes hidden states for a flat batch of tokens from many sequences (prefill chunks and
 decode steps mixed); attention reads and writes the paged KV cache through `AttentionMetadata`, and
 every projection LoRA can target (q, k, v, o, gate, up, down) adds the batch's per-token adapter deltas
-through `LoraBatch`. Tensor shapes: T = tokens in the step, H = hidden size, h/kv = heads on this rank.
+through a `LoraDeltas` (one call per fused projection: qkv_proj, o_proj, gate_up_proj, down_proj).
+Tensor shapes: T = tokens in the step, H = hidden size, h/kv = heads on this rank.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from loraplex.shard.parallel import (
 
 
 class LoraDeltas(Protocol):
-    """Adds out += scaling * B(A x) for each token's adapter (tokens with no adapter are left alone)."""
+    """Adds out += scaling * B(A x) for each token's adapter (tokens with no adapter are left alone), for
+    every module of the fused projection the adapter targets; `lora_layout` says where each module's
+    output columns are."""
 
-    def add(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None: ...
+    def add(self, layer: int, projection: str, x: torch.Tensor, out: torch.Tensor) -> None: ...
 
 
 class RMSNorm(nn.Module):
@@ -51,11 +54,20 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
-def _project(linear: ColumnParallelLinear, names: tuple[str, ...], layer: int, x, lora) -> torch.Tensor:
+LORA_MODULES = {  # fused projection -> the Hugging Face modules it computes, in output column order
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+
+
+def _project(
+    linear: ColumnParallelLinear | RowParallelLinear, name: str, layer: int, x, lora: LoraDeltas | None
+) -> torch.Tensor:
     out = linear(x)
     if lora is not None:
-        for name, offset, size in zip(names, linear.offsets, linear.output_sizes, strict=True):
-            lora.add(layer, name, x, out[:, offset : offset + size])
+        lora.add(layer, name, x, out)
     return out
 
 
@@ -77,16 +89,14 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
 
     def forward(self, x, cos, sin, attn: AttentionMetadata, lora: LoraDeltas | None) -> torch.Tensor:
-        qkv = _project(self.qkv_proj, ("q_proj", "k_proj", "v_proj"), self.layer, x, lora)
+        qkv = _project(self.qkv_proj, "qkv_proj", self.layer, x, lora)
         q_size, kv_size, _ = self.qkv_proj.output_sizes
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = rotate(q.view(-1, self.num_heads, self.head_dim), cos, sin)  # [T, h, D]
         k = rotate(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)  # [T, kv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, self.k_cache, self.v_cache, attn)  # [T, h * D]
-        partial = self.o_proj(out)
-        if lora is not None:
-            lora.add(self.layer, "o_proj", out, partial)
+        partial = _project(self.o_proj, "o_proj", self.layer, out, lora)  # LoRA joins the reduce
         return self.o_proj.reduce(partial)
 
 
@@ -99,12 +109,10 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, config.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor, lora: LoraDeltas | None) -> torch.Tensor:
-        gate_up = _project(self.gate_up_proj, ("gate_proj", "up_proj"), self.layer, x, lora)
+        gate_up = _project(self.gate_up_proj, "gate_up_proj", self.layer, x, lora)
         gate, up = gate_up.chunk(2, dim=-1)
         hidden = F.silu(gate) * up  # [T, intermediate / tp]
-        partial = self.down_proj(hidden)
-        if lora is not None:
-            lora.add(self.layer, "down_proj", hidden, partial)
+        partial = _project(self.down_proj, "down_proj", self.layer, hidden, lora)
         return self.down_proj.reduce(partial)
 
 
@@ -158,6 +166,22 @@ class LlamaModel(nn.Module):
         """hidden: [N, H] -> logits [N, vocab] in fp32."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         return F.linear(hidden, head.weight).float()
+
+    def lora_layout(self) -> dict[str, tuple[tuple[str, int, int], ...]]:
+        """Per fused projection, its modules as (name, first output column, columns) on this rank."""
+        first = self.layers[0]
+        linears = {
+            "qkv_proj": first.self_attn.qkv_proj,
+            "o_proj": first.self_attn.o_proj,
+            "gate_up_proj": first.mlp.gate_up_proj,
+            "down_proj": first.mlp.down_proj,
+        }
+        return {
+            projection: tuple(
+                zip(modules, linears[projection].offsets, linears[projection].output_sizes, strict=True)
+            )
+            for projection, modules in LORA_MODULES.items()
+        }
 
     def lora_targets(self) -> dict[str, tuple[int, int]]:
         """Every projection an adapter may target, by its Hugging Face module path -> (in, out) features

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.shard.attention import ChunkLayout, build_metadata
-from loraplex.shard.lora import LoraBatch, LoraSegment
-from loraplex.shard.lora_ops import build_lora_metadata
+from loraplex.shard.lora_ops import NO_SLOT, build_lora_metadata
 from loraplex.shard.lora_stacked import KernelLoraBatch, StackedLoraWeights
+from loraplex.shard.lora_torch import PackedLoraSlots, TorchLoraBatch
 from loraplex.shard.model import LlamaModel
 from loraplex.shard.scheduler import ScheduledChunk
 
@@ -29,9 +29,9 @@ class ModelRunner:
         model: LlamaModel,
         block_size: int,
         device: torch.device,
-        lora_weights: StackedLoraWeights | None = None,
+        lora_weights: StackedLoraWeights | PackedLoraSlots,
     ) -> None:
-        """lora_weights: the kernels' slot buffers; None applies adapters with the plain-torch path."""
+        """lora_weights: the adapter slots of the LoRA backend (Triton kernels or plain torch)."""
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -44,33 +44,23 @@ class ModelRunner:
         token_ids: list[int] = []
         positions: list[int] = []
         layouts: list[ChunkLayout] = []
-        segments: list[LoraSegment] = []
         for chunk in ordered:
             seq, row = chunk.seq, len(token_ids)
             end = chunk.start + chunk.num_new_tokens
             token_ids.extend(seq.token_ids[chunk.start : end])
             positions.extend(range(chunk.start, end))
             layouts.append(ChunkLayout(row, chunk.num_new_tokens, chunk.start, seq.block_table))
-            if seq.adapter is not None:
-                if segments and segments[-1].slot == seq.lora_slot:
-                    segments[-1] = LoraSegment(seq.lora_slot, seq.adapter, segments[-1].start, len(token_ids))
-                else:
-                    segments.append(LoraSegment(seq.lora_slot, seq.adapter, row, len(token_ids)))
         attn = build_metadata(layouts, self.block_size, self.model.config.sliding_window, self.device)
         hidden = self.model(
-            self._tensor(token_ids), self._tensor(positions), attn, self._lora(ordered, segments)
+            self._tensor(token_ids), self._tensor(positions), attn, self._lora(ordered)
         )  # [T, H]
         return self._logits(ordered, layouts, hidden)
 
-    def _lora(
-        self, ordered: list[ScheduledChunk], segments: list[LoraSegment]
-    ) -> LoraBatch | KernelLoraBatch | None:
-        if not segments:
+    def _lora(self, ordered: list[ScheduledChunk]) -> KernelLoraBatch | TorchLoraBatch | None:
+        if all(chunk.seq.lora_slot == NO_SLOT for chunk in ordered):
             return None  # no adapter in the step: no LoRA work, no kernel launch
-        if self.lora_weights is None:
-            return LoraBatch(segments)
         runs = [(chunk.seq.lora_slot, chunk.num_new_tokens) for chunk in ordered]
-        return KernelLoraBatch(build_lora_metadata(runs, self.device), self.lora_weights)
+        return self.lora_weights.batch(build_lora_metadata(runs, self.device))
 
     def _logits(
         self, ordered: list[ScheduledChunk], layouts: list[ChunkLayout], hidden: torch.Tensor

@@ -91,6 +91,7 @@ class RowParallelLinear(nn.Module):
         self.tp = tp
         self.full_input_size = input_size
         self.input_size = tp.split(input_size, "input features")
+        self.output_sizes, self.offsets = (output_size,), (0,)  # one part, as ColumnParallelLinear names them
         self.weight = _parameter((output_size, self.input_size), self._load_weight)
         self.bias = _parameter((output_size,), self._load_bias) if bias else None
 

@@ -15,13 +15,14 @@ import torch
 from triton.runtime.interpreter import InterpretedFunction
 
 from loraplex.shard import lora_kernels
-from loraplex.shard.lora import LoraAdapter, LoraBatch, LoraSegment
+from loraplex.shard.lora import LoraAdapter
 from loraplex.shard.lora_ops import (
     LoraStepMetadata,
     build_lora_metadata,
     expand_reference,
     shrink_reference,
 )
+from loraplex.shard.lora_torch import PackedLoraSlots
 
 IN_FEATURES = 72  # two shrink K steps, the second masked
 OUT_FEATURES = 136  # three expand output blocks, the last masked
@@ -160,34 +161,36 @@ def test_shrink_then_expand_equals_the_per_row_formula(ops, mix, base_every):
     assert_close(y, expected, dtype)
 
 
-def test_reference_matches_lora_batch_add():
-    """The slot-buffer reference keeps the semantics of the per-adapter torch path it replaces."""
+def test_packed_torch_path_matches_reference():
+    """The CPU backend (adapters packed per fused projection: A stacked, B block-diagonal with the
+    scaling folded in) has the reference's semantics, slice by slice, whichever modules an adapter
+    targets and whatever its rank."""
     ranks = (4, 16, 8)
-    lora_a, lora_b, scalings = slot_buffers(3, ranks, torch.float32)
-    adapters = [
-        LoraAdapter(
-            name=f"a{slot}",
-            version=1,
-            rank=rank,
-            scaling=float(scalings[slot]),
-            layers=({"q_proj": (lora_a[slot, :rank].clone(), lora_b[slot, :, :rank].clone())},),
-        )
-        for slot, rank in enumerate(ranks)
-    ]
-    runs = [(1, 5), (-1, 2), (0, 1), (2, 7), (1, 3)]
-    meta = build_lora_metadata(runs)
+    q_a, q_b, scalings = slot_buffers(3, ranks, torch.float32, seed=1)
+    v_a, v_b, _ = slot_buffers(3, ranks, torch.float32, seed=2)
+    targets = ({"q_proj"}, {"v_proj"}, {"q_proj", "v_proj"})  # per slot
+    stacked = {"q_proj": (q_a, q_b), "v_proj": (v_a, v_b)}
+    for module, (a, b) in stacked.items():  # a module a slot does not target is all zeros there
+        for slot, wanted in enumerate(targets):
+            if module not in wanted:
+                a[slot].zero_()
+                b[slot].zero_()
+    layout = {"qv_proj": (("q_proj", 0, OUT_FEATURES), ("v_proj", OUT_FEATURES, OUT_FEATURES))}
+    packed = PackedLoraSlots(layout, num_slots=3, dtype=torch.float32, device=torch.device("cpu"))
+    for slot, (rank, wanted) in enumerate(zip(ranks, targets, strict=True)):
+        modules = {
+            m: (stacked[m][0][slot, :rank].clone(), stacked[m][1][slot, :, :rank].clone()) for m in wanted
+        }
+        packed.write(slot, LoraAdapter(f"a{slot}", 1, rank, float(scalings[slot]), layers=(modules,)))
+    meta = build_lora_metadata([(1, 5), (-1, 2), (0, 1), (2, 7), (1, 3)])
     x = activations(meta.num_tokens, IN_FEATURES, torch.float32)
-    y = activations(meta.num_tokens, OUT_FEATURES, torch.float32, seed=5)
-    expected = y.clone()
-    LoraBatch(
-        [
-            LoraSegment(slot=slot, adapter=adapters[slot], start=start, end=start + length)
-            for start, length, slot in meta.segments
-            if slot >= 0
-        ]
-    ).add(0, "q_proj", x, expected)
-    expand_reference(y, shrink_reference(x, lora_a, meta), lora_b, scalings, meta)
-    assert_close(y, expected, torch.float32)
+    fused = activations(meta.num_tokens, 2 * OUT_FEATURES, torch.float32, seed=5)  # [T, q | v]
+    expected = fused.clone()
+    for offset, (a, b) in zip((0, OUT_FEATURES), stacked.values(), strict=True):
+        expand_reference(expected, shrink_reference(x, a, meta), b, scalings, meta, offset, OUT_FEATURES)
+    packed.batch(meta).add(0, "qv_proj", x, fused)
+    assert_close(fused, expected, torch.float32)
+    assert torch.equal(fused[5:7], activations(meta.num_tokens, 2 * OUT_FEATURES, torch.float32, seed=5)[5:7])
 
 
 def test_segments_spanning_many_blocks(monkeypatch):

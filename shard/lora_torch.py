@@ -1,0 +1,83 @@
+"""Adapters applied with plain torch matmuls (the CPU path): each slot holds its adapter packed per
+fused projection, so one targeted projection costs two matmuls per adapter segment of the step.
+
+Packing happens once, when an adapter takes a slot: for a fused projection such as qkv_proj the
+targeted modules' A are stacked into one [in, r_q + r_k + r_v] matrix (they read the same input) and
+their B laid out block-diagonally into [r_q + r_k + r_v, q | k | v] with the scaling folded in. A step
+then runs out[rows] += (x[rows] @ A) @ B per segment, instead of one shrink and one expand per module:
+on CPU the cost of a LoRA delta for a decode row is the op dispatch, not the arithmetic, so fewer,
+fatter ops are what makes a batch of many adapters nearly as fast as the base model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from loraplex.shard.lora import LoraAdapter
+from loraplex.shard.lora_ops import NO_SLOT, LoraStepMetadata
+
+# fused projection -> its LoRA-targetable modules as (module, first output column, output columns)
+ProjectionLayout = Mapping[str, tuple[tuple[str, int, int], ...]]
+Packed = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, projection) -> (A, B)
+
+
+def pack_adapter(adapter: LoraAdapter, layout: ProjectionLayout, dtype: torch.dtype, device) -> Packed:
+    """The adapter's weights per (layer, fused projection) it targets: A [in, R], B [R, out] (scaled)."""
+    packed: Packed = {}
+    for layer, modules in enumerate(adapter.layers):
+        for projection, slices in layout.items():
+            targeted = [(name, offset, size) for name, offset, size in slices if name in modules]
+            if not targeted:
+                continue
+            total_rank = sum(modules[name][0].shape[0] for name, _, _ in targeted)
+            out_features = sum(size for _, _, size in slices)
+            a = torch.cat([modules[name][0] for name, _, _ in targeted]).t()  # [in, R]
+            b = torch.zeros(total_rank, out_features, dtype=dtype, device=device)  # [R, out]
+            row = 0
+            for name, offset, size in targeted:
+                module_b = modules[name][1]  # [size, r]
+                rank = module_b.shape[1]
+                b[row : row + rank, offset : offset + size] = module_b.t() * adapter.scaling
+                row += rank
+            packed[layer, projection] = (a.to(device=device, dtype=dtype).contiguous(), b)
+    return packed
+
+
+class PackedLoraSlots:
+    """The slot tier for the torch path: each slot's adapter, packed (see module docstring)."""
+
+    def __init__(
+        self, layout: ProjectionLayout, num_slots: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.layout = layout
+        self.dtype = dtype
+        self.device = device
+        self.slots: list[Packed] = [{} for _ in range(num_slots)]
+
+    def write(self, slot: int, adapter: LoraAdapter) -> None:
+        self.slots[slot] = pack_adapter(adapter, self.layout, self.dtype, self.device)
+
+    def batch(self, meta: LoraStepMetadata) -> TorchLoraBatch:
+        return TorchLoraBatch(meta, self)
+
+
+class TorchLoraBatch:
+    """The step's adapter mapping for the torch path (rows of slot -1 segments use the base alone)."""
+
+    def __init__(self, meta: LoraStepMetadata, weights: PackedLoraSlots) -> None:
+        self._segments = [
+            (start, start + length, weights.slots[slot])
+            for start, length, slot in meta.segments
+            if slot != NO_SLOT
+        ]
+
+    def add(self, layer: int, projection: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out[rows of s] += (x[rows of s] @ A_s) @ B_s for each segment s whose adapter targets any
+        module of projection in layer. x: [T, in]; out: [T, out], the fused projection's output."""
+        for start, end, packed in self._segments:
+            weights = packed.get((layer, projection))
+            if weights is not None:
+                a, b = weights
+                out[start:end].addmm_(x[start:end] @ a, b)
