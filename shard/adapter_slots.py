@@ -8,7 +8,7 @@ slot is needed for another adapter. A slot in use is never taken.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,7 +23,8 @@ class TierCounters:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
-    load_seconds: list[float] = field(default_factory=list)  # one per miss
+    # the most recent loads' durations, one per miss (bounded: a shard runs for months)
+    load_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 
 
 class AdapterSlots:

@@ -165,10 +165,12 @@ class AdapterStore:
         return adapter
 
     def _load_from_tiers(self, source: str, key: Key, checksum: str) -> LoraAdapter:
-        started = time.perf_counter()
+        """Each tier times its own step: the disk cache the fetch from the source, this tier the read
+        of the local copy into host memory (disk -> ready)."""
         local = source
         if self.disk is not None and checksum:  # without a checksum a cached copy can't be trusted
             local = str(self.disk.local_copy(source, *key, checksum))
+        started = time.perf_counter()
         adapter = self._load(local, *key)
         self.counters.misses += 1
         self.counters.load_seconds.append(time.perf_counter() - started)
