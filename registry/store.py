@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 import redis.asyncio as redis
@@ -140,10 +140,13 @@ class Registry:
             rows = await pipe.execute()
         return [AdapterRecord.from_hash(fields) for fields in rows if fields]
 
-    async def events(self) -> AsyncIterator[dict]:
-        """Catalogue change events as they are published; ends if the connection drops."""
+    async def events(self, on_subscribed: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[dict]:
+        """Catalogue change events as they are published; raises if the connection drops.
+        on_subscribed runs once the subscription is in place: a resync there misses no change."""
         pubsub = self._redis.pubsub()
         await pubsub.subscribe(self.events_channel)
+        if on_subscribed is not None:
+            await on_subscribed()
         try:
             async for message in pubsub.listen():
                 if message["type"] == "message":

@@ -1,4 +1,5 @@
-"""Run one shard: load the model, serve the Shard service, heartbeat into the registry."""
+"""Run one shard: load the model, serve the Shard service, heartbeat into the registry and follow its
+catalogue."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from loraplex.registry.adapter_source import catalogue_record
 from loraplex.registry.records import HeldAdapter, ShardRecord
 from loraplex.registry.store import AdapterExists, Registry
 from loraplex.shard.adapter_store import AdapterStore, DiskCache
+from loraplex.shard.catalogue_follower import CatalogueFollower
 from loraplex.shard.engine import Engine, EngineConfig
 from loraplex.shard.service import ShardService
 from loraplex.tools.model_store import resolve_model
@@ -41,6 +43,7 @@ class ShardConfig:
     disk_cache_dir: Path | None = None  # default: <cache_dir>/adapters/<shard_id>
     disk_cache_bytes: int = 10 << 30
     drain_timeout_s: float = 10.0
+    catalogue_resync_s: float = 30.0  # full catalogue check besides the change events
 
 
 async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
@@ -67,6 +70,7 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
     await server.start()
     await set_serving(health, [SERVICE_NAME])
     heartbeats = asyncio.create_task(_heartbeat_forever(registry, service, engine, config))
+    follower = asyncio.create_task(CatalogueFollower(registry, adapters, config.catalogue_resync_s).run())
     log.info("shard %s serving %s on %s", config.shard_id, model_dir.name, address)
     print(f"shard {config.shard_id} ready on {address}", flush=True)
     try:
@@ -75,6 +79,7 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
         log.info("shard %s draining", config.shard_id)
         await set_not_serving(health, [SERVICE_NAME])
         heartbeats.cancel()
+        follower.cancel()
         try:
             await asyncio.wait_for(registry.remove_shard(config.shard_id), timeout=2)
         except (redis.exceptions.RedisError, OSError, TimeoutError):

@@ -315,3 +315,37 @@ def test_updating_an_adapter_under_load_never_mixes_versions_and_fails_nothing(
     assert after.served_by.adapter_version == 2 and expected[1] != expected[2]
     assert len(results) == 16
     assert all(text == expected[version] for version, text in results), "a response mixed versions"
+
+
+def _held_on(mesh, shard_id: str, adapter: str) -> set[int]:
+    """Versions of adapter the shard reports holding, in any tier."""
+    (status,) = [s for s in _statuses(mesh) if s.shard_id == shard_id]
+    return {placement.version for placement in status.adapters if placement.adapter == adapter}
+
+
+def _wait_until(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_shards_follow_catalogue_updates_and_deletes_without_a_request(
+    admin, generation, mesh, smollm2_dir, tmp_path
+):
+    sources = [
+        write_peft_adapter(tmp_path / f"v{v}", smollm2_dir, targets=("q_proj",), seed=20 + v, scale=0.2)
+        for v in (1, 2)
+    ]
+    admin.Create(adapters_pb2.CreateAdapterRequest(name="follow", source=str(sources[0])))
+    shard = _ask(generation, "follow").served_by.shard
+    assert _held_on(mesh, shard, "follow") == {1}
+
+    admin.Update(adapters_pb2.UpdateAdapterRequest(name="follow", source=str(sources[1])))
+    assert _wait_until(lambda: _held_on(mesh, shard, "follow") == {2}), (
+        f"after the update the shard holds versions {_held_on(mesh, shard, 'follow')}, expected the new one, warm"
+    )
+    admin.Delete(adapters_pb2.DeleteAdapterRequest(name="follow"))
+    assert _wait_until(lambda: _held_on(mesh, shard, "follow") == set()), "a deleted adapter stays held"
