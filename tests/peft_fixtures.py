@@ -1,65 +1,14 @@
-"""Writes small PEFT-format LoRA adapters (random weights) for tests that need a real adapter source."""
+"""PEFT-format adapter helpers for tests: the random-weight writer (shared with the benchmarks) and a
+.tar.gz packer."""
 
 from __future__ import annotations
 
-import json
 import tarfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+from loraplex.tools.synthetic_adapters import PROJECTIONS, write_peft_adapter
 
-PROJECTIONS = {  # module -> (in features, out features) as functions of (hidden, intermediate, kv dim)
-    "q_proj": lambda h, i, kv: (h, h),
-    "k_proj": lambda h, i, kv: (h, kv),
-    "v_proj": lambda h, i, kv: (h, kv),
-    "o_proj": lambda h, i, kv: (h, h),
-    "gate_proj": lambda h, i, kv: (h, i),
-    "up_proj": lambda h, i, kv: (h, i),
-    "down_proj": lambda h, i, kv: (i, h),
-}
-
-
-def write_peft_adapter(
-    out_dir: Path,
-    model_dir: Path,
-    *,
-    rank: int = 8,
-    alpha: float = 16,
-    targets: tuple[str, ...] = ("q_proj", "v_proj"),
-    seed: int = 0,
-    scale: float = 0.01,
-    use_rslora: bool = False,
-) -> Path:
-    """Random A and B (PEFT zero-initialises B; random B makes the adapter change the output)."""
-    config = json.loads((model_dir / "config.json").read_text())
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
-    kv_dim = head_dim * config["num_key_value_heads"]
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(config["num_hidden_layers"]):
-        for target in targets:
-            fan_in, fan_out = PROJECTIONS[target](hidden, inter, kv_dim)
-            group = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{group}.{target}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator) * scale
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator) * scale
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out_dir / "adapter_model.safetensors")
-    (out_dir / "adapter_config.json").write_text(
-        json.dumps(
-            {
-                "peft_type": "LORA",
-                "r": rank,
-                "lora_alpha": alpha,
-                "target_modules": list(targets),
-                "use_rslora": use_rslora,
-                "base_model_name_or_path": model_dir.name,
-            }
-        )
-    )
-    return out_dir
+__all__ = ["PROJECTIONS", "pack_adapter", "write_peft_adapter"]
 
 
 def pack_adapter(adapter_dir: Path, archive: Path) -> Path:

@@ -74,13 +74,13 @@ class SystemRun:
             "wall_s": round(self.wall_s, 3),
             "throughput_tok_s": round(self.throughput_tok_s, 2),
             "requests_per_s": round(len(self.timings) / self.wall_s, 3),
-            "ttft_ms": _percentiles([t.ttft_s for t in self.timings]),
-            "tpot_ms": _percentiles([t.tpot_s for t in self.timings]),
-            "e2e_ms": _percentiles([t.e2e_s for t in self.timings]),
+            "ttft_ms": percentiles_ms([t.ttft_s for t in self.timings]),
+            "tpot_ms": percentiles_ms([t.tpot_s for t in self.timings]),
+            "e2e_ms": percentiles_ms([t.e2e_s for t in self.timings]),
         }
 
 
-def _percentiles(seconds: list[float | None]) -> dict[str, float] | None:
+def percentiles_ms(seconds: list[float | None]) -> dict[str, float] | None:
     values = [s * 1000 for s in seconds if s is not None]
     if not values:
         return None
@@ -101,7 +101,7 @@ def build_report(
         "benchmark": "engine",
         "date": started.date().isoformat(),
         "started_at": started.isoformat(timespec="seconds"),
-        "machine": _machine_info(config.device),
+        "machine": machine_info(config.device),
         "model": config.model_dir.name,
         "model_dir": str(config.model_dir),
         "workload": {
@@ -127,7 +127,7 @@ def build_report(
     }
 
 
-def _machine_info(device: str) -> dict:
+def machine_info(device: str) -> dict:
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

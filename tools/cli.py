@@ -220,7 +220,55 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env_flag("BENCH_SKIP_PREFIX_CACHE_COMPARISON"),
         help="do not rerun the top concurrency level with prefix caching off",
     )
+    _add_adapter_bench(bench_actions)
     return parser
+
+
+def _add_adapter_bench(bench_actions) -> None:
+    adapters = bench_actions.add_parser(
+        "adapters",
+        help="1/10/100/1000 adapters with power-law popularity vs base-only and transformers+peft, JSON + PNG",
+    )
+    adapters.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL))
+    adapters.add_argument("--cache-dir", type=Path, default=Path(_env("CACHE_DIR", str(default_cache_dir()))))
+    adapters.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    adapters.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+    adapters.add_argument(
+        "--adapter-counts",
+        type=_parse_counts,
+        default=_parse_counts(_env("BENCH_ADAPTER_COUNTS", "1,10,100,1000")),
+        help="distinct adapters per level, e.g. 1,10,100,1000",
+    )
+    adapters.add_argument("--zipf-alpha", type=float, default=float(_env("BENCH_ZIPF_ALPHA", "1.0")))
+    adapters.add_argument("--num-requests", type=int, default=int(_env("BENCH_NUM_REQUESTS", "128")))
+    adapters.add_argument("--concurrency", type=int, default=int(_env("BENCH_CONCURRENCY", "32")))
+    adapters.add_argument("--max-new-tokens", type=int, default=int(_env("BENCH_MAX_NEW_TOKENS", "64")))
+    adapters.add_argument(
+        "--ranks", type=_parse_counts, default=_parse_counts(_env("BENCH_ADAPTER_RANKS", "8,16"))
+    )
+    adapters.add_argument(
+        "--targets",
+        default=_env("BENCH_ADAPTER_TARGETS", "q_proj,k_proj,v_proj,o_proj"),
+        help="modules every adapter targets, comma-separated",
+    )
+    adapters.add_argument("--max-gpu-adapters", type=int, default=int(_env("OPTION_MAX_LORAS", "32")))
+    adapters.add_argument("--max-cpu-adapters", type=int, default=int(_env("OPTION_MAX_CPU_LORAS", "64")))
+    adapters.add_argument(
+        "--baseline-requests",
+        type=int,
+        default=int(_env("BENCH_BASELINE_REQUESTS", "8")),
+        help="requests for transformers + peft one at a time (slow), from the 100-adapter level",
+    )
+    adapters.add_argument("--output-dir", type=Path, default=Path(_env("BENCH_OUTPUT_DIR", "bench/results")))
+    adapters.add_argument(
+        "--kv-cache-bytes",
+        type=parse_bytes,
+        default=parse_bytes(_env("KV_CACHE_BYTES", "0")),
+        help="KV cache budget, e.g. 512MiB (0: the engine's default)",
+    )
+    adapters.add_argument(
+        "--skip-baselines", action="store_true", default=_env_flag("BENCH_SKIP_BASELINES"), help="no peft run"
+    )
 
 
 def _parse_counts(text: str) -> tuple[int, ...]:
@@ -374,6 +422,8 @@ def _run_model(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.action == "adapters":
+        return _run_adapter_bench(args)
     from loraplex.tools.bench_engine import BenchConfig, run_bench
     from loraplex.tools.bench_report import summary_table
     from loraplex.tools.model_store import resolve_model
@@ -392,6 +442,34 @@ def _run_bench(args: argparse.Namespace) -> int:
         compare_prefix_caching=not args.skip_prefix_cache_comparison,
     )
     result = run_bench(config)
+    print(summary_table(result.report))
+    print(f"wrote {result.json_path} and {result.png_path}")
+    return 0
+
+
+def _run_adapter_bench(args: argparse.Namespace) -> int:
+    from loraplex.tools.bench_adapters import AdapterBenchConfig, run_adapter_bench
+    from loraplex.tools.bench_adapters_report import summary_table
+    from loraplex.tools.model_store import resolve_model
+
+    config = AdapterBenchConfig(
+        model_dir=resolve_model(args.model, args.cache_dir),
+        device=args.device,
+        adapter_counts=args.adapter_counts,
+        zipf_alpha=args.zipf_alpha,
+        num_requests=args.num_requests,
+        concurrency=args.concurrency,
+        max_new_tokens=args.max_new_tokens,
+        ranks=args.ranks,
+        targets=tuple(args.targets.split(",")),
+        max_gpu_adapters=args.max_gpu_adapters,
+        max_cpu_adapters=args.max_cpu_adapters,
+        baseline_requests=args.baseline_requests,
+        output_dir=args.output_dir,
+        kv_cache_bytes=args.kv_cache_bytes,
+        skip_baselines=args.skip_baselines,
+    )
+    result = run_adapter_bench(config)
     print(summary_table(result.report))
     print(f"wrote {result.json_path} and {result.png_path}")
     return 0

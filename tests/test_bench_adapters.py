@@ -1,0 +1,74 @@
+"""`loraplex bench adapters` end to end on the tiny random model: the report's shape and its
+accounting (tiers, ratios, targets), not its speed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from loraplex.tools.bench_adapters import AdapterBenchConfig, run_adapter_bench, zipf_adapters
+from loraplex.tools.bench_adapters_report import summary_table
+
+
+def test_zipf_popularity_favours_the_first_adapters() -> None:
+    choices = zipf_adapters(np.random.default_rng(0), 100, 5000, alpha=1.0)
+    counts = np.bincount(choices, minlength=100)
+    assert counts[0] > counts[9] > counts[99] >= 0
+    assert 0.15 < counts[0] / 5000 < 0.24  # 1 / H(100) = 0.19
+
+
+def test_levels_baseline_and_tiers_are_reported(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = AdapterBenchConfig(
+        model_dir=tiny_model_dir,
+        adapter_counts=(1, 6),
+        num_requests=8,
+        concurrency=4,
+        max_new_tokens=3,
+        ranks=(4, 8),
+        targets=("q_proj", "v_proj", "down_proj"),
+        max_gpu_adapters=2,  # fewer slots and CPU entries than adapters: loads and evictions happen
+        max_cpu_adapters=2,
+        baseline_adapters=6,
+        baseline_requests=2,
+        output_dir=tmp_path / "results",
+        work_dir=tmp_path / "work",
+        kv_cache_bytes=8 << 20,
+    )
+    result = run_adapter_bench(config)
+
+    report = json.loads(result.json_path.read_text())
+    assert result.png_path.is_file() and result.png_path.stat().st_size > 0
+    assert result.json_path.name == f"adapters-cpu-{report['date']}.json"
+    assert list(report["systems"]) == ["base_only", "adapters_1", "adapters_6", "peft_6"]
+    for name, system in report["systems"].items():
+        requests = 2 if name == "peft_6" else 8
+        assert system["num_generated_tokens"] == requests * 3, (
+            name
+        )  # ignore_eos: every request runs to the limit
+        assert system["throughput_tok_s"] > 0
+    one, six = report["systems"]["adapters_1"], report["systems"]["adapters_6"]
+    assert one["distinct_adapters_used"] == 1
+    # the first 4 requests (the concurrency) arrive together and share one load; the next 4 are hits
+    assert one["cpu"] == {"hits": 4, "misses": 1} and one["disk"] == {"hits": 0, "misses": 1}
+    assert 1 < six["distinct_adapters_used"] <= 6
+    assert six["cpu"]["misses"] >= six["distinct_adapters_used"]  # cold once each, more after evictions
+    assert six["cpu"]["hits"] + six["cpu"]["misses"] <= 8
+    assert six["slots"]["hits"] + six["slots"]["misses"] == 8
+    loads = report["adapter_load_latency_ms"]
+    assert loads["source_to_disk"]["count"] == 1 + six["disk"]["misses"]
+    assert loads["disk_to_cpu"]["count"] == 1 + six["cpu"]["misses"]
+    assert loads["cpu_to_slot"]["count"] >= 1 + six["distinct_adapters_used"]
+    assert all(0 < value["p50"] <= value["p99"] for value in loads.values())
+    assert set(report["ratios"]) == {
+        "adapters_1/base_only",
+        "adapters_6/base_only",
+        "base_only/peft_6",
+        "adapters_1/peft_6",
+        "adapters_6/peft_6",
+    }
+    assert [t["ratio"] for t in report["targets"]] == ["adapters_6/base_only", "adapters_6/peft_6"]
+    assert "target adapters_6/peft_6" in summary_table(report)
+    written = list((tmp_path / "work" / "sources").glob("n6-a*"))
+    assert len(written) == six["distinct_adapters_used"]  # adapters no request drew are never written

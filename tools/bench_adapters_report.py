@@ -1,0 +1,213 @@
+"""The multi-adapter benchmark's report: per-system timings and per-tier load latencies in, JSON + PNG
++ a summary table out (the JSON is the record; the plot and the table are views of it)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from loraplex.shard.adapter_slots import TierCounters
+from loraplex.tools.bench_report import SystemRun, machine_info, percentiles_ms
+
+if TYPE_CHECKING:
+    from loraplex.tools.bench_adapters import AdapterBenchConfig
+
+TARGET_VS_BASE = 0.85  # adapters_100 / base_only
+TARGET_VS_PEFT = 5.0  # adapters_100 / peft_100
+
+
+@dataclass
+class TierLatencies:
+    """Seconds per adapter load, by the step of the tier chain that did it."""
+
+    source_to_disk: list[float] = field(default_factory=list)  # fetch into the disk cache
+    disk_to_cpu: list[float] = field(default_factory=list)  # read + validate into host memory
+    cpu_to_slot: list[float] = field(default_factory=list)  # into the LoRA backend's slot
+
+    def add_store(self, cpu: TierCounters, disk: TierCounters) -> None:
+        self.source_to_disk += disk.load_seconds
+        self.disk_to_cpu += cpu.load_seconds
+
+    def add_slots(self, slots: TierCounters) -> None:
+        self.cpu_to_slot += slots.load_seconds
+
+    def summary(self) -> dict[str, dict | None]:
+        return {
+            name: _latency(seconds)
+            for name, seconds in (
+                ("source_to_disk", self.source_to_disk),
+                ("disk_to_cpu", self.disk_to_cpu),
+                ("cpu_to_slot", self.cpu_to_slot),
+            )
+        }
+
+
+def _latency(seconds: Iterable[float]) -> dict | None:
+    values = list(seconds)
+    summary = percentiles_ms(values)
+    return None if summary is None else {"count": len(values), **summary}
+
+
+def build_report(
+    config: AdapterBenchConfig,
+    started: datetime,
+    prompts: list[list[int]],
+    levels: dict[int, list[int]],
+    runs: list[SystemRun],
+    tiers: dict[str, dict],
+    latencies: TierLatencies,
+) -> dict:
+    systems = {run.name: run.summary() for run in runs}
+    for name, figures in tiers.items():
+        systems[name].update(figures)
+    lengths = [len(p) for p in prompts]
+    return {
+        "benchmark": "adapters",
+        "date": started.date().isoformat(),
+        "started_at": started.isoformat(timespec="seconds"),
+        "machine": machine_info(config.device),
+        "model": config.model_dir.name,
+        "workload": {
+            "num_requests_per_level": config.num_requests,
+            "concurrency": config.concurrency,
+            "max_new_tokens": config.max_new_tokens,
+            "ignore_eos": True,
+            "sampling": "greedy",
+            "popularity": f"zipf, alpha={config.zipf_alpha}",
+            "adapter_counts": list(levels),
+            "adapter_ranks": list(config.ranks),
+            "adapter_targets": list(config.targets),
+            "max_gpu_adapters": config.max_gpu_adapters,
+            "max_cpu_adapters": config.max_cpu_adapters,
+            "prompt_tokens": {
+                "min": min(lengths),
+                "mean": round(sum(lengths) / len(lengths), 1),
+                "max": max(lengths),
+            },
+            "prefix_caching": "on (the shard default); K/V are shared only between requests of one adapter",
+            "peft_baseline": (
+                f"transformers + peft, one request at a time, set_adapter before each; the first "
+                f"{config.baseline_requests} requests of the {config.baseline_adapters}-adapter level, "
+                "adapters loaded before timing"
+            ),
+        },
+        "systems": systems,
+        "ratios": _ratios(runs),
+        "adapter_load_latency_ms": latencies.summary(),
+        "targets": _targets(runs, config.baseline_adapters),
+    }
+
+
+def _ratios(runs: list[SystemRun]) -> dict[str, float]:
+    by_name = {run.name: run for run in runs}
+    base = by_name.get("base_only")
+    ratios = {}
+    for run in runs:
+        if run.name.startswith("adapters_") and base is not None:
+            ratios[f"{run.name}/base_only"] = round(run.throughput_tok_s / base.throughput_tok_s, 3)
+    peft = next((run for run in runs if run.kind == "hf"), None)
+    if peft is not None:
+        for run in runs:
+            if run.kind == "engine":
+                ratios[f"{run.name}/{peft.name}"] = round(run.throughput_tok_s / peft.throughput_tok_s, 2)
+    return ratios
+
+
+def _targets(runs: list[SystemRun], num_adapters: int) -> list[dict]:
+    """The issue's goals, stated at 100 adapters (the level the peft baseline replays)."""
+    by_name = {run.name: run for run in runs}
+    level = by_name.get(f"adapters_{num_adapters}")
+    if level is None:
+        return []
+    targets = []
+    for other, required in (("base_only", TARGET_VS_BASE), (f"peft_{num_adapters}", TARGET_VS_PEFT)):
+        if other in by_name:
+            value = level.throughput_tok_s / by_name[other].throughput_tok_s
+            targets.append(
+                {
+                    "ratio": f"{level.name}/{other}",
+                    "value": round(value, 3),
+                    "required": required,
+                    "met": value >= required,
+                }
+            )
+    return targets
+
+
+def write_report(report: dict, output_dir: Path) -> tuple[Path, Path]:
+    """adapters-<device>-<date>.json and .png in output_dir; a rerun the same day replaces them."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = report["machine"]["device"].replace(":", "")
+    stem = output_dir / f"adapters-{device}-{report['date']}"
+    json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    plot_report(report, png_path)
+    return json_path, png_path
+
+
+def plot_report(report: dict, path: Path) -> None:
+    """Throughput of every system beside adapter load latency p50/p99 per tier step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = report["systems"]
+    names = list(systems)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = [
+        "tab:gray" if systems[n]["kind"] == "hf" else "tab:green" if n == "base_only" else "tab:blue"
+        for n in names
+    ]
+    bars = left.bar(names, [systems[n]["throughput_tok_s"] for n in names], color=colors)
+    left.bar_label(bars, fmt="%.0f")
+    left.set_ylabel("generated tokens / s")
+    left.set_title(f"Throughput, {report['workload']['concurrency']} requests in flight")
+    steps = [(name, value) for name, value in report["adapter_load_latency_ms"].items() if value is not None]
+    x = np.arange(len(steps))
+    for offset, quantile in ((-0.2, "p50"), (0.2, "p99")):
+        right.bar(x + offset, [value[quantile] for _, value in steps], width=0.4, label=quantile)
+    right.set_xticks(x, [name.replace("_", " ") for name, _ in steps])
+    right.set_ylabel("ms")
+    right.set_title("Adapter load latency per tier step")
+    right.legend()
+    plt.setp(left.get_xticklabels(), rotation=30, ha="right")
+    workload = report["workload"]
+    fig.suptitle(
+        f"{report['model']} on {report['machine']['device']} ({report['machine']['cpu_count']} CPUs): "
+        f"{workload['popularity']}, ranks {workload['adapter_ranks']}, {report['date']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary_table(report: dict) -> str:
+    def ms(value: dict | None, quantile: str) -> str:
+        return "-" if value is None else f"{value[quantile]:.0f}"
+
+    lines = [
+        f"{'system':<15}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'adapters':>10}  (ms)"
+    ]
+    for name, s in report["systems"].items():
+        used = s.get("distinct_adapters_used", "")
+        lines.append(
+            f"{name:<15}{s['throughput_tok_s']:>9.1f}{ms(s['ttft_ms'], 'p50'):>10}{ms(s['ttft_ms'], 'p99'):>10}"
+            f"{ms(s['tpot_ms'], 'p50'):>10}{used:>10}"
+        )
+    lines += [f"{name}: {ratio}x" for name, ratio in report["ratios"].items()]
+    for step, value in report["adapter_load_latency_ms"].items():
+        if value is not None:
+            lines.append(
+                f"load {step}: p50 {value['p50']:.1f} ms, p99 {value['p99']:.1f} ms ({value['count']} loads)"
+            )
+    for target in report["targets"]:
+        verdict = "met" if target["met"] else "NOT met"
+        lines.append(f"target {target['ratio']} >= {target['required']}x: {verdict} ({target['value']:.2f}x)")
+    return "\n".join(lines)
