@@ -1,34 +1,360 @@
-"""Which shards should serve an adapter, best first. Pure: same snapshot in, same ranking out, so
-every router process agrees and the scale simulator can run this code.
+"""Which shards should serve a request, best first: consistent hashing with bounded loads.
 
-Ranking: shards already holding the adapter (GPU > CPU > disk) first, then the rest in the
-adapter's rendezvous-hash order (its "home" is the first of those). Bounded loads and hot-adapter
-replication build on this in the router issue.
+Pure and deterministic: the same snapshot (and in-flight counts) in, the same ranking out, so every
+router process agrees and the scale simulator (tools/simulate_placement.py) runs this very code.
+
+- Ring: each shard sits at VNODES points of a blake2b hash ring (stable across processes); an adapter's
+  *home* is the first shard clockwise from the adapter's point, so adding or removing one of n shards
+  moves about 1/n of the homes.
+- Bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2018): a shard may take a request only if its load
+  with it stays within max(c x m, m + 1), m being its share of the mean load with the request
+  (capacity-weighted by max_running_requests); c = 1.25 by default. The paper's ceil(c x m) lets rounding
+  loosen c by up to 1/m (41 for a mean of 32, not 40); m + 1 gives the same at low load (a holder still
+  counting one finished request keeps its adapter's next one) and keeps some shard always eligible,
+  even with fractional loads.
+- Load, in requests: outstanding requests and queued tokens, blended as (requests + queued_tokens / tau) / 2,
+  tau being the snapshot's mean queued tokens per outstanding request (no tokens reported: just
+  requests); plus this router's requests the reports do not count yet (InflightTracker).
+- Ranking: holders under the bound (GPU > CPU > disk, then less loaded, then a per-adapter hash order),
+  then the ring walk from the home skipping shards over the bound, then, as a last resort so failover
+  has somewhere to go, the shards over the bound in that same order. When every holder of a hot adapter
+  is at the bound the request goes to the next shard of the adapter's ring, which loads it: a replica.
+- The base model ("") needs no affinity: shards rank least loaded first.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
-from collections.abc import Collection, Sequence
+import heapq
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import chain
+from types import MappingProxyType
+from typing import Literal
 
 from loraplex.registry.records import TIERS, ShardRecord
 
+DEFAULT_CAPACITY_FACTOR = 1.25
+VNODES = 160  # points per shard: each shard's share of homes is within about +-8% of 1/n
+Reason = Literal["affinity", "home", "spill", "replicate", "base", "overloaded", "none"]
+_TIER_RANK = {tier: rank for rank, tier in enumerate(TIERS)}
+_SLACK = 1e-9  # float tolerance on the bound
 
-def ring_score(adapter: str, shard_id: str) -> int:
-    """Rendezvous (highest random weight) score: stable across processes and Python versions."""
-    digest = hashlib.blake2b(f"{adapter}\0{shard_id}".encode(), digest_size=8).digest()
+
+def _hash64(text: str, domain: bytes) -> int:
+    digest = hashlib.blake2b(text.encode(), digest_size=8, person=domain).digest()
     return int.from_bytes(digest, "big")
 
 
+@lru_cache(maxsize=1 << 16)
+def key_point(key: str) -> int:
+    """Where an adapter (or any routing key) sits on the ring; cached, as popular adapters recur."""
+    return _hash64(key, b"loraplex-key")
+
+
+class HashRing:
+    """Consistent-hash ring over shard ids; independent of their order. Build once per shard set."""
+
+    def __init__(self, shard_ids: Collection[str], vnodes: int = VNODES) -> None:
+        self.shard_ids = tuple(sorted(set(shard_ids)))
+        points = sorted(
+            (_hash64(f"{shard_id}\0{v}", b"loraplex-vnode"), index)
+            for index, shard_id in enumerate(self.shard_ids)
+            for v in range(vnodes)
+        )
+        self._points = [point for point, _ in points]
+        self._owners = [owner for _, owner in points]
+
+    def walk(self, key: str) -> Iterator[int]:
+        """Indexes into shard_ids, each once, clockwise from key's point: its home first. Lazy."""
+        start = bisect.bisect_left(self._points, key_point(key))
+        seen = bytearray(len(self.shard_ids))
+        remaining = len(self.shard_ids)
+        owners = self._owners
+        for step in chain(range(start, len(owners)), range(start)):
+            owner = owners[step]
+            if not seen[owner]:
+                seen[owner] = 1
+                yield owner
+                remaining -= 1
+                if not remaining:
+                    return
+
+    def home(self, key: str) -> str | None:
+        if not self._points:
+            return None
+        start = bisect.bisect_left(self._points, key_point(key))
+        return self.shard_ids[self._owners[start % len(self._owners)]]
+
+
+@lru_cache(maxsize=8)
+def ring_for(shard_ids: frozenset[str]) -> HashRing:
+    """The ring for a shard set, cached: routers see the same set for many requests."""
+    return HashRing(shard_ids)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One request's ranking and why its first shard was chosen (metrics count decisions by reason)."""
+
+    shards: tuple[ShardRecord, ...]
+    reason: Reason
+
+    @property
+    def shard(self) -> ShardRecord | None:
+        return self.shards[0] if self.shards else None
+
+
+class InflightTracker:
+    """This router's requests that the current snapshot's reports do not count yet, per shard.
+
+    Call started/finished as requests go out and end, and snapshot_taken when a new snapshot is adopted
+    (its reports now count what is outstanding); pass `corrections` to place() as `inflight`. A request
+    counted by the report that finishes since gives -1. Reports a little older than the snapshot leave
+    a small error, which the next snapshot clears.
+    """
+
+    def __init__(self) -> None:
+        self._delta: dict[str, int] = {}
+        self.corrections: Mapping[str, int] = MappingProxyType(self._delta)
+
+    def started(self, shard_id: str) -> None:
+        self._delta[shard_id] = self._delta.get(shard_id, 0) + 1
+
+    def finished(self, shard_id: str) -> None:
+        self._delta[shard_id] = self._delta.get(shard_id, 0) - 1
+
+    def snapshot_taken(self) -> None:
+        self._delta.clear()
+
+
+class _Table:
+    """A snapshot prepared once for many placements: ring order, holders by adapter, reported loads.
+
+    Built from the previous table where the shard list is the same: only shards whose adapters tuple
+    is a new object are re-read, so a refresh costs what changed, not every adapter of every shard.
+    """
+
+    def __init__(self, shards: Sequence[ShardRecord], previous: _Table | None = None) -> None:
+        self.shards = tuple(shards)
+        self.ids = [shard.shard_id for shard in self.shards]
+        self.position = {shard_id: index for index, shard_id in enumerate(self.ids)}
+        self.ring = ring_for(frozenset(self.ids))
+        self.from_ring = [self.position[shard_id] for shard_id in self.ring.shard_ids]
+        self.weights = [max(1, shard.max_running_requests) for shard in self.shards]
+        self.distinct_weights = set(self.weights)
+        self.loads = _reported_loads(self.shards)
+        self.total_load = sum(self.loads)
+        self.total_weight = sum(self.weights)
+        self.tie = [_hash64(shard_id, b"loraplex-tie") for shard_id in self.ids]
+        self.held: list[dict[str, int]] = []  # per shard: adapter -> best tier rank
+        # adapter -> shard indexes by tier rank: GPU, CPU, disk, any other
+        self.holders: dict[str, tuple[list[int], ...]] = {}
+        if previous is not None and previous.ids == self.ids:
+            self._update_holders(previous)
+        else:
+            self.held = [_best_tiers(shard) for shard in self.shards]
+            for index, held in enumerate(self.held):
+                for name, rank in held.items():
+                    if name not in self.holders:
+                        self.holders[name] = tuple([] for _ in range(len(TIERS) + 1))
+                    self.holders[name][rank].append(index)
+
+    def _update_holders(self, previous: _Table) -> None:
+        self.held = list(previous.held)
+        self.holders = dict(previous.holders)  # entries are replaced, never edited: previous stays valid
+        for index, (shard, before) in enumerate(zip(self.shards, previous.shards, strict=True)):
+            if shard.adapters is before.adapters:
+                continue
+            old, new = previous.held[index], _best_tiers(shard)
+            self.held[index] = new
+            for name in old.keys() - new.keys():
+                self._set_holder(name, index, None)
+            for name, rank in new.items():
+                if old.get(name) != rank:
+                    self._set_holder(name, index, rank)
+
+    def _set_holder(self, name: str, index: int, rank: int | None) -> None:
+        tiers = self.holders.get(name) or tuple([] for _ in range(len(TIERS) + 1))
+        tiers = tuple(
+            [i for i in held if i != index] + ([index] if r == rank else []) for r, held in enumerate(tiers)
+        )
+        if any(tiers):
+            self.holders[name] = tiers
+        else:
+            self.holders.pop(name, None)
+
+
+def _best_tiers(shard: ShardRecord) -> dict[str, int]:
+    best: dict[str, int] = {}
+    for held in shard.adapters:
+        rank = _TIER_RANK.get(held.tier, len(TIERS))
+        if rank < best.get(held.name, len(TIERS) + 1):
+            best[held.name] = rank
+    return best
+
+
+def _reported_loads(shards: Sequence[ShardRecord]) -> list[float]:
+    requests = [shard.running_requests + shard.waiting_requests for shard in shards]
+    tokens = sum(shard.queued_tokens for shard in shards)
+    if not tokens or not sum(requests):
+        return [float(count) for count in requests]
+    tau = tokens / sum(requests)
+    return [(count + shard.queued_tokens / tau) / 2 for count, shard in zip(requests, shards, strict=True)]
+
+
+class _TableCache:
+    """The last snapshot's table. Reused by identity only for tuples: a tuple of frozen records cannot
+    change under us, while a list could be edited in place (a list gets a fresh table each call)."""
+
+    def __init__(self) -> None:
+        self._shards: tuple[ShardRecord, ...] | None = None
+        self._table: _Table | None = None
+
+    def get(self, shards: Sequence[ShardRecord]) -> _Table:
+        if shards is self._shards and self._table is not None:
+            return self._table
+        self._table = _Table(shards, previous=self._table)
+        self._shards = shards if isinstance(shards, tuple) else None
+        return self._table
+
+
+_tables = _TableCache()
+
+
+def place(
+    adapter: str,
+    shards: Sequence[ShardRecord],
+    excluded: Collection[str] = (),
+    *,
+    inflight: Mapping[str, int] | None = None,
+    capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
+    limit: int | None = None,
+) -> Placement:
+    """Rank the live shards for adapter ("" = base model), leaving out the excluded ids.
+
+    inflight: this router's requests per shard not yet in the snapshot (InflightTracker.corrections).
+    limit: stop once this many shards are ranked (the simulator needs only the first); None ranks all.
+    """
+    table = _tables.get(shards)
+    view = _LoadView(table, inflight or {}, excluded, capacity_factor)
+    if view.total_weight <= 0:
+        return Placement((), "none")
+    limit = len(table.shards) if limit is None else limit
+    point = key_point(adapter)
+    if not adapter:
+        loads, ids, weights, get, tie = table.loads, table.ids, table.weights, view.get, table.tie
+        keys = [
+            ((loads[i] + get(ids[i], 0)) / weights[i], tie[i] ^ point, i)
+            for i in range(len(ids))
+            if i not in view.skip
+        ]
+        return Placement(tuple(table.shards[i] for *_, i in heapq.nsmallest(limit, keys)), "base")
+    ranked, over, holders = _rank_holders(adapter, table, view, point, limit)
+    affinity = bool(ranked)  # holders within the bound come first
+    home = _walk_ring(adapter, table, view, holders, limit, ranked, over)
+    if not ranked and not over:
+        return Placement((), "none")
+    if not ranked:
+        reason: Reason = "overloaded"
+    elif affinity:
+        reason = "affinity"
+    elif holders:
+        reason = "replicate"
+    else:
+        reason = "home" if ranked[0] == home else "spill"
+    return Placement(tuple(table.shards[i] for i in (ranked + over)[:limit]), reason)
+
+
+class _LoadView:
+    """The snapshot's loads as one request sees them: corrected, without the excluded shards, and the
+    most load each capacity (max_running_requests) may carry before taking the request."""
+
+    def __init__(
+        self, table: _Table, inflight: Mapping[str, int], excluded: Collection[str], capacity_factor: float
+    ) -> None:
+        self.get = inflight.get
+        self.skip = {table.position[shard_id] for shard_id in excluded if shard_id in table.position}
+        total_load = table.total_load + sum(inflight.values())
+        self.total_weight = table.total_weight
+        for index in self.skip:
+            total_load -= table.loads[index] + self.get(table.ids[index], 0)
+            self.total_weight -= table.weights[index]
+        per_weight = (max(total_load, 0.0) + 1) / max(self.total_weight, 1)  # the mean, with this request
+        self.caps = {  # the most load a shard of this capacity may carry and still take the request
+            weight: max(capacity_factor * per_weight * weight - 1, per_weight * weight) + _SLACK
+            for weight in table.distinct_weights
+        }
+        self.utilisation_caps = {weight: cap / weight for weight, cap in self.caps.items()}
+
+
+def _rank_holders(
+    adapter: str, table: _Table, view: _LoadView, point: int, limit: int
+) -> tuple[list[int], list[int], set[int]]:
+    """Holders within the bound, best first (tier, utilisation, hash), and those over it; then every
+    holder, unless the ranking is already full (no ring walk follows, so the rest do not matter)."""
+    loads, ids, weights, tie, caps, get, skip = (
+        table.loads, table.ids, table.weights, table.tie, view.utilisation_caps, view.get, view.skip,
+    )  # fmt: skip
+    ranked: list[int] = []
+    over: list[int] = []
+    holders: set[int] = set()
+    for tier in table.holders.get(adapter, ()):
+        # The hot path of a popular adapter with hundreds of replicas: comprehensions, no calls.
+        keyed = [((loads[i] + get(ids[i], 0)) / weights[i], tie[i] ^ point, i) for i in tier if i not in skip]
+        fit = [key for key in keyed if key[0] <= caps[weights[key[2]]]]
+        ranked += [key[2] for key in heapq.nsmallest(limit - len(ranked), fit)]
+        if len(ranked) >= limit:
+            break
+        holders.update(tier)
+        over += [key[2] for key in sorted(key for key in keyed if key[0] > caps[weights[key[2]]])]
+    return ranked, over, holders
+
+
+def _walk_ring(
+    adapter: str,
+    table: _Table,
+    view: _LoadView,
+    holders: set[int],
+    limit: int,
+    ranked: list[int],
+    over: list[int],
+) -> int:
+    """Extend ranked (within the bound) and over from the ring walk until limit; the home's index."""
+    loads, ids, weights, caps, get, skip = (
+        table.loads,
+        table.ids,
+        table.weights,
+        view.caps,
+        view.get,
+        view.skip,
+    )
+    home = -1
+    if len(ranked) >= limit:
+        return home
+    for ring_index in table.ring.walk(adapter):
+        i = table.from_ring[ring_index]
+        if i in skip:
+            continue
+        if home < 0:
+            home = i
+        if i in holders:
+            continue
+        (ranked if loads[i] + get(ids[i], 0) <= caps[weights[i]] else over).append(i)
+        if len(ranked) >= limit:
+            break
+    return home
+
+
 def rank_shards(
-    adapter: str, shards: Sequence[ShardRecord], excluded: Collection[str] = ()
+    adapter: str,
+    shards: Sequence[ShardRecord],
+    excluded: Collection[str] = (),
+    *,
+    inflight: Mapping[str, int] | None = None,
+    capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
 ) -> list[ShardRecord]:
-    """Live shards for adapter ("" = base model), best first, leaving out the excluded ids."""
-    candidates = [shard for shard in shards if shard.shard_id not in excluded]
-
-    def key(shard: ShardRecord) -> tuple[int, int]:
-        tier = shard.tier_of(adapter) if adapter else None
-        tier_rank = TIERS.index(tier) if tier else len(TIERS)
-        return tier_rank, -ring_score(adapter, shard.shard_id)
-
-    return sorted(candidates, key=key)
+    """Every live shard for adapter ("" = base model), best first, leaving out the excluded ids."""
+    return list(place(adapter, shards, excluded, inflight=inflight, capacity_factor=capacity_factor).shards)
