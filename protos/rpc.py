@@ -33,6 +33,10 @@ class ServiceError(Exception):
         return cls(grpc.StatusCode.UNAVAILABLE, message)
 
     @classmethod
+    def resource_exhausted(cls, message: str) -> ServiceError:
+        return cls(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+    @classmethod
     def from_rpc_error(cls, error: grpc.aio.AioRpcError) -> ServiceError:
         return cls(error.code(), error.details() or error.code().name)
 

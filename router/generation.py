@@ -1,7 +1,10 @@
 """The public Generation service: resolve the adapter, pick a shard, stream its tokens back.
 
 A shard that fails before its first token has the request retried on the next candidate; once
-tokens have streamed, the caller gets UNAVAILABLE, since replaying would duplicate text.
+tokens have streamed, the caller gets UNAVAILABLE, since replaying would duplicate text. When every
+candidate is saturated (outstanding requests at `saturation_factor` x its batch capacity: a full
+batch running and more queued) the caller gets RESOURCE_EXHAUSTED rather than a place in a queue
+that only grows.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ import grpc
 
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.v1 import common_pb2, generation_pb2_grpc, shard_pb2, shard_pb2_grpc
-from loraplex.registry.records import AdapterRecord
+from loraplex.registry.records import AdapterRecord, ShardRecord
 from loraplex.router.channels import ShardChannels
 from loraplex.router.convert import adapter_to_pb
-from loraplex.router.placement import rank_shards
+from loraplex.router.placement import DEFAULT_CAPACITY_FACTOR, place
 from loraplex.router.snapshot import SnapshotKeeper
 
 log = logging.getLogger("loraplex.router")
@@ -24,10 +27,19 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, snapshots: SnapshotKeeper, channels: ShardChannels, suspect_for_s: float) -> None:
+    def __init__(
+        self,
+        snapshots: SnapshotKeeper,
+        channels: ShardChannels,
+        suspect_for_s: float,
+        capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
+        saturation_factor: float = 2.0,
+    ) -> None:
         self._snapshots = snapshots
         self._channels = channels
         self._suspect_for_s = suspect_for_s
+        self._capacity_factor = capacity_factor
+        self._saturation_factor = saturation_factor
 
     async def GenerateStream(
         self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -60,16 +72,29 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         shard_request = shard_pb2.ShardGenerateRequest(request=request)
         if adapter is not None:
             shard_request.adapter.CopyFrom(adapter_to_pb(adapter))
-        candidates = rank_shards(request.adapter, snapshot.shards, excluded=self._snapshots.suspects())
+        inflight = self._snapshots.inflight
+        candidates = place(
+            request.adapter,
+            snapshot.shards,
+            excluded=self._snapshots.suspects(),
+            inflight=inflight.corrections,
+            capacity_factor=self._capacity_factor,
+        ).shards
         if not candidates:
             raise ServiceError.unavailable(
                 "no live shard is registered; start a shard or wait for one to join"
+            )
+        if all(self._saturated(shard) for shard in candidates):
+            raise ServiceError.resource_exhausted(
+                f"all {len(candidates)} shards are saturated (a full batch running and as many queued); "
+                "retry with backoff, or add shards"
             )
         failures = []
         for shard in candidates:
             stub = shard_pb2_grpc.ShardStub(self._channels.get(shard.address))
             call = stub.Generate(shard_request, timeout=context.time_remaining())
             streamed = 0
+            inflight.started(shard.shard_id)
             try:
                 async for chunk in call:
                     streamed += 1
@@ -97,7 +122,13 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 failures.append(f"{shard.shard_id}: {error.details()}")
             finally:
                 call.cancel()
+                inflight.finished(shard.shard_id)
         raise ServiceError.unavailable(f"every candidate shard failed: {'; '.join(failures)}")
+
+    def _saturated(self, shard: ShardRecord) -> bool:
+        outstanding = shard.running_requests + shard.waiting_requests
+        outstanding += self._snapshots.inflight.corrections.get(shard.shard_id, 0)
+        return outstanding >= self._saturation_factor * max(1, shard.max_running_requests)
 
     @staticmethod
     def _resolve_adapter(name: str, adapters: dict[str, AdapterRecord]) -> AdapterRecord | None:

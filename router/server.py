@@ -12,6 +12,7 @@ from loraplex.registry.store import Registry
 from loraplex.router.admin import AdaptersService
 from loraplex.router.channels import ShardChannels
 from loraplex.router.generation import GenerationService
+from loraplex.router.placement import DEFAULT_CAPACITY_FACTOR
 from loraplex.router.snapshot import SnapshotKeeper
 
 log = logging.getLogger("loraplex.router")
@@ -30,6 +31,8 @@ class RouterConfig:
     namespace: str = "loraplex"
     refresh_interval_s: float = 1.0
     suspect_for_s: float = 5.0  # how long a shard that refused a connection is avoided
+    capacity_factor: float = DEFAULT_CAPACITY_FACTOR  # bounded loads: no shard above c x the mean load
+    saturation_factor: float = 2.0  # RESOURCE_EXHAUSTED once every shard has this x its batch outstanding
     drain_timeout_s: float = 10.0
 
 
@@ -41,7 +44,10 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     channels = ShardChannels()
     server, port, health = create_server(f"{config.host}:{config.port}", SERVICE_NAMES)
     generation_pb2_grpc.add_GenerationServicer_to_server(
-        GenerationService(snapshots, channels, config.suspect_for_s), server
+        GenerationService(
+            snapshots, channels, config.suspect_for_s, config.capacity_factor, config.saturation_factor
+        ),
+        server,
     )
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
         AdaptersService(registry, snapshots, config.base_model), server

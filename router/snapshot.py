@@ -14,6 +14,7 @@ import redis.exceptions
 
 from loraplex.registry.records import AdapterRecord, ShardRecord
 from loraplex.registry.store import Registry
+from loraplex.router.placement import InflightTracker
 
 log = logging.getLogger("loraplex.router")
 
@@ -32,6 +33,7 @@ class SnapshotKeeper:
         self.current = RoutingSnapshot()
         self._task: asyncio.Task | None = None
         self._suspects: dict[str, float] = {}  # shard id -> until when calls to it are avoided
+        self.inflight = InflightTracker()  # this router's requests the snapshot's reports don't count yet
 
     async def start(self) -> None:
         await self.refresh()
@@ -56,6 +58,7 @@ class SnapshotKeeper:
         self.current = RoutingSnapshot(
             adapters={record.name: record for record in adapters}, shards=tuple(shards), taken_at=time.time()
         )
+        self.inflight.snapshot_taken()
         return True
 
     def put_adapter(self, record: AdapterRecord) -> None:

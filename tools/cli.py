@@ -149,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--redis-url", default=_env("REDIS_URL", DEFAULT_REDIS_URL))
     router.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     router.add_argument("--port", type=int, default=int(_env("PORT", "50051")))
+    router.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=float(_env("CAPACITY_FACTOR", "1.25")),
+        help="bounded loads: a shard takes a request only while its load stays within this x the mean",
+    )
+    router.add_argument(
+        "--saturation-factor",
+        type=float,
+        default=float(_env("SATURATION_FACTOR", "2.0")),
+        help="RESOURCE_EXHAUSTED once every shard has this x its max running requests outstanding",
+    )
 
     adapters = commands.add_parser("adapters", help="manage the adapter catalogue through a router")
     adapters.add_argument("--router", default=_env("ROUTER", DEFAULT_ROUTER))
@@ -384,6 +396,8 @@ def _run_router(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         namespace=args.namespace,
+        capacity_factor=args.capacity_factor,
+        saturation_factor=args.saturation_factor,
     )
     asyncio.run(serve(config))
     return 0

@@ -1,0 +1,112 @@
+"""The router's admission and in-flight accounting, against a real redis-server and real gRPC on
+loopback. The shards here are stand-ins that hold each stream open until told to finish, so that what
+is in flight (and where) is under the test's control; the real shards are covered in test_mesh."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import grpc
+import pytest
+
+from loraplex.protos.rpc import create_server
+from loraplex.protos.v1 import common_pb2, generation_pb2_grpc, shard_pb2_grpc
+from loraplex.registry.records import ShardRecord
+from loraplex.registry.store import Registry
+from loraplex.router.server import RouterConfig, serve
+from loraplex.tools.processes import free_port
+
+
+class HeldShard(shard_pb2_grpc.ShardServicer):
+    """Answers every Generate with one final chunk, once `release` is set."""
+
+    def __init__(self, shard_id: str) -> None:
+        self.shard_id = shard_id
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def Generate(self, request, context):
+        self.calls += 1
+        await self.release.wait()
+        yield common_pb2.GenerateStreamResponse(text="ok", finish_reason=common_pb2.FINISH_REASON_LENGTH)
+
+
+async def _start_shard(registry: Registry, shard_id: str, **load: int) -> tuple[HeldShard, grpc.aio.Server]:
+    servicer = HeldShard(shard_id)
+    server, port, _ = create_server("127.0.0.1:0", [])
+    shard_pb2_grpc.add_ShardServicer_to_server(servicer, server)
+    await server.start()
+    record = ShardRecord(shard_id, f"127.0.0.1:{port}", "m", max_context=2048, **load)
+    await registry.heartbeat(record, ttl_s=60)  # one report for the whole test: loads stay as written
+    return servicer, server
+
+
+async def _with_router(redis_url: str, namespace: str, scenario) -> None:
+    port = free_port()
+    stop = asyncio.Event()
+    router = asyncio.create_task(
+        serve(RouterConfig(redis_url, "m", port=port, namespace=namespace, refresh_interval_s=60), stop)
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await channel.channel_ready()
+            await scenario(generation_pb2_grpc.GenerationStub(channel))
+    finally:
+        stop.set()
+        await router
+
+
+def test_router_counts_its_own_requests_in_flight(redis_url, namespace):
+    """The shards' reports say idle and stay so; the router still spreads 6 held requests 3 and 3,
+    because it counts what it has sent since the snapshot."""
+
+    async def scenario() -> None:
+        registry = Registry(redis_url, namespace)
+        shards = [await _start_shard(registry, f"s{i}", max_running_requests=8) for i in range(2)]
+
+        async def routed(generation) -> None:
+            calls = [
+                asyncio.ensure_future(
+                    generation.Generate(common_pb2.GenerateRequest(prompt="hi"), timeout=30)
+                )
+                for _ in range(6)
+            ]
+            while sum(servicer.calls for servicer, _ in shards) < 6:
+                await asyncio.sleep(0.05)
+            assert Counter(servicer.calls for servicer, _ in shards) == Counter({3: 2})
+            for servicer, _ in shards:
+                servicer.release.set()
+            assert [reply.text for reply in await asyncio.gather(*calls)] == ["ok"] * 6
+
+        await _with_router(redis_url, namespace, routed)
+        for _, server in shards:
+            await server.stop(None)
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_every_shard_saturated_is_resource_exhausted(redis_url, namespace):
+    async def scenario() -> None:
+        registry = Registry(redis_url, namespace)
+        shards = [
+            await _start_shard(
+                registry, f"busy{i}", max_running_requests=4, running_requests=4, waiting_requests=4
+            )
+            for i in range(2)
+        ]
+
+        async def rejected(generation) -> None:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await generation.Generate(common_pb2.GenerateRequest(prompt="hi"), timeout=30)
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "saturated" in raised.value.details() and "retry" in raised.value.details()
+            assert sum(servicer.calls for servicer, _ in shards) == 0
+
+        await _with_router(redis_url, namespace, rejected)
+        for _, server in shards:
+            await server.stop(None)
+        await registry.close()
+
+    asyncio.run(scenario())
