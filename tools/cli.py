@@ -233,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not rerun the top concurrency level with prefix caching off",
     )
     _add_adapter_bench(bench_actions)
+
+    from loraplex.tools.simulate_placement import add_arguments as add_simulation_arguments
+
+    simulate = commands.add_parser("simulate", help="run production code on simulated clusters")
+    simulate_actions = simulate.add_subparsers(dest="action", required=True)
+    add_simulation_arguments(
+        simulate_actions.add_parser(
+            "placement", help="router placement on thousands of simulated shards vs baselines, JSON + PNG"
+        )
+    )
     return parser
 
 
@@ -489,6 +499,12 @@ def _run_adapter_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_simulate(args: argparse.Namespace) -> int:
+    from loraplex.tools.simulate_placement import run_from_args
+
+    return run_from_args(args)
+
+
 COMMANDS = {
     "up": _run_up,
     "shard": _run_shard,
@@ -496,6 +512,7 @@ COMMANDS = {
     "adapters": _run_adapters,
     "model": _run_model,
     "bench": _run_bench,
+    "simulate": _run_simulate,
 }
 
 if __name__ == "__main__":
