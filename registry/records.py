@@ -66,6 +66,7 @@ class ShardRecord:
     waiting_requests: int = 0
     queued_tokens: int = 0
     adapters: tuple[HeldAdapter, ...] = field(default_factory=tuple)
+    reported_at: float = 0.0  # time.time() when the figures were taken (0: unknown)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

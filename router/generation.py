@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from loraplex.protos.rpc import ServiceError
-from loraplex.protos.v1 import common_pb2, generation_pb2_grpc, shard_pb2, shard_pb2_grpc
+from loraplex.protos.v1 import common_pb2, generation_pb2_grpc, shard_pb2
 from loraplex.registry.records import AdapterRecord, ShardRecord
 from loraplex.router.channels import ShardChannels
 from loraplex.router.convert import adapter_to_pb
@@ -91,10 +91,11 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             )
         failures = []
         for shard in candidates:
-            stub = shard_pb2_grpc.ShardStub(self._channels.get(shard.address))
-            call = stub.Generate(shard_request, timeout=context.time_remaining())
+            call = self._channels.stub(shard.address).Generate(
+                shard_request, timeout=context.time_remaining()
+            )
             streamed = 0
-            inflight.started(shard.shard_id)
+            started_at = inflight.started(shard.shard_id)
             try:
                 async for chunk in call:
                     streamed += 1
@@ -122,7 +123,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 failures.append(f"{shard.shard_id}: {error.details()}")
             finally:
                 call.cancel()
-                inflight.finished(shard.shard_id)
+                inflight.finished(shard.shard_id, started_at)
         raise ServiceError.unavailable(f"every candidate shard failed: {'; '.join(failures)}")
 
     def _saturated(self, shard: ShardRecord) -> bool:

@@ -7,11 +7,10 @@ router process agrees and the scale simulator (tools/simulate_placement.py) runs
   *home* is the first shard clockwise from the adapter's point, so adding or removing one of n shards
   moves about 1/n of the homes.
 - Bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2018): a shard may take a request only if its load
-  with it stays within max(c x m, m + 1), m being its share of the mean load with the request
+  with it stays within max(c x m, m + 1, 2), m being its share of the mean load with the request
   (capacity-weighted by max_running_requests); c = 1.25 by default. The paper's ceil(c x m) lets rounding
-  loosen c by up to 1/m (41 for a mean of 32, not 40); m + 1 gives the same at low load (a holder still
-  counting one finished request keeps its adapter's next one) and keeps some shard always eligible,
-  even with fractional loads.
+  loosen c by up to 1/m (41 for a mean of 32, not 40); m + 1 keeps some shard always eligible, even with
+  fractional loads; the 2 (IDLE_LOAD) keeps affinity at low traffic.
 - Load, in requests: outstanding requests and queued tokens, blended as (requests + queued_tokens / tau) / 2,
   tau being the snapshot's mean queued tokens per outstanding request (no tokens reported: just
   requests); plus this router's requests the reports do not count yet (InflightTracker).
@@ -27,7 +26,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 import heapq
-from collections.abc import Collection, Iterator, Mapping, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
@@ -37,6 +38,10 @@ from typing import Literal
 from loraplex.registry.records import TIERS, ShardRecord
 
 DEFAULT_CAPACITY_FACTOR = 1.25
+# A shard with at most this load is never over the bound: one more request batches with it at almost
+# no cost, while sending the adapter elsewhere costs a load. Without it, at low traffic a heartbeat
+# that still counts one finished request would move adapters from shard to shard.
+IDLE_LOAD = 1.0
 VNODES = 160  # points per shard: each shard's share of homes is within about +-8% of 1/n
 Reason = Literal["affinity", "home", "spill", "replicate", "base", "overloaded", "none"]
 _TIER_RANK = {tier: rank for rank, tier in enumerate(TIERS)}
@@ -108,26 +113,50 @@ class Placement:
 
 
 class InflightTracker:
-    """This router's requests that the current snapshot's reports do not count yet, per shard.
+    """This router's requests that the shards' latest reports do not reflect, per shard.
 
-    Call started/finished as requests go out and end, and snapshot_taken when a new snapshot is adopted
-    (its reports now count what is outstanding); pass `corrections` to place() as `inflight`. A request
-    counted by the report that finishes since gives -1. Reports a little older than the snapshot leave
-    a small error, which the next snapshot clears.
+    A report (heartbeat) counts what its shard had at `reported_at`. Since then this router may have
+    sent it more (not counted yet: +1 each) and seen some counted ones end (-1 each). Call started and
+    finished as requests go out and end, and snapshot_taken with each new snapshot's shards; pass
+    `corrections` to place() as `inflight`. Shards with no report time (or snapshot_taken() without
+    shards) are taken to be exact at the snapshot: their corrections start again from zero.
     """
 
-    def __init__(self) -> None:
+    _KEEP_ENDED_S = 10.0  # reports older than this are not expected (heartbeat TTLs are seconds)
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
         self._delta: dict[str, int] = {}
         self.corrections: Mapping[str, int] = MappingProxyType(self._delta)
+        self._live: dict[str, list[float]] = {}  # shard -> start times of this router's calls, oldest first
+        self._ended: deque[tuple[str, float, float]] = deque()  # (shard, started, ended), by end time
 
-    def started(self, shard_id: str) -> None:
+    def started(self, shard_id: str) -> float:
+        """Returns the call's start time, to give back to finished."""
+        now = self._clock()
+        self._live.setdefault(shard_id, []).append(now)
         self._delta[shard_id] = self._delta.get(shard_id, 0) + 1
+        return now
 
-    def finished(self, shard_id: str) -> None:
+    def finished(self, shard_id: str, started_at: float | None = None) -> None:
+        live = self._live.get(shard_id, [])
+        if live:  # without started_at, take the oldest call to be the one that ended
+            live.remove(started_at if started_at in live else live[0])
+            self._ended.append((shard_id, started_at if started_at is not None else 0.0, self._clock()))
         self._delta[shard_id] = self._delta.get(shard_id, 0) - 1
 
-    def snapshot_taken(self) -> None:
+    def snapshot_taken(self, shards: Sequence[ShardRecord] = ()) -> None:
+        now = self._clock()
+        while self._ended and self._ended[0][2] < now - self._KEEP_ENDED_S:
+            self._ended.popleft()
         self._delta.clear()
+        reported = {shard.shard_id: shard.reported_at for shard in shards if shard.reported_at > 0}
+        for shard_id, starts in self._live.items():
+            if shard_id in reported:
+                self._delta[shard_id] = sum(1 for started in starts if started > reported[shard_id])
+        for shard_id, started, ended in self._ended:
+            if shard_id in reported and started <= reported[shard_id] < ended:
+                self._delta[shard_id] = self._delta.get(shard_id, 0) - 1
 
 
 class _Table:
@@ -284,7 +313,7 @@ class _LoadView:
             self.total_weight -= table.weights[index]
         per_weight = (max(total_load, 0.0) + 1) / max(self.total_weight, 1)  # the mean, with this request
         self.caps = {  # the most load a shard of this capacity may carry and still take the request
-            weight: max(capacity_factor * per_weight * weight - 1, per_weight * weight) + _SLACK
+            weight: max(capacity_factor * per_weight * weight - 1, per_weight * weight, IDLE_LOAD) + _SLACK
             for weight in table.distinct_weights
         }
         self.utilisation_caps = {weight: cap / weight for weight, cap in self.caps.items()}

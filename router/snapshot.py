@@ -1,6 +1,10 @@
 """The router's view of the registry: adapters and live shards, refreshed in the background.
 
-If Redis goes away the last snapshot stays in use, so routing carries on for known adapters.
+If Redis goes away the last snapshot stays in use, so routing carries on for known adapters. A shard
+that drops out of the membership stays routable for `departed_grace_s` more: after a Redis outage
+every heartbeat key has expired until the shards' next beats, and a router refreshing in that gap
+would otherwise see no shard at all. A shard that is really gone costs one refused connection, after
+which it is avoided (mark_suspect) and the request goes to the next candidate.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ class RoutingSnapshot:
 
 
 class SnapshotKeeper:
-    def __init__(self, registry: Registry, refresh_interval_s: float) -> None:
+    def __init__(self, registry: Registry, refresh_interval_s: float, departed_grace_s: float = 5.0) -> None:
         self._registry = registry
         self._interval = refresh_interval_s
+        self._departed_grace_s = departed_grace_s
+        self._departed: dict[str, tuple[float, ShardRecord]] = {}  # shard id -> (first missed, last record)
         self.current = RoutingSnapshot()
         self._task: asyncio.Task | None = None
         self._suspects: dict[str, float] = {}  # shard id -> until when calls to it are avoided
@@ -56,10 +62,25 @@ class SnapshotKeeper:
             )
             return False
         self.current = RoutingSnapshot(
-            adapters={record.name: record for record in adapters}, shards=tuple(shards), taken_at=time.time()
+            adapters={record.name: record for record in adapters},
+            shards=tuple(shards) + self._recently_departed(shards),
+            taken_at=time.time(),
         )
-        self.inflight.snapshot_taken()
+        self.inflight.snapshot_taken(self.current.shards)
         return True
+
+    def _recently_departed(self, live: list[ShardRecord]) -> tuple[ShardRecord, ...]:
+        now = time.monotonic()
+        live_ids = {shard.shard_id for shard in live}
+        for shard in self.current.shards:
+            if shard.shard_id not in live_ids and shard.shard_id not in self._departed:
+                self._departed[shard.shard_id] = (now, shard)
+        self._departed = {
+            shard_id: (since, shard)
+            for shard_id, (since, shard) in self._departed.items()
+            if shard_id not in live_ids and now - since < self._departed_grace_s
+        }
+        return tuple(shard for _, shard in self._departed.values())
 
     def put_adapter(self, record: AdapterRecord) -> None:
         """Apply this router's own catalogue write at once, ahead of the next refresh."""
@@ -81,4 +102,7 @@ class SnapshotKeeper:
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # a bug here must not freeze routing on an ever older snapshot
+                log.exception("snapshot refresh failed; keeping the previous snapshot")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +119,7 @@ def _record(service: ShardService, engine: Engine) -> ShardRecord:
         waiting_requests=stats.waiting_requests,
         queued_tokens=stats.queued_tokens,
         adapters=tuple(HeldAdapter(name, version, tier) for name, version, tier in service.held_adapters()),
+        reported_at=time.time(),
     )
 
 

@@ -203,3 +203,38 @@ def test_adding_or_removing_one_of_100_shards_moves_about_1_percent_of_homes():
         after = _homes(changed, keys)
         moved = sum(a != b for a, b in zip(before, after, strict=True)) / len(keys)
         assert 0 < moved <= 0.02
+
+
+def test_at_low_traffic_a_holder_with_one_request_keeps_its_adapter():
+    """A heartbeat still counting one (perhaps finished) request must not move the adapter away: one
+    more request batches with it for free, a spill would cost a load elsewhere (IDLE_LOAD)."""
+    shards = _shards(("s1", "gpu"), loads={"s1": 1}, count=3)
+    placement = place("a", shards)
+    assert (placement.shard.shard_id, placement.reason) == ("s1", "affinity")
+    busier = _shards(("s1", "gpu"), loads={"s1": 2}, count=3)
+    assert place("a", busier).reason == "replicate"  # 3 with it against a mean of 1: over the bound
+
+
+def test_corrections_follow_each_shards_report_time():
+    """Reports taken at different times: a call is unseen by a report older than its start, and one
+    that ended after a report that counted it is subtracted."""
+    now = [100.0]
+    tracker = InflightTracker(clock=lambda: now[0])
+    early = tracker.started("s0")  # t=100
+    now[0] = 101.0
+    tracker.started("s0")  # t=101, still running
+    now[0] = 102.0
+    tracker.finished("s0", early)  # t=102
+    reports = [
+        ShardRecord("s0", "a:1", "m", running_requests=1, reported_at=100.5),  # counted `early` only
+        ShardRecord("s1", "a:2", "m", reported_at=0.0),  # no report time: taken as exact
+    ]
+    tracker.snapshot_taken(reports)
+    # s0: the call from t=101 is unseen (+1); `early` was counted at 100.5 and has ended since (-1)
+    assert dict(tracker.corrections) == {"s0": 0}
+    tracker.snapshot_taken([ShardRecord("s0", "a:1", "m", running_requests=2, reported_at=101.5)])
+    assert dict(tracker.corrections) == {"s0": -1}  # counted both; `early` has ended since
+    tracker.snapshot_taken([ShardRecord("s0", "a:1", "m", running_requests=2, reported_at=100.8)])
+    assert dict(tracker.corrections) == {"s0": 0}  # +1 unseen, -1 ended since the report
+    tracker.snapshot_taken([ShardRecord("s0", "a:1", "m", running_requests=0, reported_at=99.0)])
+    assert dict(tracker.corrections) == {"s0": 1}  # both started after it; `early` ended, never counted
