@@ -81,6 +81,11 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
             raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, error.args[0]) from error
         except AdapterNotFound as error:
             raise ServiceError.not_found(error.args[0]) from error
+        except (redis.exceptions.TimeoutError, TimeoutError) as error:
+            raise ServiceError.unavailable(
+                f"the registry (Redis) did not answer in time: {error}; the change may still be applied "
+                "when it recovers, so check with Get before retrying"
+            ) from error
         except (redis.exceptions.RedisError, OSError) as error:
             raise ServiceError.unavailable(
                 f"the registry (Redis) is unreachable: {error}; retry later"

@@ -11,9 +11,10 @@ from loraplex.tools.processes import free_port, loraplex_command, spawn, stop_al
 
 @dataclass
 class Mesh:
-    router: str
+    router: str  # the first router's address
     shards: dict[str, str]  # shard id -> address
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)  # name -> process
+    routers: list[str] = field(default_factory=list)  # every router's address
 
     def stop(self) -> None:
         stop_all(list(self.processes.values())[::-1])
@@ -27,6 +28,8 @@ def start_mesh(
     num_shards: int = 2,
     heartbeat_ttl: float = 3,
     shard_args: tuple[str, ...] = (),
+    num_routers: int = 1,
+    router_args: tuple[str, ...] = (),
 ) -> Mesh:
     common = ["--model", str(model_dir), "--redis-url", redis_url, "--namespace", namespace]
     mesh = Mesh(router=f"127.0.0.1:{free_port()}", shards={})
@@ -48,11 +51,15 @@ def start_mesh(
             mesh.shards[shard_id] = address
         for shard_id, address in mesh.shards.items():
             wait_serving(address, mesh.processes[shard_id])
-        router_port = mesh.router.split(":")[1]
-        mesh.processes["router"] = spawn(
-            loraplex_command("router", *common, "--port", router_port), logdir / "router.log"
-        )
-        wait_serving(mesh.router, mesh.processes["router"])
+        mesh.routers = [mesh.router] + [f"127.0.0.1:{free_port()}" for _ in range(num_routers - 1)]
+        for index, address in enumerate(mesh.routers):
+            name = "router" if index == 0 else f"router-{index}"
+            port = address.split(":")[1]
+            mesh.processes[name] = spawn(
+                loraplex_command("router", *common, "--port", port, *router_args), logdir / f"{name}.log"
+            )
+        for index, address in enumerate(mesh.routers):
+            wait_serving(address, mesh.processes["router" if index == 0 else f"router-{index}"])
     except BaseException:
         mesh.stop()
         raise

@@ -199,6 +199,24 @@ def test_bad_adapter_sources_are_invalid_argument(admin, name, source, hint):
     error = _error(lambda: admin.Create(adapters_pb2.CreateAdapterRequest(name=name, source=source)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert hint in error.details()
+    assert name not in [a.name for a in admin.List(adapters_pb2.ListAdaptersRequest()).adapters]
+
+
+def test_unknown_adapters_are_not_found_and_a_bad_update_writes_nothing(admin, smollm2_dir, tmp_path):
+    for call in (
+        lambda: admin.Update(adapters_pb2.UpdateAdapterRequest(name="ghost", source=str(tmp_path))),
+        lambda: admin.Delete(adapters_pb2.DeleteAdapterRequest(name="ghost")),
+        lambda: admin.Get(adapters_pb2.GetAdapterRequest(name="ghost")),
+    ):
+        assert _error(call).code() == grpc.StatusCode.NOT_FOUND
+    source = write_peft_adapter(tmp_path / "kept", smollm2_dir, targets=("q_proj",))
+    created = admin.Create(adapters_pb2.CreateAdapterRequest(name="kept", source=str(source)))
+    error = _error(
+        lambda: admin.Update(adapters_pb2.UpdateAdapterRequest(name="kept", source="/no/such/dir"))
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert admin.Get(adapters_pb2.GetAdapterRequest(name="kept")) == created  # still version 1
+    admin.Delete(adapters_pb2.DeleteAdapterRequest(name="kept"))
 
 
 def _statuses(mesh) -> list[shard_pb2.ShardStatus]:

@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     router.add_argument("--port", type=int, default=int(_env("PORT", "50051")))
     router.add_argument(
+        "--refresh-interval",
+        type=float,
+        default=float(_env("REFRESH_INTERVAL", "1.0")),
+        help="seconds between re-reads of the registry (catalogue and shard loads)",
+    )
+    router.add_argument(
         "--capacity-factor",
         type=float,
         default=float(_env("CAPACITY_FACTOR", "1.25")),
@@ -233,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not rerun the top concurrency level with prefix caching off",
     )
     _add_adapter_bench(bench_actions)
+    from loraplex.tools.bench_router import add_arguments as add_router_bench_arguments
+
+    add_router_bench_arguments(
+        bench_actions.add_parser(
+            "router", help="latency the router adds and routed streams/s, vs calling stand-in shards directly"
+        )
+    )
 
     from loraplex.tools.simulate_placement import add_arguments as add_simulation_arguments
 
@@ -262,7 +275,27 @@ def _add_adapter_bench(bench_actions) -> None:
         help="distinct adapters per level, e.g. 1,10,100,1000",
     )
     adapters.add_argument("--zipf-alpha", type=float, default=float(_env("BENCH_ZIPF_ALPHA", "1.0")))
-    adapters.add_argument("--num-requests", type=int, default=int(_env("BENCH_NUM_REQUESTS", "128")))
+    adapters.add_argument(
+        "--num-requests",
+        type=int,
+        default=int(_env("BENCH_NUM_REQUESTS", "192")),
+        help="per level, over all rounds",
+    )
+    adapters.add_argument(
+        "--rounds",
+        type=int,
+        default=int(_env("BENCH_ROUNDS", "3")),
+        help="base-only and the levels take turns",
+    )
+    adapters.add_argument(
+        "--pairs", type=int, default=int(_env("BENCH_PAIRS", "3")), help="back-to-back base/level batch pairs"
+    )
+    adapters.add_argument(
+        "--prefix-caching",
+        action="store_true",
+        default=_env_flag("BENCH_PREFIX_CACHING"),
+        help="on for every system (off by default: it favours base-only, whose requests all share K/V)",
+    )
     adapters.add_argument("--concurrency", type=int, default=int(_env("BENCH_CONCURRENCY", "32")))
     adapters.add_argument("--max-new-tokens", type=int, default=int(_env("BENCH_MAX_NEW_TOKENS", "64")))
     adapters.add_argument(
@@ -406,6 +439,7 @@ def _run_router(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         namespace=args.namespace,
+        refresh_interval_s=args.refresh_interval,
         capacity_factor=args.capacity_factor,
         saturation_factor=args.saturation_factor,
     )
@@ -448,6 +482,10 @@ def _run_model(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace) -> int:
     if args.action == "adapters":
         return _run_adapter_bench(args)
+    if args.action == "router":
+        from loraplex.tools.bench_router import run_from_args
+
+        return run_from_args(args)
     from loraplex.tools.bench_engine import BenchConfig, run_bench
     from loraplex.tools.bench_report import summary_table
     from loraplex.tools.model_store import resolve_model
@@ -482,6 +520,9 @@ def _run_adapter_bench(args: argparse.Namespace) -> int:
         adapter_counts=args.adapter_counts,
         zipf_alpha=args.zipf_alpha,
         num_requests=args.num_requests,
+        rounds=args.rounds,
+        pairs=args.pairs,
+        prefix_caching=args.prefix_caching,
         concurrency=args.concurrency,
         max_new_tokens=args.max_new_tokens,
         ranks=args.ranks,
