@@ -24,6 +24,9 @@ def test_levels_baseline_and_tiers_are_reported(tiny_model_dir: Path, tmp_path: 
         model_dir=tiny_model_dir,
         adapter_counts=(1, 6),
         num_requests=8,
+        rounds=2,
+        pairs=2,
+        paired_new_tokens=2,
         concurrency=4,
         max_new_tokens=3,
         ranks=(4, 8),
@@ -50,7 +53,7 @@ def test_levels_baseline_and_tiers_are_reported(tiny_model_dir: Path, tmp_path: 
         assert system["throughput_tok_s"] > 0
     one, six = report["systems"]["adapters_1"], report["systems"]["adapters_6"]
     assert one["distinct_adapters_used"] == 1
-    # the first 4 requests (the concurrency) arrive together and share one load; the next 4 are hits
+    # round 1's 4 requests (the concurrency) arrive together and share one load; round 2's 4 are hits
     assert one["cpu"] == {"hits": 4, "misses": 1} and one["disk"] == {"hits": 0, "misses": 1}
     assert 1 < six["distinct_adapters_used"] <= 6
     assert six["cpu"]["misses"] >= six["distinct_adapters_used"]  # cold once each, more after evictions
@@ -68,6 +71,14 @@ def test_levels_baseline_and_tiers_are_reported(tiny_model_dir: Path, tmp_path: 
         "adapters_1/peft_6",
         "adapters_6/peft_6",
     }
+    assert {name: len(values) for name, values in report["ratios_per_round"].items()} == {
+        "adapters_1/base_only": 2,
+        "adapters_6/base_only": 2,
+    }
+    assert report["workload"]["prefix_caching"] is False
+    paired = report["paired_batch_ratios"]
+    assert set(paired) == {"adapters_1/base_only", "adapters_6/base_only"}
+    assert all(len(p["pairs"]) == 2 and p["median"] > 0 for p in paired.values())
     assert [t["ratio"] for t in report["targets"]] == ["adapters_6/base_only", "adapters_6/peft_6"]
     assert "target adapters_6/peft_6" in summary_table(report)
     written = list((tmp_path / "work" / "sources").glob("n6-a*"))

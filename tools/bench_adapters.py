@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import shutil
 import tempfile
@@ -44,7 +45,10 @@ class AdapterBenchConfig:
     device: str = "cpu"
     adapter_counts: tuple[int, ...] = (1, 10, 100, 1000)
     zipf_alpha: float = 1.0
-    num_requests: int = 128  # per level
+    num_requests: int = 192  # per level, split over the rounds
+    rounds: int = 3  # base-only and every level take turns, round by round
+    pairs: int = 3  # back-to-back base/level batch pairs per level (paired_batch_ratios)
+    paired_new_tokens: int = 24
     concurrency: int = 32
     max_new_tokens: int = 64
     # Adapter shape: ranks cycle over the adapters; the targets are every attention projection,
@@ -58,6 +62,10 @@ class AdapterBenchConfig:
     output_dir: Path = Path("bench/results")
     work_dir: Path | None = None  # adapter sources and disk cache; default: a temporary directory
     kv_cache_bytes: int = 0
+    # Off by default: base-only requests would share the chat template's K/V across every request,
+    # adapter requests only within one adapter, and on a CPU, where each prompt row costs as much as a
+    # decode row, that difference would swamp the cost of batching adapters this measures.
+    prefix_caching: bool = False
     skip_baselines: bool = False
     seed: int = 0
 
@@ -87,6 +95,7 @@ def run_adapter_bench(config: AdapterBenchConfig) -> AdapterBenchResult:
                 kv_cache_bytes=config.kv_cache_bytes,
                 max_gpu_adapters=config.max_gpu_adapters,
                 max_lora_rank=max(config.ranks),
+                enable_prefix_caching=config.prefix_caching,
             ),
         )
         prompts = build_workload(engine.prompts.encode_text, config.num_requests)
@@ -96,15 +105,16 @@ def run_adapter_bench(config: AdapterBenchConfig) -> AdapterBenchResult:
         }
         sources = write_adapters(config, work_dir / "sources", levels)
         latencies = TierLatencies()
-        runs, tiers = asyncio.run(
+        runs, tiers, round_ratios = asyncio.run(
             _run_engine_levels(config, engine, prompts, levels, sources, work_dir, latencies)
         )
         latencies.add_slots(engine.slots.counters)
+        paired = paired_batch_ratios(config, engine, prompts, levels, sources)
         del engine  # free its KV cache before transformers loads its own copy of the weights
         if not config.skip_baselines and config.baseline_adapters in levels:
             choices = levels[config.baseline_adapters][: config.baseline_requests]
             runs.append(run_peft_baseline(config, prompts, choices, sources[config.baseline_adapters]))
-        report = build_report(config, started, prompts, levels, runs, tiers, latencies)
+        report = build_report(config, started, prompts, levels, runs, tiers, latencies, round_ratios, paired)
         json_path, png_path = write_report(report, config.output_dir)
         return AdapterBenchResult(report, json_path, png_path)
     finally:
@@ -144,6 +154,17 @@ def write_adapters(
 # --- our engine ------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Level:
+    """One adapter count's tiers (kept across rounds: later rounds find the hot adapters warm)."""
+
+    name: str
+    choices: list[int]
+    sources: dict[int, Path]
+    store: AdapterStore
+    disk: DiskCache
+
+
 async def _run_engine_levels(
     config: AdapterBenchConfig,
     engine: Engine,
@@ -152,47 +173,122 @@ async def _run_engine_levels(
     sources: dict[int, dict[int, Path]],
     work_dir: Path,
     latencies: TierLatencies,
-) -> tuple[list[SystemRun], dict[str, dict]]:
+) -> tuple[list[SystemRun], dict[str, dict], dict[str, list[float]]]:
+    """Base-only and every level, interleaved round by round, so that a noisy spell on the machine hits
+    all systems alike; each round's ratios compare runs minutes apart, not a whole benchmark apart."""
     params = SamplingParams(max_new_tokens=config.max_new_tokens, ignore_eos=True)
+    state = [
+        _Level(f"adapters_{n}", choices, sources[n], *_tiers(engine, config, work_dir / f"disk-cache-{n}"))
+        for n, choices in levels.items()
+    ]
+    slots_before = {level.name: (0, 0) for level in state}
+    slot_counts = {level.name: [0, 0] for level in state}
+    rounds: dict[str, list[SystemRun]] = {"base_only": [], **{level.name: [] for level in state}}
     engine.start()
     try:
         warmup = [BenchRequest(prompts[0], None)]
         await run_closed_loop(
             engine, None, {}, warmup, 1, SamplingParams(max_new_tokens=4, ignore_eos=True), "w"
         )
-        base = [BenchRequest(prompt, None) for prompt in prompts]
-        runs = [await run_closed_loop(engine, None, {}, base, config.concurrency, params, "base_only")]
-        tiers = {}
-        for num_adapters, choices in levels.items():
-            name = f"adapters_{num_adapters}"
-            disk = DiskCache(work_dir / f"disk-cache-{num_adapters}", max_bytes=10 << 30)
-            store = AdapterStore(
-                lambda source, adapter, version: engine.load_adapter(source, adapter, version),
-                config.max_cpu_adapters,
-                disk,
-                on_evict=lambda adapter: engine.drop_adapter(adapter.uid),
+        for part in _round_slices(len(prompts), config.rounds):
+            base = [BenchRequest(prompt, None) for prompt in prompts[part]]
+            rounds["base_only"].append(
+                await run_closed_loop(engine, None, {}, base, config.concurrency, params, "base_only")
             )
-            requests = [BenchRequest(prompt, index) for prompt, index in zip(prompts, choices, strict=True)]
-            slots_before = (engine.slots.counters.hits, engine.slots.counters.misses)
-            runs.append(
-                await run_closed_loop(
-                    engine, store, sources[num_adapters], requests, config.concurrency, params, name
+            for level in state:
+                requests = [
+                    BenchRequest(p, i) for p, i in zip(prompts[part], level.choices[part], strict=True)
+                ]
+                slots_before[level.name] = (engine.slots.counters.hits, engine.slots.counters.misses)
+                run = await run_closed_loop(
+                    engine, level.store, level.sources, requests, config.concurrency, params, level.name
                 )
-            )
-            tiers[name] = {
-                "distinct_adapters_used": len(set(choices)),
-                "cpu": {"hits": store.counters.hits, "misses": store.counters.misses},
-                "disk": {"hits": disk.counters.hits, "misses": disk.counters.misses},
-                "slots": {
-                    "hits": engine.slots.counters.hits - slots_before[0],
-                    "misses": engine.slots.counters.misses - slots_before[1],
-                },
-            }
-            latencies.add_store(store.counters, disk.counters)
-            log.info("%s: %.1f tok/s", name, runs[-1].throughput_tok_s)
-        return runs, tiers
+                rounds[level.name].append(run)
+                slot_counts[level.name][0] += engine.slots.counters.hits - slots_before[level.name][0]
+                slot_counts[level.name][1] += engine.slots.counters.misses - slots_before[level.name][1]
+                log.info("%s: %.1f tok/s", level.name, run.throughput_tok_s)
     finally:
         engine.stop()
+    tiers = {}
+    for level in state:
+        latencies.add_store(level.store.counters, level.disk.counters)
+        hits, misses = slot_counts[level.name]
+        tiers[level.name] = {
+            "distinct_adapters_used": len(set(level.choices)),
+            "cpu": {"hits": level.store.counters.hits, "misses": level.store.counters.misses},
+            "disk": {"hits": level.disk.counters.hits, "misses": level.disk.counters.misses},
+            "slots": {"hits": hits, "misses": misses},
+        }
+    runs = [_merged(name, runs) for name, runs in rounds.items()]
+    round_ratios = {
+        f"{name}/base_only": [
+            round(run.throughput_tok_s / base.throughput_tok_s, 3)
+            for run, base in zip(runs_of_level, rounds["base_only"], strict=True)
+        ]
+        for name, runs_of_level in rounds.items()
+        if name != "base_only"
+    }
+    return runs, tiers, round_ratios
+
+
+def _tiers(engine: Engine, config: AdapterBenchConfig, disk_dir: Path) -> tuple[AdapterStore, DiskCache]:
+    disk = DiskCache(disk_dir, max_bytes=10 << 30)
+    store = AdapterStore(
+        lambda source, adapter, version: engine.load_adapter(source, adapter, version),
+        config.max_cpu_adapters,
+        disk,
+        on_evict=lambda adapter: engine.drop_adapter(adapter.uid),
+    )
+    return store, disk
+
+
+def _round_slices(num_requests: int, rounds: int) -> list[slice]:
+    bounds = [round(num_requests * r / rounds) for r in range(rounds + 1)]
+    return [slice(start, end) for start, end in itertools.pairwise(bounds) if end > start]
+
+
+def _merged(name: str, runs: list[SystemRun]) -> SystemRun:
+    """One system's rounds as one run: all its requests, the sum of its wall times."""
+    timings = [timing for run in runs for timing in run.timings]
+    return SystemRun(name, "engine", runs[0].concurrency, sum(run.wall_s for run in runs), timings)
+
+
+def paired_batch_ratios(
+    config: AdapterBenchConfig,
+    engine: Engine,
+    prompts: list[list[int]],
+    levels: dict[int, list[int]],
+    sources: dict[int, dict[int, Path]],
+) -> dict[str, list[float]]:
+    """A second, steadier estimate of the cost of adapters: one batch of `concurrency` requests (the
+    level's first draws) run to completion inline, against the same batch on the base model, in
+    back-to-back pairs a few seconds long, so that the machine's slow drifts cancel within a pair.
+    Returns each level's base/level time ratio per pair (throughput ratio, as the work is the same)."""
+    params = SamplingParams(max_new_tokens=config.paired_new_tokens, ignore_eos=True)
+    batch = prompts[: config.concurrency]
+    base = [EngineRequest(f"pb-{i}", prompt, params) for i, prompt in enumerate(batch)]
+    ratios: dict[str, list[float]] = {}
+    for num_adapters, choices in levels.items():
+        loaded = {
+            index: engine.load_adapter(str(sources[num_adapters][index]), f"p{num_adapters}-a{index}", 1)
+            for index in set(choices[: len(batch)])
+        }
+        adapted = [
+            EngineRequest(f"pa-{i}", prompt, params, loaded[index])
+            for i, (prompt, index) in enumerate(zip(batch, choices, strict=False))
+        ]
+        engine.generate(adapted)  # slots filled and packed outside the timed pairs
+        ratios[f"adapters_{num_adapters}/base_only"] = []
+        for _ in range(config.pairs):
+            base_s, adapted_s = _timed_generate(engine, base), _timed_generate(engine, adapted)
+            ratios[f"adapters_{num_adapters}/base_only"].append(round(base_s / adapted_s, 3))
+    return ratios
+
+
+def _timed_generate(engine: Engine, requests: list[EngineRequest]) -> float:
+    started = time.perf_counter()
+    engine.generate(requests)
+    return time.perf_counter() - started
 
 
 async def run_closed_loop(
