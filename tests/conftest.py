@@ -8,6 +8,10 @@ import os
 # transformers may import it before any kernel test runs: choose here. On a GPU machine run the suite
 # with TRITON_INTERPRET=0 to compile the kernels for real.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tests start shard and router processes while their own gRPC channels are live. With gRPC's fork
+# support on, its poller thread restarts in the child between fork and exec and can abort on a closed
+# epoll fd (grpc/grpc#43055): a shard then dies at start with SIGABRT. gRPC reads this once, at start.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import shutil
 import subprocess

@@ -181,7 +181,6 @@ async def _run_engine_levels(
         _Level(f"adapters_{n}", choices, sources[n], *_tiers(engine, config, work_dir / f"disk-cache-{n}"))
         for n, choices in levels.items()
     ]
-    slots_before = {level.name: (0, 0) for level in state}
     slot_counts = {level.name: [0, 0] for level in state}
     rounds: dict[str, list[SystemRun]] = {"base_only": [], **{level.name: [] for level in state}}
     engine.start()
@@ -199,13 +198,13 @@ async def _run_engine_levels(
                 requests = [
                     BenchRequest(p, i) for p, i in zip(prompts[part], level.choices[part], strict=True)
                 ]
-                slots_before[level.name] = (engine.slots.counters.hits, engine.slots.counters.misses)
+                hits, misses = engine.slots.counters.hits, engine.slots.counters.misses
                 run = await run_closed_loop(
                     engine, level.store, level.sources, requests, config.concurrency, params, level.name
                 )
                 rounds[level.name].append(run)
-                slot_counts[level.name][0] += engine.slots.counters.hits - slots_before[level.name][0]
-                slot_counts[level.name][1] += engine.slots.counters.misses - slots_before[level.name][1]
+                slot_counts[level.name][0] += engine.slots.counters.hits - hits
+                slot_counts[level.name][1] += engine.slots.counters.misses - misses
                 log.info("%s: %.1f tok/s", level.name, run.throughput_tok_s)
     finally:
         engine.stop()

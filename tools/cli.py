@@ -3,11 +3,16 @@ place that reads the environment, and it hands each component a frozen config.""
 
 from __future__ import annotations
 
+import os
+
+# `loraplex up` and the benchmarks start processes while gRPC channels are live; with gRPC's fork
+# support on, a child can abort between fork and exec (grpc/grpc#43055). Read once, before gRPC loads.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import argparse
 import asyncio
 import json
 import logging
-import os
 import socket
 import sys
 from pathlib import Path
