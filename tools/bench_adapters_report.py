@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -14,6 +13,7 @@ import numpy as np
 
 from loraplex.shard.adapter_slots import TierCounters
 from loraplex.tools.bench_report import SystemRun, machine_info, percentiles_ms
+from loraplex.tools.report_files import pyplot, write_json_and_png
 
 if TYPE_CHECKING:
     from loraplex.tools.bench_adapters import AdapterBenchConfig
@@ -155,21 +155,13 @@ def _targets(runs: list[SystemRun], num_adapters: int, round_ratios: dict[str, l
 
 def write_report(report: dict, output_dir: Path) -> tuple[Path, Path]:
     """adapters-<device>-<date>.json and .png in output_dir; a rerun the same day replaces them."""
-    output_dir.mkdir(parents=True, exist_ok=True)
     device = report["machine"]["device"].replace(":", "")
-    stem = output_dir / f"adapters-{device}-{report['date']}"
-    json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    plot_report(report, png_path)
-    return json_path, png_path
+    return write_json_and_png(report, output_dir / f"adapters-{device}-{report['date']}", plot_report)
 
 
 def plot_report(report: dict, path: Path) -> None:
     """Throughput of every system beside adapter load latency p50/p99 per tier step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     systems = report["systems"]
     names = list(systems)

@@ -6,7 +6,6 @@ independently; the JSON is the record, the plot and the table are views of it.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import transformers
+
+from loraplex.tools.report_files import pyplot, write_json_and_png
 
 if TYPE_CHECKING:
     from loraplex.tools.bench_engine import BenchConfig
@@ -170,21 +171,13 @@ def _target(runs: list[SystemRun], static_batch_size: int) -> dict | None:
 
 def write_report(report: dict, output_dir: Path) -> tuple[Path, Path]:
     """engine-<device>-<date>.json and .png in output_dir; a rerun the same day replaces them."""
-    output_dir.mkdir(parents=True, exist_ok=True)
     device = report["machine"]["device"].replace(":", "")
-    stem = output_dir / f"engine-{device}-{report['date']}"
-    json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    plot_report(report, png_path)
-    return json_path, png_path
+    return write_json_and_png(report, output_dir / f"engine-{device}-{report['date']}", plot_report)
 
 
 def plot_report(report: dict, path: Path) -> None:
     """Throughput of every system beside TTFT p50/p99 of every system where it was observed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     systems = report["systems"]
     names = list(systems)

@@ -8,7 +8,6 @@ a second.
 
 from __future__ import annotations
 
-import json
 import platform
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+
+from loraplex.tools.report_files import pyplot, write_json_and_png
 
 if TYPE_CHECKING:
     from loraplex.tools.bench_router import RouterBenchConfig
@@ -130,20 +131,14 @@ def check_targets(added_ms: dict, throughput: dict) -> dict:
 
 def write_report(report: dict, output_dir: Path) -> tuple[Path, Path]:
     """router-cpu-<date>.json and .png in output_dir; a rerun the same day replaces them."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    stem = output_dir / f"router-{report['machine']['device']}-{report['date']}"
-    json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    plot_report(report, png_path)
-    return json_path, png_path
+    return write_json_and_png(
+        report, output_dir / f"router-{report['machine']['device']}-{report['date']}", plot_report
+    )
 
 
 def plot_report(report: dict, path: Path) -> None:
     """Sequential latency p50/p99 direct vs routed beside streams/s direct vs routed, with the targets."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     latency, throughput = report["latency"], report["throughput"]

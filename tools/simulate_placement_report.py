@@ -3,10 +3,11 @@ the record; the plot and the table are views of it), with the issue's targets ch
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+from loraplex.tools.report_files import pyplot, write_json_and_png
 
 TARGETS = {"gpu_hit_rate": 0.95, "load_imbalance": 1.25, "home_moves": 0.02}  # the issue's "done when"
 DEFINITIONS = {
@@ -46,21 +47,13 @@ def check_targets(churn_alpha: float, results: dict, moves: dict) -> dict | None
 
 def write_report(report: dict, output_dir: Path) -> tuple[Path, Path]:
     """placement-sim-<date>.json and .png in output_dir; a rerun the same day replaces them."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    stem = output_dir / f"placement-sim-{report['date']}"
-    json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    plot_report(report, png_path)
-    return json_path, png_path
+    return write_json_and_png(report, output_dir / f"placement-sim-{report['date']}", plot_report)
 
 
 def plot_report(report: dict, path: Path) -> None:
     """Hit rate and imbalance per policy and alpha; hit rate over time at the target alpha, with the
     churn run; home moves on churn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     results, config = report["results"], report["config"]
     alphas = list(results)
