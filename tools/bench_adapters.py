@@ -160,7 +160,7 @@ class _Level:
 
     name: str
     choices: list[int]
-    sources: dict[int, Path]
+    catalogue: dict[int, tuple[str, str]]  # adapter index -> (source, checksum), as the registry has it
     store: AdapterStore
     disk: DiskCache
 
@@ -178,7 +178,12 @@ async def _run_engine_levels(
     all systems alike; each round's ratios compare runs minutes apart, not a whole benchmark apart."""
     params = SamplingParams(max_new_tokens=config.max_new_tokens, ignore_eos=True)
     state = [
-        _Level(f"adapters_{n}", choices, sources[n], *_tiers(engine, config, work_dir / f"disk-cache-{n}"))
+        _Level(
+            f"adapters_{n}",
+            choices,
+            {index: (str(path), _checksum(path)) for index, path in sources[n].items()},
+            *_tiers(engine, config, work_dir / f"disk-cache-{n}"),
+        )
         for n, choices in levels.items()
     ]
     slot_counts = {level.name: [0, 0] for level in state}
@@ -200,7 +205,7 @@ async def _run_engine_levels(
                 ]
                 hits, misses = engine.slots.counters.hits, engine.slots.counters.misses
                 run = await run_closed_loop(
-                    engine, level.store, level.sources, requests, config.concurrency, params, level.name
+                    engine, level.store, level.catalogue, requests, config.concurrency, params, level.name
                 )
                 rounds[level.name].append(run)
                 slot_counts[level.name][0] += engine.slots.counters.hits - hits
@@ -293,7 +298,7 @@ def _timed_generate(engine: Engine, requests: list[EngineRequest]) -> float:
 async def run_closed_loop(
     engine: Engine,
     store: AdapterStore | None,
-    sources: dict[int, Path],
+    catalogue: dict[int, tuple[str, str]],
     requests: list[BenchRequest],
     concurrency: int,
     params: SamplingParams,
@@ -304,7 +309,6 @@ async def run_closed_loop(
     in that request's time to first token."""
     timings = [RequestTiming() for _ in requests]
     pending = iter(range(len(requests)))
-    checksums = {index: _checksum(path) for index, path in sources.items()}
 
     async def worker() -> None:
         for index in pending:
@@ -313,8 +317,8 @@ async def run_closed_loop(
             adapter = None
             if request.adapter is not None:
                 assert store is not None
-                source = str(sources[request.adapter])
-                adapter = await store.acquire(source, f"a{request.adapter}", 1, checksums[request.adapter])
+                source, checksum = catalogue[request.adapter]
+                adapter = await store.acquire(source, f"a{request.adapter}", 1, checksum)
             try:
                 await _generate(
                     engine, EngineRequest(f"{name}-{index}", request.prompt, params, adapter), timing
