@@ -195,10 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine = bench_actions.add_parser(
         "engine", help="our engine at several concurrency levels vs transformers generate, JSON + PNG"
     )
-    engine.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL))
-    engine.add_argument("--cache-dir", type=Path, default=Path(_env("CACHE_DIR", str(default_cache_dir()))))
-    engine.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
-    engine.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+    _add_model_bench_options(engine)
     engine.add_argument(
         "--concurrency",
         type=_parse_counts,
@@ -217,13 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=int(_env("BENCH_BASELINE_REQUESTS", "8")),
         help="requests for transformers generate one at a time (slow)",
-    )
-    engine.add_argument("--output-dir", type=Path, default=Path(_env("BENCH_OUTPUT_DIR", "bench/results")))
-    engine.add_argument(
-        "--kv-cache-bytes",
-        type=parse_bytes,
-        default=parse_bytes(_env("KV_CACHE_BYTES", "0")),
-        help="KV cache budget, e.g. 512MiB (0: the engine's default)",
     )
     engine.add_argument(
         "--max-batch-tokens",
@@ -264,15 +254,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_model_bench_options(parser: argparse.ArgumentParser) -> None:
+    """What every benchmark that runs the model takes: which model, where, and where results go."""
+    parser.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL))
+    parser.add_argument("--cache-dir", type=Path, default=Path(_env("CACHE_DIR", str(default_cache_dir()))))
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    parser.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+    parser.add_argument("--output-dir", type=Path, default=Path(_env("BENCH_OUTPUT_DIR", "bench/results")))
+    parser.add_argument(
+        "--kv-cache-bytes",
+        type=parse_bytes,
+        default=parse_bytes(_env("KV_CACHE_BYTES", "0")),
+        help="KV cache budget, e.g. 512MiB (0: the engine's default)",
+    )
+
+
 def _add_adapter_bench(bench_actions) -> None:
     adapters = bench_actions.add_parser(
         "adapters",
         help="1/10/100/1000 adapters with power-law popularity vs base-only and transformers+peft, JSON + PNG",
     )
-    adapters.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL))
-    adapters.add_argument("--cache-dir", type=Path, default=Path(_env("CACHE_DIR", str(default_cache_dir()))))
-    adapters.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
-    adapters.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+    _add_model_bench_options(adapters)
     adapters.add_argument(
         "--adapter-counts",
         type=_parse_counts,
@@ -318,13 +320,6 @@ def _add_adapter_bench(bench_actions) -> None:
         type=int,
         default=int(_env("BENCH_BASELINE_REQUESTS", "8")),
         help="requests for transformers + peft one at a time (slow), from the 100-adapter level",
-    )
-    adapters.add_argument("--output-dir", type=Path, default=Path(_env("BENCH_OUTPUT_DIR", "bench/results")))
-    adapters.add_argument(
-        "--kv-cache-bytes",
-        type=parse_bytes,
-        default=parse_bytes(_env("KV_CACHE_BYTES", "0")),
-        help="KV cache budget, e.g. 512MiB (0: the engine's default)",
     )
     adapters.add_argument(
         "--skip-baselines", action="store_true", default=_env_flag("BENCH_SKIP_BASELINES"), help="no peft run"
