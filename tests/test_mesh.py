@@ -263,7 +263,7 @@ def test_concurrent_requests_all_complete(generation):
     assert len(results) == 4 and all("Paris" in text for text in results)
 
 
-def test_grpcurl_lists_services_checks_health_and_streams(mesh):
+def test_grpcurl_lists_describes_checks_health_and_streams(mesh):
     listed = subprocess.run(
         ["grpcurl", "-plaintext", mesh.router, "list"], capture_output=True, text=True, timeout=30, check=True
     ).stdout.split()
@@ -276,6 +276,22 @@ def test_grpcurl_lists_services_checks_health_and_streams(mesh):
         check=True,
     ).stdout
     assert json.loads(health)["status"] == "SERVING"
+    described = subprocess.run(
+        ["grpcurl", "-plaintext", mesh.router, "describe", "loraplex.v1.Generation"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert "rpc GenerateStream ( .loraplex.v1.GenerateRequest ) returns ( stream .loraplex.v1." in described
+    message = subprocess.run(
+        ["grpcurl", "-plaintext", mesh.router, "describe", "loraplex.v1.SamplingParameters"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert "max_new_tokens" in message and "top_logprobs" in message
     body = json.dumps(
         {
             "prompt": "What is the capital of France?",

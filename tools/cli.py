@@ -173,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="RESOURCE_EXHAUSTED once every shard has this x its max running requests outstanding",
     )
 
+    gateway = commands.add_parser("gateway", help="run the REST gateway (OpenAI and TGI APIs) over a router")
+    _add_common(gateway)
+    gateway.add_argument("--router", default=_env("ROUTER", DEFAULT_ROUTER), help="router gRPC address")
+    gateway.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    gateway.add_argument("--port", type=int, default=int(_env("PORT", "8080")))
+    gateway.add_argument(
+        "--request-timeout",
+        type=float,
+        default=float(_env("REQUEST_TIMEOUT", "600")),
+        help="deadline in seconds for one generation through the router",
+    )
+
     adapters = commands.add_parser("adapters", help="manage the adapter catalogue through a router")
     adapters.add_argument("--router", default=_env("ROUTER", DEFAULT_ROUTER))
     actions = adapters.add_subparsers(dest="action", required=True)
@@ -447,6 +459,20 @@ def _run_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_gateway(args: argparse.Namespace) -> int:
+    from loraplex.router.gateway.app import GatewayConfig, serve
+
+    config = GatewayConfig(
+        router=args.router,
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        request_timeout_s=args.request_timeout,
+    )
+    serve(config, log_level=args.log_level)
+    return 0
+
+
 def _run_adapters(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
@@ -550,6 +576,7 @@ COMMANDS = {
     "up": _run_up,
     "shard": _run_shard,
     "router": _run_router,
+    "gateway": _run_gateway,
     "adapters": _run_adapters,
     "model": _run_model,
     "bench": _run_bench,

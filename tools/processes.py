@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,6 +96,22 @@ def wait_serving(address: str, process: subprocess.Popen, timeout_s: float = 180
                 pass
             time.sleep(0.2)
     raise TimeoutError(f"{address} was not SERVING within {timeout_s:.0f} s")
+
+
+def wait_http_ok(url: str, process: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Block until GET url answers 200 (the gateway's /health); fail fast if its process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server for {url} exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s")
 
 
 def stop_all(processes: Sequence[subprocess.Popen], timeout_s: float = 15) -> None:

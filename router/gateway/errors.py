@@ -1,0 +1,117 @@
+"""HTTP errors for the gateway: gRPC statuses from the router become HTTP codes, and every error is
+sent in the body shape the caller's client parses: OpenAI's under /v1, TGI's on the TGI routes."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    409: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "cancelled",
+    503: "service_unavailable",
+    504: "timeout",
+}
+# TGI's error_type values, which huggingface_hub maps to its exception classes.
+TGI_TYPES = {400: "validation", 404: "validation", 422: "validation", 429: "overloaded"}
+
+
+class APIError(Exception):
+    """An error with the HTTP status it deserves and a message that says what to fix."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    @classmethod
+    def bad_request(cls, message: str, param: str | None = None) -> APIError:
+        return cls(400, message, param=param)
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.aio.AioRpcError) -> APIError:
+        status = HTTP_STATUS.get(error.code(), 500)
+        code = "model_not_found" if error.code() == grpc.StatusCode.NOT_FOUND else error.code().name.lower()
+        return cls(status, error.details() or error.code().name, code=code)
+
+    def openai_body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": OPENAI_TYPES.get(self.status, "server_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def tgi_body(self) -> dict:
+        return {"error": self.message, "error_type": TGI_TYPES.get(self.status, "generation")}
+
+
+def is_tgi_route(request: Request) -> bool:
+    return not request.url.path.startswith("/v1/")
+
+
+def error_response(request: Request, error: APIError) -> JSONResponse:
+    body = error.tgi_body() if is_tgi_route(request) else error.openai_body()
+    status = 422 if is_tgi_route(request) and error.status == 400 else error.status
+    return JSONResponse(body, status_code=status)
+
+
+def sse_error(request: Request, error: APIError) -> str:
+    """An error after the stream started: the status is already sent, so it goes in an event."""
+    body = error.tgi_body() if is_tgi_route(request) else error.openai_body()
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def describe_validation_error(error: RequestValidationError) -> tuple[str, str | None]:
+    """Pydantic's error list as one sentence naming the offending field."""
+    messages, param = [], None
+    for item in error.errors():
+        location = [str(part) for part in item.get("loc", ()) if part != "body"]
+        field = ".".join(location)
+        param = param or field or None
+        if item.get("type") == "json_invalid":
+            messages.append(f"the body is not valid JSON ({item.get('ctx', {}).get('error', 'parse error')})")
+        elif field:
+            messages.append(f"{field}: {item.get('msg')}")
+        else:
+            messages.append(str(item.get("msg")))
+    return "; ".join(messages) or "invalid request", param
+
+
+def install_error_handlers(app) -> None:
+    async def on_api_error(request: Request, error: APIError) -> JSONResponse:
+        return error_response(request, error)
+
+    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_error(error)
+        return error_response(request, APIError.bad_request(message, param))
+
+    async def on_http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return error_response(request, APIError(error.status_code, str(error.detail)))
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_error)

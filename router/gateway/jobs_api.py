@@ -1,0 +1,93 @@
+"""Async completions: submit now (202 with a job id), pick up later. The router's Jobs service queues
+the request on a Redis Stream; `loraplex worker` runs it and stores the result."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from loraplex.protos.v1 import common_pb2, jobs_pb2
+from loraplex.router.gateway.backend import RouterClient
+from loraplex.router.gateway.convert import OPENAI_FINISH, ModelNames, not_found_hint
+from loraplex.router.gateway.errors import HTTP_STATUS, OPENAI_TYPES, APIError
+from loraplex.router.gateway.openai_api import completion_choices
+from loraplex.router.gateway.schemas import CompletionRequest
+
+STATES = {
+    jobs_pb2.JOB_STATE_QUEUED: "queued",
+    jobs_pb2.JOB_STATE_RUNNING: "running",
+    jobs_pb2.JOB_STATE_SUCCEEDED: "succeeded",
+    jobs_pb2.JOB_STATE_FAILED: "failed",
+}
+
+
+def build_router(client: RouterClient, names: ModelNames) -> APIRouter:
+    api = APIRouter()
+
+    @api.post("/v1/async/completions", status_code=202)
+    async def submit(body: CompletionRequest) -> JSONResponse:
+        if body.stream or body.n != 1:
+            raise APIError.bad_request("an async completion takes one prompt, n = 1 and no stream")
+        choices = completion_choices(body, names)
+        if len(choices.requests) != 1:
+            raise APIError.bad_request("an async completion takes a single prompt", "prompt")
+        try:
+            job_id = await client.submit_job(choices.requests[0])
+        except APIError as error:
+            raise not_found_hint(error, body.model, names) from error
+        return JSONResponse(
+            {"id": job_id, "object": "async.job", "status": "queued", "model": body.model}, status_code=202
+        )
+
+    @api.get("/v1/async/jobs/{job_id}")
+    async def get(job_id: str) -> dict:
+        job = await client.get_job(job_id)
+        return job_to_dict(job)
+
+    return api
+
+
+def job_to_dict(job: jobs_pb2.Job) -> dict:
+    result: dict = {
+        "id": job.job_id,
+        "object": "async.job",
+        "status": STATES.get(job.state, "unknown"),
+        "created_at": job.created_at.seconds if job.HasField("created_at") else None,
+        "finished_at": job.finished_at.seconds if job.HasField("finished_at") else None,
+        "result": None,
+        "error": None,
+    }
+    if job.state == jobs_pb2.JOB_STATE_SUCCEEDED:
+        result["result"] = _completion(job.result)
+    elif job.state == jobs_pb2.JOB_STATE_FAILED:
+        status = next((http for code, http in HTTP_STATUS.items() if code.name == job.error.code), 500)
+        result["error"] = {
+            "message": job.error.message,
+            "type": OPENAI_TYPES.get(status, "server_error"),
+            "code": job.error.code.lower() or None,
+        }
+    return result
+
+
+def _completion(response: common_pb2.GenerateResponse) -> dict:
+    usage = response.usage
+    return {
+        "object": "text_completion",
+        "choices": [
+            {
+                "index": 0,
+                "text": response.text,
+                "logprobs": None,
+                "finish_reason": OPENAI_FINISH.get(response.finish_reason),
+            }
+        ],
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+        },
+        "served_by": {
+            "shard": response.served_by.shard,
+            "adapter_version": response.served_by.adapter_version,
+        },
+    }

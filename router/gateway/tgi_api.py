@@ -1,0 +1,167 @@
+"""Text Generation Inference's routes: `/generate`, `/generate_stream` and `/` (either, by `stream`),
+in TGI's request and response shapes, so `huggingface_hub.InferenceClient` works unchanged.
+
+TGI streams one event per token, so the router is always asked for per-token details; the last event
+carries the whole `generated_text` and, when asked for, the finish details.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from loraplex.protos.v1 import common_pb2
+from loraplex.router.gateway.backend import Chunk, RouterClient, collect
+from loraplex.router.gateway.convert import (
+    SSE_HEADERS,
+    TGI_FINISH,
+    ModelNames,
+    not_found_hint,
+    run_until_disconnect,
+    sampling_parameters,
+    sse_events,
+)
+from loraplex.router.gateway.errors import APIError
+from loraplex.router.gateway.schemas import TGIRequest
+
+
+def build_router(client: RouterClient, names: ModelNames) -> APIRouter:
+    api = APIRouter()
+
+    async def open_stream(body: TGIRequest) -> AsyncIterator[Chunk]:
+        try:
+            return await client.open_stream(_generate_request(body, names))
+        except APIError as error:
+            raise not_found_hint(error, body.parameters.adapter_id or "", names) from error
+
+    async def generate(body: TGIRequest, request: Request) -> dict:
+        async def whole() -> dict:
+            response = await collect(await open_stream(body))
+            return _generated(body, response)
+
+        return await run_until_disconnect(request, whole())
+
+    async def generate_stream(body: TGIRequest, request: Request) -> StreamingResponse:
+        stream = await open_stream(body)
+        return StreamingResponse(
+            sse_events(request, _token_events(body, stream)),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+
+    @api.post("/generate", response_model=None)
+    async def generate_route(body: TGIRequest, request: Request):
+        return await generate(body, request)
+
+    @api.post("/generate_stream", response_model=None)
+    async def generate_stream_route(body: TGIRequest, request: Request):
+        return await generate_stream(body, request)
+
+    @api.post("/", response_model=None)
+    async def compat_route(body: TGIRequest, request: Request):
+        """TGI's root route: a stream when `stream` is true, else a one-element list."""
+        if body.stream:
+            return await generate_stream(body, request)
+        result = await generate(body, request)
+        return [result] if isinstance(result, dict) else result
+
+    return api
+
+
+def _generate_request(body: TGIRequest, names: ModelNames) -> common_pb2.GenerateRequest:
+    p = body.parameters
+    if p.best_of not in (None, 1):
+        raise APIError.bad_request("best_of is not supported", "best_of")
+    if p.grammar:
+        raise APIError.bad_request("grammar (constrained decoding) is not supported", "grammar")
+    # TGI samples when asked to or when given a temperature; otherwise it decodes greedily.
+    default_temperature = 1.0 if p.do_sample else 0.0
+    temperature = default_temperature if p.temperature is None else p.temperature
+    return common_pb2.GenerateRequest(
+        adapter=names.adapter_for(p.adapter_id),
+        prompt=body.inputs,
+        details=True,
+        decoder_input_details=p.decoder_input_details,
+        parameters=sampling_parameters(
+            max_new_tokens=p.max_new_tokens,
+            temperature=temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            seed=p.seed,
+            stop=p.stop or (),
+            repetition_penalty=p.repetition_penalty,
+            logprobs=True,
+            top_logprobs=p.top_n_tokens or 0,
+        ),
+    )
+
+
+def _token(token: common_pb2.Token) -> dict:
+    return {"id": token.id, "text": token.text, "logprob": token.logprob, "special": token.special}
+
+
+def _top_tokens(token: common_pb2.Token) -> list[dict]:
+    return [
+        {"id": top.id, "text": top.text, "logprob": top.logprob, "special": False}
+        for top in token.top_logprobs
+    ]
+
+
+def _generated(body: TGIRequest, response: common_pb2.GenerateResponse) -> dict:
+    p = body.parameters
+    text = body.inputs + response.text if p.return_full_text else response.text
+    result: dict = {"generated_text": text}
+    if p.details:
+        result["details"] = {
+            "finish_reason": TGI_FINISH.get(response.finish_reason, "length"),
+            "generated_tokens": response.usage.completion_tokens,
+            "seed": p.seed,
+            "prefill": [
+                {"id": t.id, "text": t.text, "logprob": t.logprob if i else None}
+                for i, t in enumerate(response.prefill_tokens)
+            ],
+            "tokens": [_token(token) for token in response.tokens],
+            "top_tokens": [_top_tokens(token) for token in response.tokens] if p.top_n_tokens else None,
+            "best_of_sequences": None,
+        }
+    return result
+
+
+async def _token_events(body: TGIRequest, stream: AsyncIterator[Chunk]) -> AsyncIterator[dict]:
+    """One event per token; each is held back until the next arrives, so the last can carry the end."""
+    p = body.parameters
+    pending: dict | None = None
+    texts: list[str] = []
+    index = 0
+    async for chunk in stream:
+        texts.append(chunk.text)
+        for token in chunk.tokens:
+            if pending is not None:
+                yield pending
+            index += 1
+            pending = {
+                "index": index,
+                "token": _token(token),
+                "top_tokens": _top_tokens(token) if p.top_n_tokens else None,
+                "generated_text": None,
+                "details": None,
+            }
+        if chunk.finish_reason:
+            if pending is None:  # nothing was generated; TGI still ends with an event
+                pending = {"index": 0, "token": {"id": 0, "text": "", "logprob": 0.0, "special": True}}
+            text = "".join(texts)
+            pending["generated_text"] = body.inputs + text if p.return_full_text else text
+            pending["details"] = (
+                {
+                    "finish_reason": TGI_FINISH.get(chunk.finish_reason, "length"),
+                    "generated_tokens": chunk.usage.completion_tokens,
+                    "input_length": chunk.usage.prompt_tokens,
+                    "seed": p.seed,
+                }
+                if p.details
+                else None
+            )
+    if pending is not None:
+        yield pending

@@ -1,0 +1,340 @@
+"""The REST gateway as users reach it: the official `openai` SDK, `huggingface_hub.InferenceClient`
+and plain HTTP, against real processes (redis-server, a SmolLM2 shard, a router, the gateway)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.request
+
+import grpc
+import openai
+import pytest
+from huggingface_hub import InferenceClient
+
+from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2, generation_pb2_grpc
+from loraplex.protos.v1 import shard_pb2, shard_pb2_grpc
+from loraplex.tools.demo_adapters import demo_adapter_dirs
+from loraplex.tools.model_store import DEFAULT_MODEL
+from loraplex.tools.processes import free_port, loraplex_command, spawn, stop_all, wait_http_ok
+
+from mesh import start_mesh
+
+BASE = "SmolLM2-135M-Instruct"
+FRANCE = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def mesh(smollm2_dir, redis_url, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("gateway-logs")
+    mesh = start_mesh(smollm2_dir, redis_url, "gateway-test", logs, num_shards=1)
+    port = free_port()
+    gateway = spawn(
+        loraplex_command("gateway", "--router", mesh.router, "--model", DEFAULT_MODEL, "--port", str(port)),
+        logs / "gateway.log",
+    )
+    mesh.processes["gateway"] = gateway
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/health", gateway)
+        with grpc.insecure_channel(mesh.router) as channel:
+            admin = adapters_pb2_grpc.AdaptersStub(channel)
+            for name, path in demo_adapter_dirs().items():
+                admin.Create(adapters_pb2.CreateAdapterRequest(name=name, source=str(path)), timeout=30)
+        _wait_until_listed(f"http://127.0.0.1:{port}", "uppercase")
+    except BaseException:
+        mesh.stop()
+        raise
+    mesh.gateway = f"http://127.0.0.1:{port}"
+    yield mesh
+    mesh.stop()
+
+
+def _wait_until_listed(base_url: str, name: str) -> None:
+    """The router's snapshot learns a new adapter within its refresh interval."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{base_url}/v1/models", timeout=5) as response:
+            if name in {model["id"] for model in json.load(response)["data"]}:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{name} never appeared in /v1/models")
+
+
+@pytest.fixture(scope="module")
+def client(mesh) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{mesh.gateway}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def generation(mesh):
+    with grpc.insecure_channel(mesh.router) as channel:
+        yield generation_pb2_grpc.GenerationStub(channel)
+
+
+def _router_chat(generation, adapter: str, content: str, max_new_tokens: int) -> str:
+    request = common_pb2.GenerateRequest(
+        adapter=adapter,
+        messages=[common_pb2.ChatMessage(role="user", content=content)],
+        parameters=common_pb2.SamplingParameters(max_new_tokens=max_new_tokens),
+    )
+    return generation.Generate(request, timeout=60).text
+
+
+def _post(mesh, path: str, body: bytes | str, content_type: str = "application/json") -> tuple[int, dict]:
+    """A raw POST, for bodies no SDK would send; returns the status and the parsed JSON body."""
+    host, port = mesh.gateway.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        connection.request("POST", path, body=body, headers={"Content-Type": content_type})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_models_list_shows_the_base_and_each_adapter_with_its_parent(client):
+    models = {model.id: model for model in client.models.list()}
+    assert BASE in models
+    assert {"uppercase", "json"} <= set(models)
+    assert models["uppercase"].model_extra["parent"] == BASE
+    assert "parent" not in (models[BASE].model_extra or {})
+
+
+def test_completion_with_the_base_model(client):
+    completion = client.completions.create(
+        model=BASE, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    choice = completion.choices[0]
+    assert "Paris" in choice.text
+    assert choice.finish_reason in {"length", "stop"}
+    assert completion.usage.completion_tokens == 8 or choice.finish_reason == "stop"
+    assert (
+        completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    )
+
+
+def test_chat_with_an_adapter_matches_the_router_and_differs_from_the_base(client, generation):
+    messages = [{"role": "user", "content": FRANCE}]
+    adapted = client.chat.completions.create(
+        model="uppercase", messages=messages, max_tokens=16, temperature=0
+    )
+    base = client.chat.completions.create(model=BASE, messages=messages, max_tokens=16, temperature=0)
+    text = adapted.choices[0].message.content
+    assert text == _router_chat(generation, "uppercase", FRANCE, 16)
+    assert base.choices[0].message.content == _router_chat(generation, "", FRANCE, 16)
+    assert text != base.choices[0].message.content
+    assert text.upper() == text, "the uppercase demo adapter answers in capitals"
+    assert adapted.choices[0].message.role == "assistant"
+    assert adapted.object == "chat.completion"
+
+
+def test_streamed_chat_equals_the_whole_answer_and_reports_usage(client):
+    messages = [{"role": "user", "content": FRANCE}]
+    whole = client.chat.completions.create(model="uppercase", messages=messages, max_tokens=12, temperature=0)
+    stream = client.chat.completions.create(
+        model="uppercase",
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 2, (
+        "tokens arrive as they come"
+    )
+
+
+def test_streamed_completion_and_n_choices_with_a_seed(client):
+    stream = client.completions.create(
+        model=BASE, prompt="Once upon a time", max_tokens=10, temperature=0, stream=True
+    )
+    streamed = "".join(chunk.choices[0].text for chunk in stream)
+    whole = client.completions.create(model=BASE, prompt="Once upon a time", max_tokens=10, temperature=0)
+    assert streamed == whole.choices[0].text
+    sampled = client.completions.create(
+        model="json", prompt="Once upon a time", max_tokens=10, temperature=1.0, seed=7, n=3
+    )
+    again = client.completions.create(
+        model="json", prompt="Once upon a time", max_tokens=10, temperature=1.0, seed=7, n=3
+    )
+    assert [c.index for c in sampled.choices] == [0, 1, 2]
+    assert [c.text for c in sampled.choices] == [c.text for c in again.choices], "seeded: reproducible"
+    assert len({c.text for c in sampled.choices}) > 1, "each choice gets its own seed"
+    assert sampled.usage.completion_tokens == sum(10 for _ in range(3)) or any(
+        c.finish_reason == "stop" for c in sampled.choices
+    )
+
+
+def test_chat_logprobs(client):
+    response = client.chat.completions.create(
+        model=BASE,
+        messages=[{"role": "user", "content": FRANCE}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = response.choices[0].logprobs.content
+    assert len(content) == response.usage.completion_tokens
+    assert "".join(entry.token for entry in content) == response.choices[0].message.content
+    for entry in content:
+        assert entry.logprob <= 0
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-4, "greedy picks the most likely token"
+
+
+def test_tgi_text_generation_with_adapter_details_and_stream(mesh, generation):
+    tgi = InferenceClient(model=mesh.gateway, timeout=120)
+    prompt = "Answer briefly. The capital of France is"
+    output = tgi.text_generation(prompt, adapter_id="uppercase", max_new_tokens=8, details=True)
+    router_text = generation.Generate(
+        common_pb2.GenerateRequest(
+            adapter="uppercase", prompt=prompt, parameters=common_pb2.SamplingParameters(max_new_tokens=8)
+        ),
+        timeout=60,
+    ).text
+    assert output.generated_text == router_text
+    assert output.details.finish_reason in {"length", "eos_token", "stop_sequence"}
+    assert output.details.generated_tokens == len(output.details.tokens)
+    assert all(token.logprob <= 0 for token in output.details.tokens)
+    events = list(
+        tgi.text_generation(prompt, adapter_id="uppercase", max_new_tokens=8, details=True, stream=True)
+    )
+    # As in TGI, the end-of-sequence token is streamed too, marked special, and left out of the text.
+    assert "".join(event.token.text for event in events if not event.token.special) == router_text
+    assert events[-1].generated_text == router_text
+    assert events[-1].details.finish_reason == output.details.finish_reason
+    assert all(event.details is None for event in events[:-1])
+    plain = tgi.text_generation(prompt, max_new_tokens=8)
+    assert isinstance(plain, str) and plain != router_text
+
+
+def test_tgi_generate_route_in_tgi_shape(mesh):
+    status, body = _post(
+        mesh,
+        "/generate",
+        json.dumps(
+            {
+                "inputs": "The capital of France is",
+                "parameters": {
+                    "adapter_id": "json",
+                    "max_new_tokens": 4,
+                    "details": True,
+                    "decoder_input_details": True,
+                },
+            }
+        ),
+    )
+    assert status == 200
+    details = body["details"]
+    assert details["generated_tokens"] == 4 and len(details["tokens"]) == 4
+    assert details["prefill"] and details["prefill"][0]["logprob"] is None
+    assert {"id", "text", "logprob", "special"} <= set(details["tokens"][0])
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "hint"),
+    [
+        ("/v1/chat/completions", "{not json", 400, "not valid JSON"),
+        ("/v1/chat/completions", {"model": BASE, "messages": []}, 400, "messages is empty"),
+        ("/v1/chat/completions", {"model": BASE, "messages": "hello"}, 400, "messages"),
+        ("/v1/completions", {"model": BASE, "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+        (
+            "/v1/completions",
+            {"model": BASE, "prompt": "hi", "max_tokens": 100000},
+            400,
+            "max_new_tokens must be",
+        ),
+        ("/v1/completions", {"model": BASE, "prompt": "hi", "temperature": -1}, 400, "temperature"),
+        ("/v1/completions", {"model": "no-such-model", "prompt": "hi"}, 404, "GET /v1/models"),
+        (
+            "/v1/completions",
+            {"model": "no-such-model", "prompt": "hi", "stream": True},
+            404,
+            "does not exist",
+        ),
+        ("/v1/completions", {"prompt": "hi"}, 400, "model"),
+        ("/v1/completions", {"model": BASE, "prompt": "hi", "n": 0}, 400, "n"),
+    ],
+)
+def test_bad_input_gets_a_4xx_in_openai_shape(mesh, path, body, status, hint):
+    got, payload = _post(mesh, path, body if isinstance(body, str) else json.dumps(body))
+    assert got == status, payload
+    assert hint in payload["error"]["message"]
+    assert payload["error"]["type"]
+
+
+def test_tgi_bad_input_gets_422_in_tgi_shape(mesh):
+    status, body = _post(
+        mesh, "/generate", json.dumps({"inputs": "hi", "parameters": {"max_new_tokens": -3}})
+    )
+    assert status == 422
+    assert body["error_type"] == "validation" and "max_new_tokens" in body["error"]
+    status, body = _post(
+        mesh, "/generate", json.dumps({"inputs": "hi", "parameters": {"adapter_id": "nope"}})
+    )
+    assert status == 404 and "nope" in body["error"]
+
+
+def test_client_disconnect_cancels_the_generation_on_the_shard(mesh):
+    host, port = mesh.gateway.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = {"model": BASE, "prompt": "Count:", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    connection.request(
+        "POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+    )
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")
+    assert _running_on_shards(mesh) == 1
+    connection.close()
+    deadline = time.monotonic() + 10
+    while _running_on_shards(mesh) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running_on_shards(mesh) == 0, "the shard kept generating for a client that left"
+
+
+def test_client_disconnect_cancels_a_whole_response_request_too(mesh):
+    host, port = mesh.gateway.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = {"model": BASE, "prompt": "Count:", "max_tokens": 2000, "ignore_eos": True}
+    connection.request(
+        "POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+    )
+    deadline = time.monotonic() + 10
+    while not _running_on_shards(mesh) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _running_on_shards(mesh) == 1
+    connection.close()
+    deadline = time.monotonic() + 10
+    while _running_on_shards(mesh) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running_on_shards(mesh) == 0, "the shard kept generating for a client that left"
+
+
+def _running_on_shards(mesh) -> int:
+    total = 0
+    for address in mesh.shards.values():
+        with grpc.insecure_channel(address) as channel:
+            status = shard_pb2_grpc.ShardStub(channel).Status(shard_pb2.ShardStatusRequest(), timeout=5)
+            total += status.running_requests + status.waiting_requests
+    return total
+
+
+def test_health_and_metrics(mesh):
+    with urllib.request.urlopen(f"{mesh.gateway}/health", timeout=5) as response:
+        assert json.load(response)["status"] == "ok"
+    with urllib.request.urlopen(f"{mesh.gateway}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert 'loraplex_gateway_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert "loraplex_gateway_time_to_first_byte_seconds_bucket" in text
+    assert 'status="404"' in text
