@@ -140,7 +140,7 @@ class Engine:
         """Read an adapter from a local source and check it against this model (any thread). Its
         tensors stay in host memory (the CPU tier), pinned on a GPU shard so that taking a slot is an
         asynchronous copy."""
-        return load_adapter(
+        adapter = load_adapter(
             source,
             name,
             version,
@@ -150,6 +150,9 @@ class Engine:
             self.dtype,
             pin_memory=self.device.type == "cuda",
         )
+        if isinstance(self.lora_weights, PackedLoraSlots):
+            self.lora_weights.prepare(adapter)
+        return adapter
 
     def _lora_weights(self, config: EngineConfig) -> StackedLoraWeights | PackedLoraSlots:
         """The slot tier of the LoRA backend: the Triton kernels' stacked buffers, or packed adapters
@@ -178,7 +181,10 @@ class Engine:
         )
 
     def drop_adapter(self, adapter_uid: int) -> None:
-        """Free the adapter's slot once no running sequence uses it (after a delete or an update)."""
+        """Free the adapter's slot once no running sequence uses it (after a delete, an update or its
+        eviction from the CPU tier)."""
+        if isinstance(self.lora_weights, PackedLoraSlots):
+            self.lora_weights.forget(adapter_uid)
         self._inbox.put(("drop_adapter", adapter_uid))
 
     def start(self) -> None:

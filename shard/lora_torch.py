@@ -1,7 +1,8 @@
 """Adapters applied with plain torch matmuls (the CPU path): each slot holds its adapter packed per
 fused projection, so one targeted projection costs two matmuls per adapter segment of the step.
 
-Packing happens once, when an adapter takes a slot: for a fused projection such as qkv_proj the
+Packing happens once per loaded adapter, on the loader thread as it enters the CPU tier (`prepare`),
+so taking a slot on the engine thread is a pointer swap. For a fused projection such as qkv_proj the
 targeted modules' A are stacked into one [in, r_q + r_k + r_v] matrix (they read the same input) and
 their B laid out block-diagonally into [r_q + r_k + r_v, q | k | v] with the scaling folded in. A step
 then runs out[rows] += (x[rows] @ A) @ B per segment, instead of one shrink and one expand per module:
@@ -55,9 +56,23 @@ class PackedLoraSlots:
         self.dtype = dtype
         self.device = device
         self.slots: list[Packed] = [{} for _ in range(num_slots)]
+        # adapter uid -> packed weights, filled by loader threads and read by the engine thread
+        # (single dict operations, atomic under the GIL)
+        self._prepared: dict[int, Packed] = {}
+
+    def prepare(self, adapter: LoraAdapter) -> None:
+        """Pack the adapter ahead of its first slot (any thread): the engine thread then only swaps."""
+        self._prepared[adapter.uid] = pack_adapter(adapter, self.layout, self.dtype, self.device)
+
+    def forget(self, adapter_uid: int) -> None:
+        """The adapter left the CPU tier: drop its packed copy (a slot holding it keeps its own)."""
+        self._prepared.pop(adapter_uid, None)
 
     def write(self, slot: int, adapter: LoraAdapter) -> None:
-        self.slots[slot] = pack_adapter(adapter, self.layout, self.dtype, self.device)
+        packed = self._prepared.get(adapter.uid)
+        if packed is None:  # loaded without prepare (tests, preloads): pack here
+            packed = pack_adapter(adapter, self.layout, self.dtype, self.device)
+        self.slots[slot] = packed
 
     def batch(self, meta: LoraStepMetadata) -> TorchLoraBatch:
         return TorchLoraBatch(meta, self)

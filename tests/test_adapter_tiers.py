@@ -69,6 +69,21 @@ def fifty_adapters(tiny_model_dir, tmp_path_factory):
     ]
 
 
+def test_torch_path_packs_on_load_so_taking_a_slot_only_swaps(tiny_engine, fifty_adapters):
+    """Packing is the costly part of a slot write on CPU; it runs where the adapter is loaded (a loader
+    thread), never on the engine thread, and leaves with the adapter's CPU-tier copy."""
+    weights = tiny_engine.lora_weights
+    adapter = tiny_engine.load_adapter(str(fifty_adapters[0]), "packed-early", 1)
+    prepared = weights._prepared[adapter.uid]
+    assert prepared, "the adapter targets q and v, so qkv_proj is packed for every layer"
+    slot = tiny_engine.slots.acquire(adapter)
+    assert weights.slots[slot] is prepared
+    tiny_engine.slots.release(slot)
+    tiny_engine.slots.drop(adapter.uid)
+    tiny_engine.drop_adapter(adapter.uid)
+    assert adapter.uid not in weights._prepared
+
+
 def _store(engine: Engine, max_cpu: int, disk: DiskCache | None = None) -> AdapterStore:
     return AdapterStore(
         engine.load_adapter,
