@@ -68,7 +68,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
         snapshot = self._snapshots.current
-        adapter = self._resolve_adapter(request.adapter, snapshot.adapters)
+        adapter = resolve_adapter(request.adapter, snapshot.adapters)
         shard_request = shard_pb2.ShardGenerateRequest(request=request)
         if adapter is not None:
             shard_request.adapter.CopyFrom(adapter_to_pb(adapter))
@@ -131,13 +131,14 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         outstanding += self._snapshots.inflight.corrections.get(shard.shard_id, 0)
         return outstanding >= self._saturation_factor * max(1, shard.max_running_requests)
 
-    @staticmethod
-    def _resolve_adapter(name: str, adapters: dict[str, AdapterRecord]) -> AdapterRecord | None:
-        if not name:
-            return None
-        if name not in adapters:
-            raise ServiceError.not_found(
-                f"adapter {name!r} is not registered; list adapters with Adapters/List "
-                "(`loraplex adapters ls`) or leave `adapter` empty for the base model"
-            )
-        return adapters[name]
+
+def resolve_adapter(name: str, adapters: dict[str, AdapterRecord]) -> AdapterRecord | None:
+    """The catalogue record a request names (None for the base model); NOT_FOUND if unregistered."""
+    if not name:
+        return None
+    if name not in adapters:
+        raise ServiceError.not_found(
+            f"adapter {name!r} is not registered; list adapters with Adapters/List "
+            "(`loraplex adapters ls`) or leave `adapter` empty for the base model"
+        )
+    return adapters[name]

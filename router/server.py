@@ -1,4 +1,4 @@
-"""Run one router: the Generation and Adapters services over a registry snapshot."""
+"""Run one router: the Generation, Adapters and Jobs services over a registry snapshot."""
 
 from __future__ import annotations
 
@@ -7,11 +7,20 @@ import logging
 from dataclasses import dataclass
 
 from loraplex.protos.rpc import create_server, set_not_serving, set_serving, stop_on_signals
-from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+from loraplex.protos.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+)
+from loraplex.registry.jobs import JobQueue
 from loraplex.registry.store import Registry
 from loraplex.router.admin import AdaptersService
 from loraplex.router.channels import ShardChannels
 from loraplex.router.generation import GenerationService
+from loraplex.router.jobs import JobsService
 from loraplex.router.placement import DEFAULT_CAPACITY_FACTOR
 from loraplex.router.snapshot import SnapshotKeeper
 
@@ -19,6 +28,7 @@ log = logging.getLogger("loraplex.router")
 SERVICE_NAMES = [
     generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
     adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
+    jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name,
 ]
 
 
@@ -42,6 +52,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     snapshots = SnapshotKeeper(registry, config.refresh_interval_s)
     await snapshots.start()
     channels = ShardChannels()
+    jobs = JobQueue(config.redis_url, config.namespace)
     server, port, health = create_server(f"{config.host}:{config.port}", SERVICE_NAMES)
     generation_pb2_grpc.add_GenerationServicer_to_server(
         GenerationService(
@@ -52,6 +63,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
         AdaptersService(registry, snapshots, config.base_model), server
     )
+    jobs_pb2_grpc.add_JobsServicer_to_server(JobsService(jobs, snapshots), server)
     await server.start()
     await set_serving(health, SERVICE_NAMES)
     print(f"router ready on {config.host}:{port}", flush=True)
@@ -62,4 +74,5 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
         await server.stop(grace=config.drain_timeout_s)
         await snapshots.stop()
         await channels.close()
+        await jobs.close()
         await registry.close()

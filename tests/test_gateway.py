@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -13,11 +14,17 @@ import openai
 import pytest
 from huggingface_hub import InferenceClient
 
-from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2, generation_pb2_grpc
-from loraplex.protos.v1 import shard_pb2, shard_pb2_grpc
+from loraplex.protos.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    common_pb2,
+    generation_pb2_grpc,
+    shard_pb2,
+    shard_pb2_grpc,
+)
 from loraplex.tools.demo_adapters import demo_adapter_dirs
 from loraplex.tools.model_store import DEFAULT_MODEL
-from loraplex.tools.processes import free_port, loraplex_command, spawn, stop_all, wait_http_ok
+from loraplex.tools.processes import free_port, loraplex_command, spawn, wait_http_ok
 
 from mesh import start_mesh
 
@@ -35,6 +42,20 @@ def mesh(smollm2_dir, redis_url, tmp_path_factory):
         logs / "gateway.log",
     )
     mesh.processes["gateway"] = gateway
+    mesh.processes["worker"] = spawn(
+        loraplex_command(
+            "worker",
+            "--router",
+            mesh.router,
+            "--redis-url",
+            redis_url,
+            "--namespace",
+            "gateway-test",
+            "--metrics-port",
+            "0",
+        ),
+        logs / "worker.log",
+    )
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/health", gateway)
         with grpc.insecure_channel(mesh.router) as channel:
@@ -328,6 +349,28 @@ def _running_on_shards(mesh) -> int:
             status = shard_pb2_grpc.ShardStub(channel).Status(shard_pb2.ShardStatusRequest(), timeout=5)
             total += status.running_requests + status.waiting_requests
     return total
+
+
+def test_async_completion_is_queued_then_picked_up(mesh, client):
+    body = {"model": "uppercase", "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}
+    status, submitted = _post(mesh, "/v1/async/completions", json.dumps(body))
+    assert status == 202 and submitted["status"] == "queued"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{mesh.gateway}/v1/async/jobs/{submitted['id']}", timeout=5) as response:
+            job = json.load(response)
+        if job["status"] in ("succeeded", "failed"):
+            break
+        time.sleep(0.2)
+    assert job["status"] == "succeeded", job
+    direct = client.completions.create(**body)
+    assert job["result"]["choices"][0]["text"] == direct.choices[0].text
+    assert job["result"]["usage"]["completion_tokens"] == direct.usage.completion_tokens
+    status, error = _post(mesh, "/v1/async/completions", json.dumps({**body, "model": "nope"}))
+    assert status == 404 and "does not exist" in error["error"]["message"]
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"{mesh.gateway}/v1/async/jobs/0123456789abcdef", timeout=5)
+    assert missing.value.code == 404
 
 
 def test_health_and_metrics(mesh):

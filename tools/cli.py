@@ -185,6 +185,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="deadline in seconds for one generation through the router",
     )
 
+    worker = commands.add_parser("worker", help="run async jobs from the Redis queue through a router")
+    worker.add_argument("--router", default=_env("ROUTER", DEFAULT_ROUTER), help="router gRPC address")
+    worker.add_argument("--redis-url", default=_env("REDIS_URL", DEFAULT_REDIS_URL))
+    worker.add_argument("--namespace", default=_env("NAMESPACE", "loraplex"), help="Redis key prefix")
+    worker.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    worker.add_argument(
+        "--concurrency", type=int, default=int(_env("CONCURRENCY", "8")), help="jobs run at once"
+    )
+    worker.add_argument(
+        "--claim-idle",
+        type=float,
+        default=float(_env("CLAIM_IDLE", "30")),
+        help="seconds a job may sit unacknowledged before a live worker takes it from a dead one",
+    )
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env("METRICS_PORT", "9400")),
+        help="port of the Prometheus /metrics endpoint (0: off)",
+    )
+    worker.add_argument(
+        "--job-ttl",
+        type=float,
+        default=float(_env("JOB_TTL", "86400")),
+        help="seconds a finished job's result or error is kept",
+    )
+    worker.add_argument(
+        "--request-timeout",
+        type=float,
+        default=float(_env("REQUEST_TIMEOUT", "600")),
+        help="deadline in seconds for one generation through the router",
+    )
+    worker.add_argument(
+        "--consumer", default=_env("CONSUMER", ""), help="name in the consumer group (default: hostname-pid)"
+    )
+
     adapters = commands.add_parser("adapters", help="manage the adapter catalogue through a router")
     adapters.add_argument("--router", default=_env("ROUTER", DEFAULT_ROUTER))
     actions = adapters.add_subparsers(dest="action", required=True)
@@ -473,6 +509,24 @@ def _run_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_worker(args: argparse.Namespace) -> int:
+    from loraplex.router.worker import WorkerConfig, serve
+
+    config = WorkerConfig(
+        router=args.router,
+        redis_url=args.redis_url,
+        consumer=args.consumer or f"{socket.gethostname()}-{os.getpid()}",
+        namespace=args.namespace,
+        concurrency=args.concurrency,
+        claim_idle_s=args.claim_idle,
+        metrics_port=args.metrics_port,
+        job_ttl_s=args.job_ttl,
+        request_timeout_s=args.request_timeout,
+    )
+    asyncio.run(serve(config))
+    return 0
+
+
 def _run_adapters(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
@@ -577,6 +631,7 @@ COMMANDS = {
     "shard": _run_shard,
     "router": _run_router,
     "gateway": _run_gateway,
+    "worker": _run_worker,
     "adapters": _run_adapters,
     "model": _run_model,
     "bench": _run_bench,

@@ -1,0 +1,69 @@
+"""The public Jobs service: queue a generation now, fetch its outcome later.
+
+Submit checks what the router can check at once (the input fields, the adapter is registered) so an
+obvious mistake is answered now rather than stored as a failed job; everything else (sampling limits,
+the prompt's length) is the shard's to judge when a worker runs the job, and ends up in the job's error.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+import grpc
+import redis.exceptions
+
+from loraplex.protos.rpc import ServiceError
+from loraplex.protos.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
+from loraplex.registry.jobs import JobQueue
+from loraplex.router.generation import resolve_adapter
+from loraplex.router.snapshot import SnapshotKeeper
+
+
+class JobsService(jobs_pb2_grpc.JobsServicer):
+    def __init__(self, queue: JobQueue, snapshots: SnapshotKeeper) -> None:
+        self._queue = queue
+        self._snapshots = snapshots
+
+    async def Submit(
+        self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.SubmitJobResponse:
+        _check_input(request.request)
+        resolve_adapter(request.request.adapter, self._snapshots.current.adapters)
+        _check_callback_url(request.callback_url)
+        job_id = await _call(self._queue.submit(request.request, request.callback_url))
+        return jobs_pb2.SubmitJobResponse(job_id=job_id)
+
+    async def Get(self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
+        if not request.job_id:
+            raise ServiceError.invalid("`job_id` is required: the id Jobs/Submit returned")
+        job = await _call(self._queue.get(request.job_id))
+        if job is None:
+            raise ServiceError.not_found(
+                f"job {request.job_id!r} is unknown or expired; a finished job is kept for the worker's "
+                "--job-ttl (24 h by default), then deleted"
+            )
+        return job
+
+
+def _check_input(request: common_pb2.GenerateRequest) -> None:
+    inputs = [bool(request.prompt), bool(request.messages), bool(request.prompt_token_ids)]
+    if sum(inputs) != 1:
+        raise ServiceError.invalid(
+            "set exactly one of `prompt` (non-empty text), `messages` or `prompt_token_ids`"
+        )
+
+
+def _check_callback_url(url: str) -> None:
+    parsed = urlparse(url)
+    if url and (parsed.scheme not in ("http", "https") or not parsed.netloc):
+        raise ServiceError.invalid(f"callback_url {url!r} is not an http(s) URL; leave it empty for none")
+
+
+async def _call(operation):
+    """Await a queue operation; an unreachable Redis is UNAVAILABLE, which callers may retry."""
+    try:
+        return await operation
+    except (redis.exceptions.RedisError, OSError) as error:
+        raise ServiceError.unavailable(
+            f"the job queue (Redis) is unreachable, retry later: {error}"
+        ) from error

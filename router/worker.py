@@ -1,0 +1,228 @@
+"""The `loraplex worker` process: runs async jobs from the Redis stream through a router.
+
+Each worker is one consumer in the stream's group and runs up to `concurrency` jobs at once, each as a
+Generation/Generate call to the router. While a job runs, the worker keeps its entry's idle time fresh;
+an entry left idle longer than `claim_idle_s` belongs to a dead worker and is reclaimed by a live one.
+Results are stored exactly once (registry/jobs.py), so a job run twice after a reclaim is harmless.
+SIGTERM drains: no new reads, in-flight jobs finish (up to `drain_timeout_s`), then exit; whatever is
+left unfinished stays pending and another worker reclaims it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import grpc
+import redis.exceptions
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from loraplex.protos.rpc import stop_on_signals
+from loraplex.protos.v1 import common_pb2, generation_pb2_grpc
+from loraplex.registry.jobs import DEFAULT_TTL_S, Delivery, JobQueue
+
+log = logging.getLogger("loraplex.worker")
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+STORE_ERRORS = (redis.exceptions.RedisError, OSError)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    router: str
+    redis_url: str
+    consumer: str  # this worker's name in the consumer group; unique per live worker
+    namespace: str = "loraplex"
+    concurrency: int = 8
+    claim_idle_s: float = 30.0  # an entry idle this long belongs to a dead worker
+    metrics_port: int = 9400  # 0 = no /metrics
+    job_ttl_s: float = DEFAULT_TTL_S  # how long a finished job's outcome is kept
+    request_timeout_s: float = 600.0  # deadline of one Generate call
+    max_retries: int = 4  # extra Generate attempts on UNAVAILABLE / RESOURCE_EXHAUSTED
+    retry_backoff_s: float = 0.5  # doubled after each retry
+    max_deliveries: int = 5  # a job whose workers keep dying is failed after this many deliveries
+    read_block_ms: int = 1000  # also bounds how long SIGTERM waits for the read loop
+    backlog_interval_s: float = 1.0
+    drain_timeout_s: float = 30.0
+
+
+class Failure(NamedTuple):
+    code: str  # gRPC status name
+    message: str
+
+
+class WorkerMetrics:
+    """The worker's Prometheus metrics, on a registry of their own (several workers may share a
+    process in tests)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.backlog = Gauge(
+            "loraplex_jobs_backlog",
+            "jobs queued or running, not yet finished (all workers)",
+            registry=self.registry,
+        )
+        self.completed = Counter(
+            "loraplex_jobs_completed", "jobs this worker finished with a result", registry=self.registry
+        )
+        self.failed = Counter(
+            "loraplex_jobs_failed", "jobs this worker finished with an error", registry=self.registry
+        )
+
+
+class Worker:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        queue: JobQueue,
+        generation: generation_pb2_grpc.GenerationStub,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self._config = config
+        self._queue = queue
+        self._generation = generation
+        self._metrics = metrics
+        self._inflight: dict[asyncio.Task, Delivery] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Take and run jobs until stop is set, then drain the ones in flight."""
+        helpers = [
+            asyncio.create_task(self._keep_entries_fresh()),
+            asyncio.create_task(self._report_backlog()),
+        ]
+        try:
+            await self._take_jobs(stop)
+            await self._drain()
+        finally:
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+
+    async def _take_jobs(self, stop: asyncio.Event) -> None:
+        config = self._config
+        next_reclaim = 0.0
+        while not stop.is_set():
+            free = config.concurrency - len(self._inflight)
+            if free <= 0:
+                await asyncio.wait(self._inflight, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                deliveries = []
+                if time.monotonic() >= next_reclaim:
+                    deliveries = await self._queue.reclaim(
+                        config.consumer, int(config.claim_idle_s * 1000), free
+                    )
+                    next_reclaim = time.monotonic() + config.claim_idle_s / 2
+                    if deliveries:
+                        log.info("reclaimed %d jobs from a dead worker", len(deliveries))
+                if not deliveries:
+                    deliveries = await self._queue.read(config.consumer, free, config.read_block_ms)
+            except STORE_ERRORS as error:
+                log.warning("job queue unreachable, retrying in 1 s: %s", error)
+                await _sleep_unless(stop, 1.0)
+                continue
+            for delivery in deliveries:
+                task = asyncio.create_task(self._run_job(delivery))
+                self._inflight[task] = delivery
+                task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task) -> None:
+        delivery = self._inflight.pop(task)
+        if not task.cancelled() and task.exception() is not None:  # left pending: reclaimed later
+            log.error("job %s crashed the worker's task", delivery.job_id, exc_info=task.exception())
+
+    async def _drain(self) -> None:
+        if not self._inflight:
+            return
+        log.info("draining %d jobs in flight", len(self._inflight))
+        _, unfinished = await asyncio.wait(self._inflight, timeout=self._config.drain_timeout_s)
+        for task in unfinished:  # their entries stay pending: another worker reclaims them
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
+
+    async def _run_job(self, delivery: Delivery) -> None:
+        if delivery.attempts > self._config.max_deliveries:
+            outcome: common_pb2.GenerateResponse | Failure = Failure(
+                "ABORTED",
+                f"gave up after {delivery.attempts - 1} deliveries: every worker that took this job "
+                "stopped before finishing it",
+            )
+        else:
+            outcome = await self._generate(delivery.request)
+        try:
+            if isinstance(outcome, Failure):
+                stored = await self._queue.fail(delivery.job_id, delivery.entry_id, *outcome)
+                counter = self._metrics.failed
+            else:
+                stored = await self._queue.complete(delivery.job_id, delivery.entry_id, outcome)
+                counter = self._metrics.completed
+        except STORE_ERRORS as error:  # left pending: it is reclaimed and run again later
+            log.warning("could not store the outcome of job %s: %s", delivery.job_id, error)
+            return
+        if stored:
+            counter.inc()
+        else:
+            log.info(
+                "job %s had already finished (or expired); this run's outcome is dropped", delivery.job_id
+            )
+
+    async def _generate(self, request: common_pb2.GenerateRequest) -> common_pb2.GenerateResponse | Failure:
+        """One Generate call, retried with backoff while the mesh is unavailable or overloaded."""
+        config = self._config
+        for attempt in range(config.max_retries + 1):
+            try:
+                return await self._generation.Generate(request, timeout=config.request_timeout_s)
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in RETRYABLE or attempt == config.max_retries:
+                    return Failure(error.code().name, error.details() or error.code().name)
+                log.info("Generate answered %s, retrying: %s", error.code().name, error.details())
+            await asyncio.sleep(config.retry_backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _keep_entries_fresh(self) -> None:
+        """Reset the idle time of running jobs, so a long generation is not reclaimed while alive."""
+        while True:
+            await asyncio.sleep(self._config.claim_idle_s / 3)
+            entry_ids = [delivery.entry_id for delivery in self._inflight.values()]
+            try:
+                await self._queue.touch(self._config.consumer, entry_ids)
+            except STORE_ERRORS as error:
+                log.warning("could not refresh running jobs' entries: %s", error)
+
+    async def _report_backlog(self) -> None:
+        while True:
+            try:
+                self._metrics.backlog.set(await self._queue.backlog())
+            except STORE_ERRORS as error:
+                log.warning("could not read the job backlog: %s", error)
+            await asyncio.sleep(self._config.backlog_interval_s)
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None:
+    stop = stop or stop_on_signals()
+    metrics = WorkerMetrics()
+    http_server = None
+    if config.metrics_port:
+        http_server, _ = start_http_server(config.metrics_port, registry=metrics.registry)
+    queue = JobQueue(config.redis_url, config.namespace, ttl_s=config.job_ttl_s)
+    try:
+        async with grpc.aio.insecure_channel(config.router) as channel:
+            worker = Worker(config, queue, generation_pb2_grpc.GenerationStub(channel), metrics)
+            print(
+                f"worker {config.consumer} taking jobs for router {config.router} "
+                f"(concurrency {config.concurrency})",
+                flush=True,
+            )
+            await worker.run(stop)
+    finally:
+        await queue.close()
+        if http_server is not None:
+            http_server.shutdown()

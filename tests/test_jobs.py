@@ -1,0 +1,394 @@
+"""Async jobs: the queue against a real redis-server, then submit -> worker -> result through a real mesh
+(redis-server, a shard on the tiny model, a router, worker processes), a worker SIGKILLed mid-way."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import redis.asyncio as redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loraplex.protos.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    common_pb2,
+    generation_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+)
+from loraplex.registry.jobs import GROUP, JobQueue
+from loraplex.tools.processes import free_port, loraplex_command, spawn, stop_all
+
+from mesh import start_mesh
+from peft_fixtures import write_peft_adapter
+
+NAMESPACE = "jobs-test"
+SUCCEEDED, FAILED = jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def _request(prompt: str = "hello", max_new_tokens: int = 4) -> common_pb2.GenerateRequest:
+    return common_pb2.GenerateRequest(
+        prompt=prompt,
+        parameters=common_pb2.SamplingParameters(max_new_tokens=max_new_tokens, ignore_eos=True),
+    )
+
+
+def _response(text: str) -> common_pb2.GenerateResponse:
+    return common_pb2.GenerateResponse(text=text, finish_reason=common_pb2.FINISH_REASON_LENGTH)
+
+
+# --- the queue ---------------------------------------------------------------------------------------
+
+
+def test_a_submitted_job_is_queued_with_a_generous_ttl_that_shrinks_when_it_finishes(redis_url, namespace):
+    async def scenario():
+        queue = JobQueue(redis_url, namespace, ttl_s=60, queued_ttl_s=3600)
+        job_id = await queue.submit(_request(), callback_url="http://example.com/hook")
+        job = await queue.get(job_id)
+        assert (job.job_id, job.state) == (job_id, jobs_pb2.JOB_STATE_QUEUED)
+        assert abs(job.created_at.ToNanoseconds() / 1e9 - time.time()) < 5
+        assert not job.HasField("finished_at") and not job.HasField("result")
+        raw = redis.from_url(redis_url)
+        assert 3500_000 < await raw.pttl(queue.record_key(job_id)) <= 3600_000
+
+        (delivery,) = await queue.read("a", count=10, block_ms=100)
+        assert (delivery.job_id, delivery.request, delivery.attempts) == (job_id, _request(), 1)
+        assert (await queue.get(job_id)).state == jobs_pb2.JOB_STATE_RUNNING
+        assert await queue.complete(job_id, delivery.entry_id, _response("done"))
+        job = await queue.get(job_id)
+        assert (job.state, job.result.text, job.HasField("error")) == (SUCCEEDED, "done", False)
+        assert job.finished_at.ToNanoseconds() >= job.created_at.ToNanoseconds()
+        assert 0 < await raw.pttl(queue.record_key(job_id)) <= 60_000
+        await raw.aclose()
+        await queue.close()
+
+    run(scenario())
+
+
+def test_an_unknown_job_id_is_none(redis_url, namespace):
+    async def scenario():
+        queue = JobQueue(redis_url, namespace)
+        assert await queue.get("no-such-job") is None
+        assert await queue.backlog() == 0
+        await queue.close()
+
+    run(scenario())
+
+
+def test_a_failed_job_keeps_its_status_name_and_message(redis_url, namespace):
+    async def scenario():
+        queue = JobQueue(redis_url, namespace)
+        job_id = await queue.submit(_request())
+        (delivery,) = await queue.read("a", count=1, block_ms=100)
+        assert await queue.fail(job_id, delivery.entry_id, "NOT_FOUND", "adapter 'x' is not registered")
+        job = await queue.get(job_id)
+        assert (job.state, job.error.code, job.error.message) == (
+            FAILED,
+            "NOT_FOUND",
+            "adapter 'x' is not registered",
+        )
+        assert not job.HasField("result") and await queue.backlog() == 0
+        await queue.close()
+
+    run(scenario())
+
+
+def test_a_job_run_twice_after_a_reclaim_completes_exactly_once(redis_url, namespace):
+    async def scenario():
+        queue = JobQueue(redis_url, namespace)
+        job_id = await queue.submit(_request())
+        (first,) = await queue.read("slow", count=1, block_ms=100)
+        await asyncio.sleep(0.05)
+        (second,) = await queue.reclaim("rescuer", min_idle_ms=10, count=5)
+        assert (second.job_id, second.entry_id, second.attempts) == (job_id, first.entry_id, 2)
+
+        assert await queue.complete(job_id, second.entry_id, _response("rescuer's"))
+        assert not await queue.complete(job_id, first.entry_id, _response("slow's"))
+        assert not await queue.fail(job_id, first.entry_id, "UNAVAILABLE", "late")
+        job = await queue.get(job_id)
+        assert (job.state, job.result.text, job.HasField("error")) == (SUCCEEDED, "rescuer's", False)
+        assert await queue.backlog() == 0
+        assert await queue.reclaim("rescuer", min_idle_ms=0, count=5) == []
+        await queue.close()
+
+    run(scenario())
+
+
+def test_reclaim_takes_only_idle_entries_and_acks_those_with_nothing_left_to_run(redis_url, namespace):
+    async def scenario():
+        queue = JobQueue(redis_url, namespace)
+        raw = redis.from_url(redis_url)
+        ids = [await queue.submit(_request(f"job {i}")) for i in range(4)]
+        deliveries = await queue.read("dead", count=4, block_ms=100)
+        assert [d.job_id for d in deliveries] == ids
+        assert await queue.reclaim("live", min_idle_ms=60_000, count=10) == [], "nothing is idle yet"
+
+        await raw.delete(queue.record_key(ids[0]))  # expired while pending
+        await raw.xdel(queue.stream_key, deliveries[1].entry_id)  # entry deleted while pending
+        await asyncio.sleep(0.05)
+        reclaimed = await queue.reclaim("live", min_idle_ms=10, count=10)
+        assert [d.job_id for d in reclaimed] == ids[2:]
+        assert (await raw.xpending(queue.stream_key, GROUP))["pending"] == 2, (
+            "only the live jobs stay pending"
+        )
+        assert await queue.backlog() == 2
+        await raw.aclose()
+        await queue.close()
+
+    run(scenario())
+
+
+def test_a_live_worker_keeps_its_running_entries_from_being_reclaimed(redis_url, namespace):
+    async def scenario():
+        queue = JobQueue(redis_url, namespace)
+        await queue.submit(_request())
+        (delivery,) = await queue.read("busy", count=1, block_ms=100)
+        await asyncio.sleep(0.1)
+        assert await queue.touch("someone-else", [delivery.entry_id]) == 0, "touch never takes an entry"
+        assert await queue.touch("busy", [delivery.entry_id]) == 1
+        assert await queue.reclaim("other", min_idle_ms=80, count=1) == []
+        await queue.close()
+
+    run(scenario())
+
+
+def test_backlog_counts_jobs_not_yet_delivered_and_delivered_but_unfinished(redis_url, namespace):
+    async def scenario():
+        queue = JobQueue(redis_url, namespace)
+        ids = [await queue.submit(_request(f"job {i}")) for i in range(5)]
+        assert await queue.backlog() == 5, "before any worker made the group"
+        first, second = await queue.read("w", count=2, block_ms=100)  # submitted before the group: delivered
+        assert await queue.backlog() == 5
+        await queue.complete(ids[0], first.entry_id, _response("a"))
+        assert await queue.backlog() == 4
+        await queue.fail(ids[1], second.entry_id, "INTERNAL", "b")
+        assert await queue.backlog() == 3
+        for delivery in await queue.read("w", count=10, block_ms=100):
+            await queue.complete(delivery.job_id, delivery.entry_id, _response("c"))
+        assert await queue.backlog() == 0
+        await queue.close()
+
+    run(scenario())
+
+
+# --- through the mesh ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mesh(tiny_model_dir, redis_url, tmp_path_factory):
+    mesh = start_mesh(
+        tiny_model_dir,
+        redis_url,
+        NAMESPACE,
+        tmp_path_factory.mktemp("jobs-logs"),
+        num_shards=1,
+        shard_args=("--kv-cache-bytes", "64MiB"),
+    )
+    yield mesh
+    mesh.stop()
+
+
+@pytest.fixture(scope="module")
+def channel(mesh):
+    with grpc.insecure_channel(mesh.router) as channel:
+        yield channel
+
+
+@pytest.fixture
+def jobs(channel):
+    return jobs_pb2_grpc.JobsStub(channel)
+
+
+class Workers:
+    """Worker processes started by one test, stopped at its end."""
+
+    def __init__(self, mesh, redis_url: str, logdir: Path) -> None:
+        self._mesh, self._redis_url, self._logdir = mesh, redis_url, logdir
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, name: str) -> tuple[subprocess.Popen, int]:
+        metrics_port = free_port()
+        command = loraplex_command(
+            "worker",
+            *("--router", self._mesh.router, "--redis-url", self._redis_url, "--namespace", NAMESPACE),
+            *("--concurrency", "8", "--claim-idle", "2", "--metrics-port", str(metrics_port)),
+            *("--consumer", name),
+        )
+        process = spawn(command, self._logdir / f"{name}.log")
+        self.processes.append(process)
+        assert _wait_until(lambda: _metrics(metrics_port) is not None, 30), f"{name} never served /metrics"
+        return process, metrics_port
+
+
+@pytest.fixture
+def workers(mesh, redis_url, tmp_path):
+    workers = Workers(mesh, redis_url, tmp_path)
+    yield workers
+    stop_all(workers.processes)
+
+
+def _metrics(port: int) -> dict[str, float] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    samples = (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {name: float(value) for name, value in samples}
+
+
+def _wait_until(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _backlog(redis_url: str) -> int:
+    async def read():
+        queue = JobQueue(redis_url, NAMESPACE)
+        try:
+            return await queue.backlog()
+        finally:
+            await queue.close()
+
+    return run(read())
+
+
+def _wait_for_jobs(jobs, job_ids: list[str], timeout_s: float = 60) -> list[jobs_pb2.Job]:
+    finished = (SUCCEEDED, FAILED)
+    assert _wait_until(
+        lambda: all(
+            jobs.Get(jobs_pb2.GetJobRequest(job_id=i), timeout=10).state in finished for i in job_ids
+        ),
+        timeout_s,
+    ), "jobs did not finish in time"
+    return [jobs.Get(jobs_pb2.GetJobRequest(job_id=i), timeout=10) for i in job_ids]
+
+
+def _submit(jobs, request: common_pb2.GenerateRequest) -> str:
+    return jobs.Submit(jobs_pb2.SubmitJobRequest(request=request), timeout=10).job_id
+
+
+def _code(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code(), caught.value.details()
+
+
+def test_the_router_serves_jobs_and_checks_a_submission_at_once(channel, jobs):
+    health = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="loraplex.v1.Jobs"), timeout=5
+    )
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    no_input = jobs_pb2.SubmitJobRequest(request=common_pb2.GenerateRequest())
+    assert _code(lambda: jobs.Submit(no_input, timeout=5)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "set exactly one of `prompt` (non-empty text), `messages` or `prompt_token_ids`",
+    )
+    unknown = jobs_pb2.SubmitJobRequest(request=common_pb2.GenerateRequest(prompt="hi", adapter="ghost"))
+    code, message = _code(lambda: jobs.Submit(unknown, timeout=5))
+    assert code == grpc.StatusCode.NOT_FOUND and "'ghost' is not registered" in message
+    bad_hook = jobs_pb2.SubmitJobRequest(request=_request(), callback_url="ftp://x")
+    assert _code(lambda: jobs.Submit(bad_hook, timeout=5))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    code, message = _code(lambda: jobs.Get(jobs_pb2.GetJobRequest(job_id="0123abc"), timeout=5))
+    assert code == grpc.StatusCode.NOT_FOUND and "unknown or expired" in message
+
+
+def test_every_job_succeeds_exactly_once_although_a_worker_is_killed_half_way(
+    channel, jobs, workers, redis_url
+):
+    requests = [_request(f"Job {i}: write a short line about the sea.") for i in range(200)]
+    job_ids = [_submit(jobs, request) for request in requests]
+    assert len(set(job_ids)) == 200
+    assert _backlog(redis_url) == 200
+
+    first, _ = workers.start("worker-1")
+    assert _wait_until(lambda: _backlog(redis_url) <= 100, 60), "the first worker made no progress"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    at_kill = {job.job_id: job for job in (jobs.Get(jobs_pb2.GetJobRequest(job_id=i)) for i in job_ids)}
+    done_at_kill = {i: job for i, job in at_kill.items() if job.state == SUCCEEDED}
+    orphaned = [i for i, job in at_kill.items() if job.state == jobs_pb2.JOB_STATE_RUNNING]
+    assert 0 < len(done_at_kill) < 200 and orphaned, "the kill should land with jobs done and in flight"
+
+    _, metrics_port = workers.start("worker-2")
+    finished = _wait_for_jobs(jobs, job_ids)
+    assert [job.state for job in finished] == [SUCCEEDED] * 200, [job.error for job in finished]
+    assert all(job.result.usage.completion_tokens == 4 and not job.HasField("error") for job in finished)
+    for job in finished:
+        if job.job_id in done_at_kill:  # a stored result is never replaced
+            assert job == done_at_kill[job.job_id]
+
+    attempts = run(_attempts(redis_url, orphaned))
+    assert attempts == [2] * len(orphaned), "each orphaned job ran once more, on the second worker"
+    assert _wait_until(lambda: _metrics(metrics_port)["loraplex_jobs_backlog"] == 0, 10)
+    assert _backlog(redis_url) == 0
+    metrics = _metrics(metrics_port)
+    assert metrics["loraplex_jobs_completed_total"] == 200 - len(done_at_kill), "one stored result per job"
+    assert metrics["loraplex_jobs_failed_total"] == 0
+
+    generation = generation_pb2_grpc.GenerationStub(channel)
+    for index in (0, 57, 199):
+        direct = generation.Generate(requests[index], timeout=30)
+        assert (finished[index].result.text, finished[index].result.usage) == (direct.text, direct.usage)
+
+
+async def _attempts(redis_url: str, job_ids: list[str]) -> list[int]:
+    queue, raw = JobQueue(redis_url, NAMESPACE), redis.from_url(redis_url)
+    try:
+        return [int(await raw.hget(queue.record_key(i), "attempts")) for i in job_ids]
+    finally:
+        await raw.aclose()
+        await queue.close()
+
+
+def test_jobs_the_mesh_refuses_end_failed_with_the_error_stored(
+    channel, jobs, workers, tiny_model_dir, tmp_path
+):
+    admin = adapters_pb2_grpc.AdaptersStub(channel)
+    source = write_peft_adapter(tmp_path / "brief", tiny_model_dir, rank=4, targets=("q_proj",))
+    admin.Create(adapters_pb2.CreateAdapterRequest(name="brief", source=str(source)), timeout=30)
+    gone = common_pb2.GenerateRequest(adapter="brief")
+    gone.MergeFrom(_request())
+    gone_id = _submit(jobs, gone)
+    admin.Delete(adapters_pb2.DeleteAdapterRequest(name="brief"), timeout=30)
+    zero_id = _submit(jobs, _request(max_new_tokens=0))
+    ok_id = _submit(jobs, _request())
+
+    _, metrics_port = workers.start("worker-f")
+    gone_job, zero_job, ok_job = _wait_for_jobs(jobs, [gone_id, zero_id, ok_id])
+    assert (gone_job.state, gone_job.error.code) == (FAILED, "NOT_FOUND")
+    assert "'brief' is not registered" in gone_job.error.message
+    assert (zero_job.state, zero_job.error.code) == (FAILED, "INVALID_ARGUMENT")
+    assert "max_new_tokens" in zero_job.error.message
+    assert not gone_job.HasField("result") and gone_job.finished_at.seconds > 0
+    assert ok_job.state == SUCCEEDED
+    assert _wait_until(lambda: _metrics(metrics_port)["loraplex_jobs_failed_total"] == 2, 10)
+
+
+def test_sigterm_drains_the_jobs_in_flight_before_the_worker_exits(jobs, workers, redis_url):
+    job_ids = [_submit(jobs, _request(f"drain {i}", max_new_tokens=24)) for i in range(40)]
+    worker, _ = workers.start("worker-d")
+    assert _wait_until(lambda: _backlog(redis_url) < 40, 30)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    states = [jobs.Get(jobs_pb2.GetJobRequest(job_id=i)).state for i in job_ids]
+    assert jobs_pb2.JOB_STATE_RUNNING not in states, "a job was left half-done"
+    assert SUCCEEDED in states and jobs_pb2.JOB_STATE_QUEUED in states, states
+
+    workers.start("worker-e")  # the rest is still queued for the next worker
+    assert [job.state for job in _wait_for_jobs(jobs, job_ids)] == [SUCCEEDED] * 40
