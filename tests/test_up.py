@@ -1,12 +1,14 @@
 """`loraplex up` as a user runs it: the whole mesh, a shard killed under it, Ctrl-C, the demo adapters."""
 
 import asyncio
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -43,7 +45,7 @@ def _cmdline(pid: int) -> str:
 
 def _start_up(model: str, cache_dir, *extra: str):
     """Run `loraplex up` until its banner is printed; yields (process, router address, banner)."""
-    router_port, shard_port = free_port(), free_port()
+    router_port, shard_port, gateway_port = free_port(), free_port(), free_port()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -58,6 +60,8 @@ def _start_up(model: str, cache_dir, *extra: str):
             str(router_port),
             "--shard-base-port",
             str(shard_port),
+            "--gateway-port",
+            str(gateway_port),
             *extra,
         ],
         stdout=subprocess.PIPE,
@@ -96,7 +100,9 @@ def test_up_serves_survives_a_dead_shard_and_stops_cleanly(launcher):
     process, router, banner = launcher
     redis_url = re.search(r"redis\s+(redis://\S+)", banner).group(1)
     children = _children(process.pid)
-    assert len(children) == 4, f"expected redis, 2 shards and the router, got {children}"
+    assert len(children) == 6, (
+        f"expected redis, 2 shards, the router, the gateway and a worker, got {children}"
+    )
     with grpc.insecure_channel(router) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         served_by = {stub.Generate(REQUEST, timeout=30).served_by.shard for _ in range(3)}
@@ -149,5 +155,18 @@ def test_up_registers_the_demo_adapters_and_they_change_the_answer(smollm2_launc
         reply = generation_pb2_grpc.GenerationStub(channel).Generate(request, timeout=60)
     assert reply.served_by.adapter == "uppercase"
     assert is_upper_answer(reply.text), f"expected an upper-case answer, got {reply.text!r}"
+    gateway = re.search(r"gateway \(HTTP\)\s+(http://\S+)", banner).group(1)
+    body = {
+        "model": "uppercase",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 16,
+        "temperature": 0,
+    }
+    http_request = urllib.request.Request(
+        f"{gateway}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(http_request, timeout=60) as response:
+        answer = json.load(response)["choices"][0]["message"]["content"]
+    assert answer == reply.text, "the gateway and the router give the same greedy answer"
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=30) == 0

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     up.add_argument("--router-port", type=int, default=int(_env("ROUTER_PORT", "50051")))
     up.add_argument("--shard-base-port", type=int, default=int(_env("SHARD_BASE_PORT", "50061")))
+    up.add_argument("--gateway-port", type=int, default=int(_env("GATEWAY_PORT", "8080")))
 
     shard = commands.add_parser("shard", help="run one shard server")
     _add_common(shard)
@@ -435,6 +436,7 @@ def _run_up(args: argparse.Namespace) -> int:
             host=args.host,
             router_port=args.router_port,
             shard_base_port=args.shard_base_port,
+            gateway_port=args.gateway_port,
             log_level=args.log_level,
         )
     )

@@ -1,4 +1,5 @@
-"""`loraplex up`: a private redis-server, N shards and a router on this machine, until Ctrl-C."""
+"""`loraplex up`: a private redis-server, N shards, a router, the REST gateway and an async-job worker
+on this machine, until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from loraplex.tools.processes import (
     spawn,
     start_redis,
     stop_all,
+    wait_http_ok,
     wait_serving,
 )
 
@@ -34,6 +36,7 @@ class MeshConfig:
     host: str
     router_port: int
     shard_base_port: int
+    gateway_port: int = 8080
     log_level: str = "INFO"
 
 
@@ -95,8 +98,46 @@ def run_mesh(config: MeshConfig) -> int:
         processes.append(router)
         names[router.pid] = "router"
         wait_serving(router_address, router)
+        gateway_url = f"http://{config.host}:{config.gateway_port}"
+        gateway = spawn(
+            loraplex_command(
+                "gateway",
+                "--model",
+                str(model_dir),
+                "--router",
+                router_address,
+                "--host",
+                config.host,
+                "--port",
+                str(config.gateway_port),
+                "--log-level",
+                config.log_level,
+            ),
+            workdir / "gateway.log",
+        )
+        processes.append(gateway)
+        names[gateway.pid] = "gateway"
+        worker = spawn(
+            loraplex_command(
+                "worker",
+                "--router",
+                router_address,
+                "--redis-url",
+                redis_url,
+                "--namespace",
+                config.namespace,
+                "--metrics-port",
+                "0",
+                "--log-level",
+                config.log_level,
+            ),
+            workdir / "worker.log",
+        )
+        processes.append(worker)
+        names[worker.pid] = "worker"
+        wait_http_ok(f"{gateway_url}/health", gateway)
         demo_names = register_demo_adapters(router_address, demo_adapter_dirs())
-        _print_endpoints(router_address, list(shards), redis_url, workdir, demo_names)
+        _print_endpoints(router_address, gateway_url, list(shards), redis_url, workdir, demo_names)
         exited: set[int] = set()
         while not stopping:
             for process in processes:
@@ -136,7 +177,7 @@ def register_demo_adapters(router: str, adapters: dict[str, Path]) -> list[str]:
 
 
 def _print_endpoints(
-    router: str, shards: list[str], redis_url: str, workdir: Path, demo_adapters: list[str]
+    router: str, gateway: str, shards: list[str], redis_url: str, workdir: Path, demo_adapters: list[str]
 ) -> None:
     if demo_adapters:
         example = "uppercase" if "uppercase" in demo_adapters else demo_adapters[0]
@@ -144,6 +185,8 @@ def _print_endpoints(
 Demo adapters: {", ".join(demo_adapters)}
   grpcurl -plaintext -d '{{"prompt": "What is the capital of France?", "adapter": "{example}",
     "apply_chat_template": true, "parameters": {{"max_new_tokens": 32}}}}' {router} loraplex.v1.Generation/Generate
+  curl -s {gateway}/v1/chat/completions -H 'Content-Type: application/json' -d '{{"model": "{example}",
+    "messages": [{{"role": "user", "content": "What is the capital of France?"}}], "max_tokens": 32}}'
 """
     else:
         demo = f"\nDemo adapters: none (they are trained for {DEFAULT_MODEL})\n"
@@ -151,6 +194,7 @@ Demo adapters: {", ".join(demo_adapters)}
         f"""
 loraplex mesh is up
   router (gRPC)  {router}
+  gateway (HTTP) {gateway}   OpenAI: {gateway}/v1   TGI: {gateway}/generate
   shards (gRPC)  {", ".join(shards)}
   redis          {redis_url}
   logs           {workdir}
@@ -158,6 +202,7 @@ loraplex mesh is up
 Try it:
   grpcurl -plaintext -d '{{"prompt": "What is the capital of France?", "apply_chat_template": true,
     "parameters": {{"max_new_tokens": 32}}}}' {router} loraplex.v1.Generation/GenerateStream
+  curl -s {gateway}/v1/models
 {demo}
 Ctrl-C stops everything.
 """,
