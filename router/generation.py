@@ -19,6 +19,7 @@ from loraplex.protos.v1 import common_pb2, generation_pb2_grpc, shard_pb2
 from loraplex.registry.records import AdapterRecord, ShardRecord
 from loraplex.router.channels import ShardChannels
 from loraplex.router.convert import adapter_to_pb
+from loraplex.router.metrics import RouterMetrics
 from loraplex.router.placement import DEFAULT_CAPACITY_FACTOR, place
 from loraplex.router.snapshot import SnapshotKeeper
 
@@ -34,7 +35,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         suspect_for_s: float,
         capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
         saturation_factor: float = 2.0,
+        metrics: RouterMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._snapshots = snapshots
         self._channels = channels
         self._suspect_for_s = suspect_for_s
@@ -44,7 +47,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def GenerateStream(
         self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
-        async for chunk in self._forward(request, context):
+        async for chunk in self._timed(request, context):
             yield chunk
 
     async def Generate(
@@ -52,7 +55,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     ) -> common_pb2.GenerateResponse:
         response = common_pb2.GenerateResponse()
         texts = []
-        async for chunk in self._forward(request, context):
+        async for chunk in self._timed(request, context):
             texts.append(chunk.text)
             response.tokens.extend(chunk.tokens)
             response.prefill_tokens.extend(chunk.prefill_tokens)
@@ -64,6 +67,31 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         response.text = "".join(texts)
         return response
 
+    async def _timed(
+        self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
+        """_forward, counted and timed when metrics are on."""
+        if self._metrics is None:
+            async for chunk in self._forward(request, context):
+                yield chunk
+            return
+        registered = not request.adapter or request.adapter in self._snapshots.current.adapters
+        timer = self._metrics.request(request.adapter, registered)
+        code = "CANCELLED"
+        try:
+            async for chunk in self._forward(request, context):
+                timer.chunk()
+                yield chunk
+            code = "OK"
+        except ServiceError as error:
+            code = error.code.name
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            timer.done(code)
+
     async def _forward(
         self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
@@ -73,13 +101,16 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         if adapter is not None:
             shard_request.adapter.CopyFrom(adapter_to_pb(adapter))
         inflight = self._snapshots.inflight
-        candidates = place(
+        placement = place(
             request.adapter,
             snapshot.shards,
             excluded=self._snapshots.suspects(),
             inflight=inflight.corrections,
             capacity_factor=self._capacity_factor,
-        ).shards
+        )
+        if self._metrics is not None:
+            self._metrics.decisions.labels(placement.reason).inc()
+        candidates = placement.shards
         if not candidates:
             raise ServiceError.unavailable(
                 "no live shard is registered; start a shard or wait for one to join"
@@ -121,6 +152,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     error.details(),
                 )
                 failures.append(f"{shard.shard_id}: {error.details()}")
+                if self._metrics is not None:
+                    self._metrics.failovers.inc()
             finally:
                 call.cancel()
                 inflight.finished(shard.shard_id, started_at)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from loraplex.protos.metrics import DEFAULT_ADAPTER_LABELS, AdapterLabels, serve_metrics
 from loraplex.protos.rpc import create_server, set_not_serving, set_serving, stop_on_signals
 from loraplex.protos.v1 import (
     adapters_pb2,
@@ -21,6 +22,7 @@ from loraplex.router.admin import AdaptersService
 from loraplex.router.channels import ShardChannels
 from loraplex.router.generation import GenerationService
 from loraplex.router.jobs import JobsService
+from loraplex.router.metrics import RouterMetrics
 from loraplex.router.placement import DEFAULT_CAPACITY_FACTOR
 from loraplex.router.snapshot import SnapshotKeeper
 
@@ -44,6 +46,8 @@ class RouterConfig:
     capacity_factor: float = DEFAULT_CAPACITY_FACTOR  # bounded loads: no shard above c x the mean load
     saturation_factor: float = 2.0  # RESOURCE_EXHAUSTED once every shard has this x its batch outstanding
     drain_timeout_s: float = 10.0
+    metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
+    metrics_adapter_labels: int = DEFAULT_ADAPTER_LABELS  # adapters with their own label value
 
 
 async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None:
@@ -52,11 +56,18 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     snapshots = SnapshotKeeper(registry, config.refresh_interval_s)
     await snapshots.start()
     channels = ShardChannels()
+    metrics = RouterMetrics(snapshots, AdapterLabels(config.metrics_adapter_labels))
+    serve_metrics(config.metrics_port, metrics.registry)
     jobs = JobQueue(config.redis_url, config.namespace)
     server, port, health = create_server(f"{config.host}:{config.port}", SERVICE_NAMES)
     generation_pb2_grpc.add_GenerationServicer_to_server(
         GenerationService(
-            snapshots, channels, config.suspect_for_s, config.capacity_factor, config.saturation_factor
+            snapshots,
+            channels,
+            config.suspect_for_s,
+            config.capacity_factor,
+            config.saturation_factor,
+            metrics,
         ),
         server,
     )

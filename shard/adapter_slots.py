@@ -7,6 +7,7 @@ slot is needed for another adapter. A slot in use is never taken.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -18,13 +19,29 @@ from loraplex.shard.lora_ops import NO_SLOT
 __all__ = ["NO_SLOT", "AdapterSlots", "TierCounters"]
 
 
+# Upper bounds of the load-latency histogram buckets (seconds): a slot swap is sub-millisecond, a
+# fetch from a remote source may take seconds.
+LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
+
+
 @dataclass
 class TierCounters:
+    """One tier's hits, misses, evictions and load latencies (a miss is a load into the tier)."""
+
     hits: int = 0
     misses: int = 0
     evictions: int = 0
     # the most recent loads' durations, one per miss (bounded: a shard runs for months)
     load_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+    # every load since start, as Prometheus histogram buckets (cumulative counts are built at scrape)
+    load_bucket_counts: list[int] = field(default_factory=lambda: [0] * len(LOAD_BUCKETS))
+    load_seconds_sum: float = 0.0
+
+    def record_load(self, seconds: float) -> None:
+        self.misses += 1
+        self.load_seconds.append(seconds)
+        self.load_seconds_sum += seconds
+        self.load_bucket_counts[bisect.bisect_left(LOAD_BUCKETS, seconds)] += 1
 
 
 class AdapterSlots:
@@ -58,8 +75,7 @@ class AdapterSlots:
                 self._write_slot(slot, adapter)
             self._adapters[slot] = adapter
             self._slot_of[adapter.uid] = slot
-            self.counters.misses += 1
-            self.counters.load_seconds.append(time.perf_counter() - started)
+            self.counters.record_load(time.perf_counter() - started)
         if self._refs[slot] == 0:
             del self._idle[slot]
         self._refs[slot] += 1

@@ -57,8 +57,7 @@ class DiskCache:
         shutil.rmtree(entry, ignore_errors=True)
         staging.rename(entry)
         self._seen.add((name, version))
-        self.counters.misses += 1
-        self.counters.load_seconds.append(time.perf_counter() - started)
+        self.counters.record_load(time.perf_counter() - started)
         self._evict(keep=entry)
         return entry
 
@@ -172,8 +171,7 @@ class AdapterStore:
             local = str(self.disk.local_copy(source, *key, checksum))
         started = time.perf_counter()
         adapter = self._load(local, *key)
-        self.counters.misses += 1
-        self.counters.load_seconds.append(time.perf_counter() - started)
+        self.counters.record_load(time.perf_counter() - started)
         return adapter
 
     def _evict(self) -> None:

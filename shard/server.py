@@ -11,6 +11,7 @@ from pathlib import Path
 
 import redis.exceptions
 
+from loraplex.protos.metrics import DEFAULT_ADAPTER_LABELS, AdapterLabels, serve_metrics
 from loraplex.protos.rpc import create_server, set_not_serving, set_serving, stop_on_signals
 from loraplex.protos.v1 import shard_pb2, shard_pb2_grpc
 from loraplex.registry.adapter_source import catalogue_record
@@ -19,6 +20,7 @@ from loraplex.registry.store import AdapterExists, Registry
 from loraplex.shard.adapter_store import AdapterStore, DiskCache
 from loraplex.shard.catalogue_follower import CatalogueFollower
 from loraplex.shard.engine import Engine, EngineConfig
+from loraplex.shard.metrics import ShardMetrics
 from loraplex.shard.service import ShardService
 from loraplex.tools.model_store import resolve_model
 
@@ -45,6 +47,8 @@ class ShardConfig:
     disk_cache_bytes: int = 10 << 30
     drain_timeout_s: float = 10.0
     catalogue_resync_s: float = 30.0  # full catalogue check besides the change events
+    metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
+    metrics_adapter_labels: int = DEFAULT_ADAPTER_LABELS  # adapters with their own label value
 
 
 async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
@@ -64,7 +68,9 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
         disk,
         on_evict=lambda adapter: engine.drop_adapter(adapter.uid),
     )
-    service = ShardService(engine, adapters, config.shard_id, address, base_model=model_dir.name)
+    metrics = ShardMetrics(engine, adapters, AdapterLabels(config.metrics_adapter_labels))
+    serve_metrics(config.metrics_port, metrics.registry)
+    service = ShardService(engine, adapters, config.shard_id, address, model_dir.name, metrics)
     registry = Registry(config.redis_url, config.namespace)
     await _preload(registry, adapters, config.preload, model_dir.name)
     shard_pb2_grpc.add_ShardServicer_to_server(service, server)

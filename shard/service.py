@@ -17,6 +17,7 @@ from loraplex.registry.adapter_source import InvalidAdapter
 from loraplex.shard.adapter_store import AdapterStore
 from loraplex.shard.engine import Engine, EngineOutput, EngineRequest
 from loraplex.shard.lora import IncompatibleAdapter, LoraAdapter
+from loraplex.shard.metrics import ShardMetrics
 from loraplex.shard.outputs import RequestFailed, TokenOutput
 from loraplex.shard.prompts import PromptEncoder
 from loraplex.shard.sampling import SamplingParams
@@ -37,8 +38,10 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         shard_id: str,
         address: str,
         base_model: str,
+        metrics: ShardMetrics | None = None,
     ) -> None:
         self._engine = engine
+        self._metrics = metrics
         self._prompts: PromptEncoder = engine.prompts
         self.adapters = adapters
         self.shard_id = shard_id
@@ -49,19 +52,31 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
         inner = request.request
-        if inner.adapter and inner.adapter != request.adapter.name:
-            raise ServiceError.invalid(
-                f"request names adapter {inner.adapter!r} without its catalogue record; send it through the router"
-            )
-        prompt_ids, params = self._parse(inner)
-        adapter = await self._adapter(request.adapter) if request.adapter.name else None
+        timer = self._metrics.request(request.adapter.name) if self._metrics else None
+        outcome = "cancelled"  # unless it finishes or fails: the caller left or its deadline passed
+        adapter = None
         try:
+            if inner.adapter and inner.adapter != request.adapter.name:
+                raise ServiceError.invalid(
+                    f"request names adapter {inner.adapter!r} without its catalogue record; "
+                    "send it through the router"
+                )
+            prompt_ids, params = self._parse(inner)
+            adapter = await self._adapter(request.adapter) if request.adapter.name else None
             async with aclosing(self._generate(inner, prompt_ids, params, adapter, context)) as chunks:
                 async for chunk in chunks:
+                    if timer is not None:
+                        timer.token()
                     yield chunk
+            outcome = "ok"
+        except Exception:
+            outcome = "error"
+            raise
         finally:
             if adapter is not None:
                 self.adapters.release(adapter)
+            if timer is not None:
+                timer.done(outcome)
 
     async def _generate(
         self,

@@ -226,11 +226,15 @@ def test_gpu_overlay_gives_each_shard_one_gpu(overlay: str, objects: tuple[Obj, 
 
 @pytest.mark.parametrize("name", ["router", "shard"])
 def test_grpc_servers_are_probed_over_grpc_health_on_their_port(objects: tuple[Obj, ...], name: str) -> None:
-    spec = container(workload(objects, name))
-    port = parse_command(objects, name).port
-    assert [p["containerPort"] for p in spec["ports"]] == [port]
+    pod = workload(objects, name)
+    spec = container(pod)
+    args = parse_command(objects, name)
+    ports = {p["name"]: p["containerPort"] for p in spec["ports"]}
+    assert ports == {"grpc": args.port, "metrics": args.metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert spec[probe]["grpc"] == {"port": port}, f"{name} {probe}"
+        assert spec[probe]["grpc"] == {"port": args.port}, f"{name} {probe}"
+    annotations = pod["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(args.metrics_port)
 
 
 def test_every_container_has_readiness_and_liveness_probes(objects: tuple[Obj, ...]) -> None:

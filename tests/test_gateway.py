@@ -13,6 +13,7 @@ import grpc
 import openai
 import pytest
 from huggingface_hub import InferenceClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.protos.v1 import (
     adapters_pb2,
@@ -35,7 +36,17 @@ FRANCE = "What is the capital of France?"
 @pytest.fixture(scope="module")
 def mesh(smollm2_dir, redis_url, tmp_path_factory):
     logs = tmp_path_factory.mktemp("gateway-logs")
-    mesh = start_mesh(smollm2_dir, redis_url, "gateway-test", logs, num_shards=1)
+    metrics_ports = {name: free_port() for name in ("shard", "router", "worker")}
+    mesh = start_mesh(
+        smollm2_dir,
+        redis_url,
+        "gateway-test",
+        logs,
+        num_shards=1,
+        shard_args=("--metrics-port", str(metrics_ports["shard"])),
+        router_args=("--metrics-port", str(metrics_ports["router"])),
+    )
+    mesh.metrics = {name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items()}
     port = free_port()
     gateway = spawn(
         loraplex_command("gateway", "--router", mesh.router, "--model", DEFAULT_MODEL, "--port", str(port)),
@@ -52,7 +63,7 @@ def mesh(smollm2_dir, redis_url, tmp_path_factory):
             "--namespace",
             "gateway-test",
             "--metrics-port",
-            "0",
+            str(metrics_ports["worker"]),
         ),
         logs / "worker.log",
     )
@@ -381,3 +392,55 @@ def test_health_and_metrics(mesh):
     assert 'loraplex_gateway_requests_total{route="/v1/chat/completions",status="200"}' in text
     assert "loraplex_gateway_time_to_first_byte_seconds_bucket" in text
     assert 'status="404"' in text
+
+
+def _scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample at url as (name, labels) -> value."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_every_component_exports_its_metrics_after_the_workload(mesh):
+    """Runs after the tests above: adapters were loaded, requests finished, failed and were cancelled."""
+    shard = _scrape(mesh.metrics["shard"])
+    assert _value(shard, "loraplex_shard_requests_total", adapter="uppercase", outcome="ok") >= 3
+    assert _value(shard, "loraplex_shard_requests_total", adapter="base", outcome="cancelled") >= 2
+    assert _value(shard, "loraplex_shard_time_to_first_token_seconds_count", adapter="json") >= 1
+    assert _value(shard, "loraplex_shard_time_per_output_token_seconds_count", adapter="base") >= 1
+    assert _value(shard, "loraplex_shard_kv_blocks_free") > 0
+    assert _value(shard, "loraplex_shard_running_requests") == 0
+    assert _value(shard, "loraplex_adapters", tier="cpu") == 2  # uppercase and json
+    for tier in ("disk", "cpu", "gpu"):
+        loads = _value(shard, "loraplex_adapter_load_seconds_count", tier=tier)
+        misses = _value(shard, "loraplex_adapter_tier_misses_total", tier=tier)
+        assert loads == misses == _value(shard, "loraplex_adapter_load_seconds_bucket", tier=tier, le="+Inf")
+        # the disk cache may outlive a run (keyed by checksum), so its two adapters may be hits
+        assert misses + _value(shard, "loraplex_adapter_tier_hits_total", tier=tier) >= 2, tier
+    assert _value(shard, "loraplex_adapter_tier_misses_total", tier="cpu") == 2
+    assert _value(shard, "loraplex_adapter_tier_hits_total", tier="cpu") >= 3
+
+    router = _scrape(mesh.metrics["router"])
+    assert _value(router, "loraplex_router_requests_total", adapter="uppercase", code="OK") >= 3
+    assert _value(router, "loraplex_router_requests_total", adapter="unknown", code="NOT_FOUND") >= 1
+    decisions = {
+        dict(labels)["reason"]: value
+        for (name, labels), value in router.items()
+        if name == "loraplex_router_decisions_total"
+    }
+    assert decisions.get("affinity", 0) + decisions.get("home", 0) >= 5, decisions
+    assert decisions.get("base", 0) >= 3, decisions
+    assert _value(router, "loraplex_router_live_shards") == 1
+    assert _value(router, "loraplex_router_catalogue_adapters") == 2
+
+    worker = _scrape(mesh.metrics["worker"])
+    assert _value(worker, "loraplex_jobs_completed_total") >= 1
+    assert _value(worker, "loraplex_jobs_backlog") == 0

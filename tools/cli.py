@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute every prompt instead of sharing the KV blocks of identical prefixes",
     )
     shard.add_argument("--heartbeat-ttl", type=float, default=float(_env("HEARTBEAT_TTL", "5")))
+    _add_metrics_options(shard)
     shard.add_argument(
         "--adapters",
         type=parse_adapter_list,
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(_env("SATURATION_FACTOR", "2.0")),
         help="RESOURCE_EXHAUSTED once every shard has this x its max running requests outstanding",
     )
+    _add_metrics_options(router)
 
     gateway = commands.add_parser("gateway", help="run the REST gateway (OpenAI and TGI APIs) over a router")
     _add_common(gateway)
@@ -301,6 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     return parser
+
+
+def _add_metrics_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env("METRICS_PORT", "0")),
+        help="serve Prometheus /metrics on this port (0: off)",
+    )
+    parser.add_argument(
+        "--metrics-adapter-labels",
+        type=int,
+        default=int(_env("METRICS_ADAPTER_LABELS", "32")),
+        help="adapters that get their own metric label value; later ones share 'other'",
+    )
 
 
 def _add_model_bench_options(parser: argparse.ArgumentParser) -> None:
@@ -474,6 +491,8 @@ def _run_shard(args: argparse.Namespace) -> int:
         preload=args.adapters,
         disk_cache_dir=args.disk_cache_dir,
         disk_cache_bytes=args.disk_cache_bytes,
+        metrics_port=args.metrics_port,
+        metrics_adapter_labels=args.metrics_adapter_labels,
     )
     asyncio.run(serve(config))
     return 0
@@ -492,6 +511,8 @@ def _run_router(args: argparse.Namespace) -> int:
         refresh_interval_s=args.refresh_interval,
         capacity_factor=args.capacity_factor,
         saturation_factor=args.saturation_factor,
+        metrics_port=args.metrics_port,
+        metrics_adapter_labels=args.metrics_adapter_labels,
     )
     asyncio.run(serve(config))
     return 0

@@ -72,6 +72,8 @@ def run_mesh(config: MeshConfig) -> int:
             "--log-level",
             config.log_level,
         ]
+        names_with_metrics = ["router", "worker"] + [f"shard-{i}" for i in range(config.num_shards)]
+        metrics_ports = {name: free_port() for name in names_with_metrics}
         shards = {}
         for index in range(config.num_shards):
             address = f"{config.host}:{config.shard_base_port + index}"
@@ -84,6 +86,8 @@ def run_mesh(config: MeshConfig) -> int:
                 config.host,
                 "--port",
                 str(config.shard_base_port + index),
+                "--metrics-port",
+                str(metrics_ports[f"shard-{index}"]),
             )
             shards[address] = spawn(command, workdir / f"shard-{index}.log")
             processes.append(shards[address])
@@ -92,7 +96,16 @@ def run_mesh(config: MeshConfig) -> int:
             wait_serving(address, process)
         router_address = f"{config.host}:{config.router_port}"
         router = spawn(
-            loraplex_command("router", *common, "--host", config.host, "--port", str(config.router_port)),
+            loraplex_command(
+                "router",
+                *common,
+                "--host",
+                config.host,
+                "--port",
+                str(config.router_port),
+                "--metrics-port",
+                str(metrics_ports["router"]),
+            ),
             workdir / "router.log",
         )
         processes.append(router)
@@ -127,7 +140,7 @@ def run_mesh(config: MeshConfig) -> int:
                 "--namespace",
                 config.namespace,
                 "--metrics-port",
-                "0",
+                str(metrics_ports["worker"]),
                 "--log-level",
                 config.log_level,
             ),
@@ -137,7 +150,10 @@ def run_mesh(config: MeshConfig) -> int:
         names[worker.pid] = "worker"
         wait_http_ok(f"{gateway_url}/health", gateway)
         demo_names = register_demo_adapters(router_address, demo_adapter_dirs())
-        _print_endpoints(router_address, gateway_url, list(shards), redis_url, workdir, demo_names)
+        metrics = [f"{gateway_url}/metrics"] + [
+            f"http://127.0.0.1:{port}/metrics" for port in metrics_ports.values()
+        ]
+        _print_endpoints(router_address, gateway_url, list(shards), redis_url, workdir, demo_names, metrics)
         exited: set[int] = set()
         while not stopping:
             for process in processes:
@@ -177,7 +193,13 @@ def register_demo_adapters(router: str, adapters: dict[str, Path]) -> list[str]:
 
 
 def _print_endpoints(
-    router: str, gateway: str, shards: list[str], redis_url: str, workdir: Path, demo_adapters: list[str]
+    router: str,
+    gateway: str,
+    shards: list[str],
+    redis_url: str,
+    workdir: Path,
+    demo_adapters: list[str],
+    metrics: list[str],
 ) -> None:
     if demo_adapters:
         example = "uppercase" if "uppercase" in demo_adapters else demo_adapters[0]
@@ -197,6 +219,7 @@ loraplex mesh is up
   gateway (HTTP) {gateway}   OpenAI: {gateway}/v1   TGI: {gateway}/generate
   shards (gRPC)  {", ".join(shards)}
   redis          {redis_url}
+  metrics        {" ".join(metrics)}
   logs           {workdir}
 
 Try it:
