@@ -109,6 +109,7 @@ class AdapterStore:
         self._adapters: OrderedDict[Key, LoraAdapter] = OrderedDict()  # least recently used first
         self._refs: dict[Key, int] = {}
         self._loading: dict[Key, asyncio.Task[LoraAdapter]] = {}
+        self._dropped_while_loading: set[Key] = set()
         self.counters = TierCounters()
 
     async def acquire(self, source: str, name: str, version: int, checksum: str = "") -> LoraAdapter:
@@ -142,6 +143,10 @@ class AdapterStore:
             self._on_evict(adapter)
             if self.disk is not None:
                 self.disk.drop(adapter.name, adapter.version)
+        # a load still running for a dropped version serves whoever waits for it, but is not kept
+        self._dropped_while_loading.update(
+            key for key in self._loading if key[0] == name and version in (0, key[1])
+        )
         return dropped
 
     def held(self) -> list[Key]:
@@ -160,6 +165,12 @@ class AdapterStore:
 
     async def _load_and_keep(self, source: str, key: Key, checksum: str) -> LoraAdapter:
         adapter = await asyncio.to_thread(self._load_from_tiers, source, key, checksum)
+        if key in self._dropped_while_loading:
+            self._dropped_while_loading.discard(key)
+            self._on_evict(adapter)
+            if self.disk is not None:
+                self.disk.drop(*key)
+            return adapter
         self._adapters[key] = adapter
         return adapter
 

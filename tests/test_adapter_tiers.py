@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+import threading
 
 import pytest
 import torch
@@ -152,6 +153,29 @@ def test_concurrent_requests_load_a_cold_adapter_once(tiny_engine, fifty_adapter
         adapters = await asyncio.gather(*(store.acquire(str(fifty_adapters[5]), "a5", 1) for _ in range(6)))
         assert all(adapter is adapters[0] for adapter in adapters)
         assert (store.counters.misses, store.counters.hits) == (1, 0)
+
+    asyncio.run(scenario())
+
+
+def test_an_adapter_deleted_while_it_loads_serves_its_waiters_but_is_not_kept(tiny_engine, fifty_adapters):
+    """A delete event can arrive while the adapter's load (on a worker thread) is still running."""
+    release_load = threading.Event()
+    evicted: list[LoraAdapter] = []
+
+    def slow_load(source: str, name: str, version: int) -> LoraAdapter:
+        release_load.wait(timeout=10)
+        return tiny_engine.load_adapter(source, name, version)
+
+    async def scenario() -> None:
+        store = AdapterStore(slow_load, 4, on_evict=evicted.append)
+        waiting = asyncio.ensure_future(store.acquire(str(fifty_adapters[6]), "a6", 1))
+        await asyncio.sleep(0.05)
+        assert store.drop("a6") == []  # nothing loaded yet
+        release_load.set()
+        adapter = await waiting
+        assert adapter.name == "a6", "the request that asked still gets its adapter"
+        store.release(adapter)
+        assert store.held() == [] and evicted == [adapter]
 
     asyncio.run(scenario())
 

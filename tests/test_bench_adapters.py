@@ -63,7 +63,9 @@ def test_levels_baseline_and_tiers_are_reported(tiny_model_dir: Path, tmp_path: 
     assert loads["source_to_disk"]["count"] == 1 + six["disk"]["misses"]
     assert loads["disk_to_cpu"]["count"] == 1 + six["cpu"]["misses"]
     assert loads["cpu_to_slot"]["count"] >= 1 + six["distinct_adapters_used"]
-    assert all(0 < value["p50"] <= value["p99"] for value in loads.values())
+    assert all(0 < loads[step]["p50"] <= loads[step]["p99"] for step in ("source_to_disk", "disk_to_cpu"))
+    # taking a slot on the torch path is a pointer swap (the packing happened at load): microseconds
+    assert 0 <= loads["cpu_to_slot"]["p50"] <= loads["cpu_to_slot"]["p99"] < loads["disk_to_cpu"]["p50"]
     assert set(report["ratios"]) == {
         "adapters_1/base_only",
         "adapters_6/base_only",
