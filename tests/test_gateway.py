@@ -444,3 +444,32 @@ def test_every_component_exports_its_metrics_after_the_workload(mesh):
     worker = _scrape(mesh.metrics["worker"])
     assert _value(worker, "loraplex_jobs_completed_total") >= 1
     assert _value(worker, "loraplex_jobs_backlog") == 0
+
+
+def test_without_a_router_the_gateway_answers_503_not_a_hang(tmp_path):
+    port, dead_router = free_port(), f"127.0.0.1:{free_port()}"
+    gateway = spawn(
+        loraplex_command("gateway", "--router", dead_router, "--port", str(port), "--request-timeout", "5"),
+        tmp_path / "gateway.log",
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # /health is 503 until a router answers, so wait for the port instead
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    pass
+            except urllib.error.HTTPError as error:
+                assert error.code == 503
+                break
+            except OSError:
+                assert time.monotonic() < deadline and gateway.poll() is None, "the gateway did not start"
+                time.sleep(0.2)
+        mesh = type("Gateway", (), {"gateway": f"http://127.0.0.1:{port}"})
+        body = {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        started = time.monotonic()
+        status, payload = _post(mesh, "/v1/chat/completions", json.dumps(body))
+        assert status == 503 and payload["error"]["type"] == "service_unavailable"
+        assert time.monotonic() - started < 10
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=15)
