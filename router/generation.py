@@ -5,6 +5,9 @@ tokens have streamed, the caller gets UNAVAILABLE, since replaying would duplica
 candidate is saturated (outstanding requests at `saturation_factor` x its batch capacity: a full
 batch running and more queued) the caller gets RESOURCE_EXHAUSTED rather than a place in a queue
 that only grows.
+
+Tracing: the request's span (continuing the caller's trace) has a child for the routing decision and
+one per forward to a shard, each attempt its own; the shard's spans hang under its forward.
 """
 
 from __future__ import annotations
@@ -13,18 +16,27 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
 
+from loraplex.protos import telemetry
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.v1 import common_pb2, generation_pb2_grpc, shard_pb2
 from loraplex.registry.records import AdapterRecord, ShardRecord
 from loraplex.router.channels import ShardChannels
 from loraplex.router.convert import adapter_to_pb
 from loraplex.router.metrics import RouterMetrics
-from loraplex.router.placement import DEFAULT_CAPACITY_FACTOR, place
+from loraplex.router.placement import DEFAULT_CAPACITY_FACTOR, Placement, place
 from loraplex.router.snapshot import SnapshotKeeper
 
 log = logging.getLogger("loraplex.router")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+FINISH_REASONS = {
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_EOS: "eos",
+}
+TRACED_CANDIDATES = 8  # candidate shards named on the routing span; the count says how many in all
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
@@ -43,6 +55,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self._suspect_for_s = suspect_for_s
         self._capacity_factor = capacity_factor
         self._saturation_factor = saturation_factor
+        self._tracer = trace.get_tracer("loraplex.router")
 
     async def GenerateStream(
         self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -70,60 +83,96 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def _timed(
         self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
-        """_forward, counted and timed when metrics are on."""
-        if self._metrics is None:
-            async for chunk in self._forward(request, context):
-                yield chunk
-            return
-        registered = not request.adapter or request.adapter in self._snapshots.current.adapters
-        timer = self._metrics.request(request.adapter, registered)
+        """_forward in the request's span, counted and timed when metrics are on."""
+        span = self._tracer.start_span(
+            "router.generate",
+            context=telemetry.context_from_metadata(context.invocation_metadata()),
+            kind=SpanKind.SERVER,
+        )
+        timer = None
+        if self._metrics is not None:
+            registered = not request.adapter or request.adapter in self._snapshots.current.adapters
+            timer = self._metrics.request(request.adapter, registered)
         code = "CANCELLED"
         try:
-            async for chunk in self._forward(request, context):
-                timer.chunk()
+            async for chunk in self._forward(request, context, span):
+                if timer is not None:
+                    timer.chunk()
                 yield chunk
             code = "OK"
         except ServiceError as error:
             code = error.code.name
+            telemetry.set_error(span, error.message)
             raise
-        except Exception:
+        except Exception as error:
             code = "INTERNAL"
+            telemetry.set_error(span, str(error), error)
             raise
         finally:
-            timer.done(code)
+            if timer is not None:
+                timer.done(code)
+            if span.is_recording():
+                span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
+            span.end()
+
+    def _route(
+        self, request: common_pb2.GenerateRequest, parent: Span
+    ) -> tuple[AdapterRecord | None, tuple[ShardRecord, ...]]:
+        """The adapter's record and the shards to try, best first, in the routing decision's span;
+        raises when no shard can take the request."""
+        span = telemetry.start_child(self._tracer, "router.route", parent)
+        try:
+            snapshot = self._snapshots.current
+            adapter = resolve_adapter(request.adapter, snapshot.adapters)
+            placement = place(
+                request.adapter,
+                snapshot.shards,
+                excluded=self._snapshots.suspects(),
+                inflight=self._snapshots.inflight.corrections,
+                capacity_factor=self._capacity_factor,
+            )
+            if span.is_recording():
+                span.set_attributes(_route_attributes(request.adapter, adapter, placement))
+            if self._metrics is not None:
+                self._metrics.decisions.labels(placement.reason).inc()
+            candidates = placement.shards
+            if not candidates:
+                raise ServiceError.unavailable(
+                    "no live shard is registered; start a shard or wait for one to join"
+                )
+            if all(self._saturated(shard) for shard in candidates):
+                raise ServiceError.resource_exhausted(
+                    f"all {len(candidates)} shards are saturated (a full batch running and as many "
+                    "queued); retry with backoff, or add shards"
+                )
+            return adapter, candidates
+        except ServiceError as error:
+            telemetry.set_error(span, error.message)
+            raise
+        finally:
+            span.end()
 
     async def _forward(
-        self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext, parent: Span
     ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
-        snapshot = self._snapshots.current
-        adapter = resolve_adapter(request.adapter, snapshot.adapters)
+        adapter, candidates = self._route(request, parent)
         shard_request = shard_pb2.ShardGenerateRequest(request=request)
         if adapter is not None:
             shard_request.adapter.CopyFrom(adapter_to_pb(adapter))
         inflight = self._snapshots.inflight
-        placement = place(
-            request.adapter,
-            snapshot.shards,
-            excluded=self._snapshots.suspects(),
-            inflight=inflight.corrections,
-            capacity_factor=self._capacity_factor,
-        )
-        if self._metrics is not None:
-            self._metrics.decisions.labels(placement.reason).inc()
-        candidates = placement.shards
-        if not candidates:
-            raise ServiceError.unavailable(
-                "no live shard is registered; start a shard or wait for one to join"
-            )
-        if all(self._saturated(shard) for shard in candidates):
-            raise ServiceError.resource_exhausted(
-                f"all {len(candidates)} shards are saturated (a full batch running and as many queued); "
-                "retry with backoff, or add shards"
-            )
         failures = []
-        for shard in candidates:
+        for attempt, shard in enumerate(candidates, 1):
+            span = telemetry.start_child(self._tracer, "router.forward", parent, kind=SpanKind.CLIENT)
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        telemetry.SHARD: shard.shard_id,
+                        "server.address": shard.address,
+                        "loraplex.attempt": attempt,
+                    }
+                )
             call = self._channels.stub(shard.address).Generate(
-                shard_request, timeout=context.time_remaining()
+                shard_request, timeout=context.time_remaining(), metadata=telemetry.metadata_for(span)
             )
             streamed = 0
             started_at = inflight.started(shard.shard_id)
@@ -135,9 +184,12 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                         if adapter is not None:
                             chunk.served_by.adapter = adapter.name
                             chunk.served_by.adapter_version = adapter.version
+                        if parent.is_recording():
+                            parent.set_attributes(_served_attributes(chunk))
                     yield chunk
                 return
             except grpc.aio.AioRpcError as error:
+                telemetry.set_error(span, f"{error.code().name}: {error.details()}")
                 if error.code() not in RETRYABLE:
                     raise ServiceError.from_rpc_error(error) from error
                 self._snapshots.mark_suspect(shard.shard_id, self._suspect_for_s)
@@ -157,12 +209,36 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             finally:
                 call.cancel()
                 inflight.finished(shard.shard_id, started_at)
+                span.end()
         raise ServiceError.unavailable(f"every candidate shard failed: {'; '.join(failures)}")
 
     def _saturated(self, shard: ShardRecord) -> bool:
         outstanding = shard.running_requests + shard.waiting_requests
         outstanding += self._snapshots.inflight.corrections.get(shard.shard_id, 0)
         return outstanding >= self._saturation_factor * max(1, shard.max_running_requests)
+
+
+def _route_attributes(name: str, adapter: AdapterRecord | None, placement: Placement) -> dict:
+    shard_ids = [shard.shard_id for shard in placement.shards]
+    return {
+        telemetry.ADAPTER: name,
+        telemetry.ADAPTER_VERSION: adapter.version if adapter else 0,
+        telemetry.SHARD: shard_ids[0] if shard_ids else "",
+        "loraplex.route.reason": placement.reason,
+        "loraplex.route.candidates": shard_ids[:TRACED_CANDIDATES],
+        "loraplex.route.num_candidates": len(shard_ids),
+    }
+
+
+def _served_attributes(chunk: common_pb2.GenerateStreamResponse) -> dict:
+    return {
+        telemetry.ADAPTER: chunk.served_by.adapter,
+        telemetry.ADAPTER_VERSION: chunk.served_by.adapter_version,
+        telemetry.SHARD: chunk.served_by.shard,
+        telemetry.PROMPT_TOKENS: chunk.usage.prompt_tokens,
+        telemetry.COMPLETION_TOKENS: chunk.usage.completion_tokens,
+        telemetry.FINISH_REASONS: [FINISH_REASONS.get(chunk.finish_reason, "unknown")],
+    }
 
 
 def resolve_adapter(name: str, adapters: dict[str, AdapterRecord]) -> AdapterRecord | None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from loraplex.protos.metrics import DEFAULT_ADAPTER_LABELS, AdapterLabels, serve_metrics
 from loraplex.protos.rpc import create_server, set_not_serving, set_serving, stop_on_signals
+from loraplex.protos.telemetry import configure_tracing
 from loraplex.protos.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
@@ -52,6 +53,7 @@ class RouterConfig:
 
 async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None:
     stop = stop or stop_on_signals()
+    configure_tracing("loraplex-router")
     registry = Registry(config.redis_url, config.namespace)
     snapshots = SnapshotKeeper(registry, config.refresh_interval_s)
     await snapshots.start()

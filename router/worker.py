@@ -19,9 +19,12 @@ from typing import NamedTuple
 
 import grpc
 import redis.exceptions
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from loraplex.protos.rpc import stop_on_signals
+from loraplex.protos.telemetry import configure_tracing, metadata_for
 from loraplex.protos.v1 import common_pb2, generation_pb2_grpc
 from loraplex.registry.jobs import DEFAULT_TTL_S, Delivery, JobQueue
 
@@ -86,6 +89,7 @@ class Worker:
         self._generation = generation
         self._metrics = metrics
         self._inflight: dict[asyncio.Task, Delivery] = {}
+        self._tracer = trace.get_tracer("loraplex.worker")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Take and run jobs until stop is set, then drain the ones in flight."""
@@ -144,6 +148,15 @@ class Worker:
         await asyncio.gather(*unfinished, return_exceptions=True)
 
     async def _run_job(self, delivery: Delivery) -> None:
+        """One job in its own trace (the router's spans hang under it)."""
+        with self._tracer.start_as_current_span("worker.job", kind=SpanKind.CONSUMER) as span:
+            if span.is_recording():
+                span.set_attributes(
+                    {"loraplex.job.id": delivery.job_id, "loraplex.job.attempt": delivery.attempts}
+                )
+            await self._settle(delivery)
+
+    async def _settle(self, delivery: Delivery) -> None:
         if delivery.attempts > self._config.max_deliveries:
             outcome: common_pb2.GenerateResponse | Failure = Failure(
                 "ABORTED",
@@ -174,7 +187,11 @@ class Worker:
         config = self._config
         for attempt in range(config.max_retries + 1):
             try:
-                return await self._generation.Generate(request, timeout=config.request_timeout_s)
+                return await self._generation.Generate(
+                    request,
+                    timeout=config.request_timeout_s,
+                    metadata=metadata_for(trace.get_current_span()),
+                )
             except grpc.aio.AioRpcError as error:
                 if error.code() not in RETRYABLE or attempt == config.max_retries:
                     return Failure(error.code().name, error.details() or error.code().name)
@@ -208,6 +225,7 @@ async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
 
 async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None:
     stop = stop or stop_on_signals()
+    configure_tracing("loraplex-worker")
     metrics = WorkerMetrics()
     http_server = None
     if config.metrics_port:

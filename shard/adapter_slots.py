@@ -107,6 +107,10 @@ class AdapterSlots:
     def held(self) -> list[LoraAdapter]:
         return [adapter for adapter in self._adapters if adapter is not None]
 
+    def holds(self, adapter_uid: int) -> bool:
+        """Whether the adapter has a slot (acquiring it would be a hit)."""
+        return adapter_uid in self._slot_of
+
     def in_use(self, adapter_uid: int) -> bool:
         slot = self._slot_of.get(adapter_uid)
         return slot is not None and self._refs[slot] > 0

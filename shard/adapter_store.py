@@ -37,12 +37,16 @@ class DiskCache:
 
     def local_copy(self, source: str, name: str, version: int, checksum: str) -> Path:
         """A directory holding the adapter's files, fetched from `source` on a miss."""
+        return self.fetch(source, name, version, checksum)[0]
+
+    def fetch(self, source: str, name: str, version: int, checksum: str) -> tuple[Path, bool]:
+        """local_copy, and whether it was already here (a hit) rather than fetched from `source`."""
         entry = self.directory / f"{name}-v{version}-{checksum}"
         if (entry / WEIGHTS_FILE).is_file():
             self._seen.add((name, version))
             self.counters.hits += 1
             entry.touch()  # recency for eviction
-            return entry
+            return entry, True
         started = time.perf_counter()
         config_bytes, weights = read_adapter_files(source)
         if hashlib.sha256(weights).hexdigest() != checksum:
@@ -59,7 +63,7 @@ class DiskCache:
         self._seen.add((name, version))
         self.counters.record_load(time.perf_counter() - started)
         self._evict(keep=entry)
-        return entry
+        return entry, False
 
     def drop(self, name: str, version: int) -> None:
         for entry in self.directory.glob(f"{name}-v{version}-*"):
@@ -108,22 +112,30 @@ class AdapterStore:
         self.disk = disk
         self._adapters: OrderedDict[Key, LoraAdapter] = OrderedDict()  # least recently used first
         self._refs: dict[Key, int] = {}
-        self._loading: dict[Key, asyncio.Task[LoraAdapter]] = {}
+        self._loading: dict[Key, asyncio.Task[tuple[LoraAdapter, str]]] = {}
         self._dropped_while_loading: set[Key] = set()
         self.counters = TierCounters()
 
     async def acquire(self, source: str, name: str, version: int, checksum: str = "") -> LoraAdapter:
         """The adapter, loaded if needed; the caller must `release` it when its request ends."""
+        return (await self.acquire_with_tier(source, name, version, checksum))[0]
+
+    async def acquire_with_tier(
+        self, source: str, name: str, version: int, checksum: str = ""
+    ) -> tuple[LoraAdapter, str]:
+        """acquire, and the tier the adapter came from: "cpu" (already in memory), "disk" (the disk
+        cache) or "source" (a request that waited on another's load gets that load's tier)."""
         key = (name, version)
         adapter = self._adapters.get(key)
+        tier = "cpu"
         if adapter is not None:
             self.counters.hits += 1
             self._adapters.move_to_end(key)
         else:
-            adapter = await self._load_once(source, key, checksum)
+            adapter, tier = await self._load_once(source, key, checksum)
         self._refs[key] = self._refs.get(key, 0) + 1
         self._evict()  # after counting this use, so the adapter just loaded is never the one to go
-        return adapter
+        return adapter, tier
 
     def release(self, adapter: LoraAdapter) -> None:
         key = (adapter.name, adapter.version)
@@ -152,7 +164,7 @@ class AdapterStore:
     def held(self) -> list[Key]:
         return list(self._adapters)
 
-    async def _load_once(self, source: str, key: Key, checksum: str) -> LoraAdapter:
+    async def _load_once(self, source: str, key: Key, checksum: str) -> tuple[LoraAdapter, str]:
         """One load per key however many ask; it runs as its own task, so a caller that goes away
         (a cancelled request) never cancels the load the others are waiting for."""
         task = self._loading.get(key)
@@ -163,27 +175,28 @@ class AdapterStore:
             task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, not "lost"
         return await asyncio.shield(task)
 
-    async def _load_and_keep(self, source: str, key: Key, checksum: str) -> LoraAdapter:
-        adapter = await asyncio.to_thread(self._load_from_tiers, source, key, checksum)
+    async def _load_and_keep(self, source: str, key: Key, checksum: str) -> tuple[LoraAdapter, str]:
+        adapter, tier = await asyncio.to_thread(self._load_from_tiers, source, key, checksum)
         if key in self._dropped_while_loading:
             self._dropped_while_loading.discard(key)
             self._on_evict(adapter)
             if self.disk is not None:
                 self.disk.drop(*key)
-            return adapter
+            return adapter, tier
         self._adapters[key] = adapter
-        return adapter
+        return adapter, tier
 
-    def _load_from_tiers(self, source: str, key: Key, checksum: str) -> LoraAdapter:
-        """Each tier times its own step: the disk cache the fetch from the source, this tier the read
-        of the local copy into host memory (disk -> ready)."""
-        local = source
+    def _load_from_tiers(self, source: str, key: Key, checksum: str) -> tuple[LoraAdapter, str]:
+        """The adapter and the tier it was read from. Each tier times its own step: the disk cache the
+        fetch from the source, this tier the read of the local copy into host memory (disk -> ready)."""
+        local, tier = source, "source"
         if self.disk is not None and checksum:  # without a checksum a cached copy can't be trusted
-            local = str(self.disk.local_copy(source, *key, checksum))
+            path, hit = self.disk.fetch(source, *key, checksum)
+            local, tier = str(path), "disk" if hit else "source"
         started = time.perf_counter()
         adapter = self._load(local, *key)
         self.counters.record_load(time.perf_counter() - started)
-        return adapter
+        return adapter, tier
 
     def _evict(self) -> None:
         for key in list(self._adapters):

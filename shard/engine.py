@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -284,8 +284,10 @@ class Engine:
             return
         token = request.outputs.sampler.choose(result.next_token_logits, seq.token_ids)
         seq.token_ids.append(token.token_id)
+        seq.first_token_ns = seq.first_token_ns or time.time_ns()
         output = request.outputs.process(token, seq.token_ids, seq.num_prompt_tokens)
         if output.finish_reason:
+            output = replace(output, times=seq.times(time.time_ns()))
             self._finish(seq.request_id)
         _deliver(request, output)
 
@@ -301,7 +303,7 @@ class Engine:
             return
         self.scheduler.finish(request.seq)
         if failure is not None:
-            _deliver(request, failure)
+            _deliver(request, replace(failure, times=request.seq.times(time.time_ns())))
 
     def _fail_all(self, message: str) -> None:
         for request_id in list(self._requests):

@@ -6,12 +6,13 @@ service turns into protobuf.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
 from loraplex.shard.detokenizer import IncrementalDetokenizer
 from loraplex.shard.sampling import SampledToken, SamplingParams, TokenSampler
+from loraplex.shard.sequence import SequenceTimes
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class TokenOutput:
     num_prompt_tokens: int
     num_generated: int
     prompt_logprobs: tuple[float | None, ...] = ()  # with the first token, when asked for
+    # with the last token (finish_reason set); measurements, so not part of equality
+    times: SequenceTimes | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class RequestFailed:
 
     reason: str
     message: str
+    times: SequenceTimes | None = field(default=None, compare=False)
 
 
 class OutputProcessor:

@@ -10,6 +10,7 @@ it waits and later requests for the base model or for adapters already in a slot
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -113,6 +114,7 @@ class Scheduler:
                 waiting_for_slot.append(seq)
                 continue
             seq.status = SequenceStatus.RUNNING
+            seq.scheduled_ns = seq.scheduled_ns or time.time_ns()  # the first admission ends its queue wait
             self.blocks.reserve(seq, num_new, prefix)
             self.running.append(seq)
             chunks.append(ScheduledChunk.of(seq, num_new))
@@ -125,8 +127,13 @@ class Scheduler:
             return True
         if self.slots is None:
             raise RuntimeError("a sequence has an adapter but the scheduler has no adapter slots")
+        held = self.slots.holds(seq.adapter.uid)
         seq.lora_slot = self.slots.acquire(seq.adapter)
-        return seq.lora_slot != NO_SLOT
+        if seq.lora_slot == NO_SLOT:
+            return False
+        if not seq.scheduled_ns:  # what its first admission found, for tracing
+            seq.slot_hit = held
+        return True
 
     def _release_slot(self, seq: Sequence) -> None:
         if seq.lora_slot != NO_SLOT and self.slots is not None:

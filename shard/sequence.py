@@ -9,6 +9,17 @@ from loraplex.shard.lora import LoraAdapter
 from loraplex.shard.sampling import SamplingParams
 
 
+@dataclass(frozen=True)
+class SequenceTimes:
+    """Wall-clock marks (time.time_ns()) the engine thread takes for tracing: cheap to take, and the
+    service turns them into spans afterwards, so the engine never touches OpenTelemetry."""
+
+    scheduled_ns: int  # first admitted into a batch (0: never)
+    first_token_ns: int  # its first token sampled (0: none yet)
+    finished_ns: int
+    slot_hit: bool  # its adapter already had a slot at that first admission
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -31,10 +42,16 @@ class Sequence:
     cache_salt: int = 0  # separates prefix-cache entries whose K/V differ: set from the adapter
     num_preemptions: int = 0
     lora_slot: int = -1  # the adapter's slot while the sequence runs; -1: none (base model or waiting)
+    scheduled_ns: int = 0  # see SequenceTimes
+    first_token_ns: int = 0
+    slot_hit: bool = False
 
     def __post_init__(self) -> None:
         if self.adapter is not None:
             self.cache_salt = self.adapter.uid
+
+    def times(self, finished_ns: int) -> SequenceTimes:
+        return SequenceTimes(self.scheduled_ns, self.first_token_ns, finished_ns, self.slot_hit)
 
     @property
     def num_tokens(self) -> int:

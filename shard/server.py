@@ -13,6 +13,7 @@ import redis.exceptions
 
 from loraplex.protos.metrics import DEFAULT_ADAPTER_LABELS, AdapterLabels, serve_metrics
 from loraplex.protos.rpc import create_server, set_not_serving, set_serving, stop_on_signals
+from loraplex.protos.telemetry import configure_tracing
 from loraplex.protos.v1 import shard_pb2, shard_pb2_grpc
 from loraplex.registry.adapter_source import catalogue_record
 from loraplex.registry.records import HeldAdapter, ShardRecord
@@ -54,6 +55,7 @@ class ShardConfig:
 async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until `stop` is set (or SIGINT/SIGTERM when stop is None)."""
     stop = stop or stop_on_signals()
+    configure_tracing("loraplex-shard", instance_id=config.shard_id)
     model_dir = await asyncio.to_thread(resolve_model, config.model, config.cache_dir)
     engine = await asyncio.to_thread(Engine, model_dir, config.engine)
     engine.start()

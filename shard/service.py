@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import grpc
+from opentelemetry import trace
 
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
@@ -21,6 +22,7 @@ from loraplex.shard.metrics import ShardMetrics
 from loraplex.shard.outputs import RequestFailed, TokenOutput
 from loraplex.shard.prompts import PromptEncoder
 from loraplex.shard.sampling import SamplingParams
+from loraplex.shard.tracing import RequestSpans
 
 TIERS = {"gpu": common_pb2.TIER_GPU, "cpu": common_pb2.TIER_CPU, "disk": common_pb2.TIER_DISK}
 FINISH_REASONS = {
@@ -47,14 +49,16 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self.shard_id = shard_id
         self.address = address
         self.base_model = base_model
+        self._tracer = trace.get_tracer("loraplex.shard")
 
     async def Generate(
         self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
         inner = request.request
         timer = self._metrics.request(request.adapter.name) if self._metrics else None
+        spans = RequestSpans(self._tracer, context.invocation_metadata(), self.shard_id)
         outcome = "cancelled"  # unless it finishes or fails: the caller left or its deadline passed
-        adapter = None
+        adapter = failure = None
         try:
             if inner.adapter and inner.adapter != request.adapter.name:
                 raise ServiceError.invalid(
@@ -62,21 +66,26 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                     "send it through the router"
                 )
             prompt_ids, params = self._parse(inner)
-            adapter = await self._adapter(request.adapter) if request.adapter.name else None
-            async with aclosing(self._generate(inner, prompt_ids, params, adapter, context)) as chunks:
+            if request.adapter.name:
+                started_ns = time.time_ns()
+                adapter, tier = await self._adapter(request.adapter)
+                spans.adapter_acquired(adapter, tier, started_ns)
+            generation = self._generate(inner, prompt_ids, params, adapter, context, spans)
+            async with aclosing(generation) as chunks:
                 async for chunk in chunks:
                     if timer is not None:
                         timer.token()
                     yield chunk
             outcome = "ok"
-        except Exception:
-            outcome = "error"
+        except Exception as error:
+            outcome, failure = "error", error
             raise
         finally:
             if adapter is not None:
                 self.adapters.release(adapter)
             if timer is not None:
                 timer.done(outcome)
+            spans.end(failure)
 
     async def _generate(
         self,
@@ -85,6 +94,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         params: SamplingParams,
         adapter: LoraAdapter | None,
         context: grpc.aio.ServicerContext,
+        spans: RequestSpans,
     ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
         request_id = inner.request_id or uuid.uuid4().hex
         with_tokens = inner.details or inner.parameters.logprobs or params.top_logprobs > 0
@@ -97,7 +107,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             want_prompt_logprobs=inner.decoder_input_details,
             deadline=None if remaining is None else time.monotonic() + remaining,
         )
-        async with aclosing(self._outputs(engine_request)) as outputs:
+        async with aclosing(self._outputs(engine_request, spans)) as outputs:
             async for output in outputs:
                 if isinstance(output, RequestFailed):
                     deadline = output.reason == "deadline"
@@ -105,17 +115,20 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                     raise ServiceError(code, output.message)
                 yield self._chunk(output, request_id, with_tokens, prompt_ids, adapter)
 
-    async def _outputs(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    async def _outputs(self, request: EngineRequest, spans: RequestSpans) -> AsyncIterator[EngineOutput]:
         """The request's outputs as the engine thread produces them; leaving early (the client went
         away, or its deadline passed) aborts the request and frees its KV blocks."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        spans.submitted()
         self._engine.submit(request, lambda output: loop.call_soon_threadsafe(outputs.put_nowait, output))
         finished = False
         try:
             while not finished:
                 output = await outputs.get()
                 finished = isinstance(output, RequestFailed) or output.finish_reason is not None
+                if finished:
+                    spans.finished(output)
                 yield output
         finally:
             if not finished:
@@ -141,10 +154,13 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         except ValueError as error:
             raise ServiceError.invalid(str(error)) from error
 
-    async def _adapter(self, record: common_pb2.Adapter) -> LoraAdapter:
-        """The adapter at the record's version, from the fastest tier holding it; release it after use."""
+    async def _adapter(self, record: common_pb2.Adapter) -> tuple[LoraAdapter, str]:
+        """The adapter at the record's version, from the fastest tier holding it, and that tier;
+        release it after use."""
         try:
-            return await self.adapters.acquire(record.source, record.name, record.version, record.checksum)
+            return await self.adapters.acquire_with_tier(
+                record.source, record.name, record.version, record.checksum
+            )
         except InvalidAdapter as error:
             raise ServiceError.invalid(f"adapter {record.name!r}: {error}") from error
         except IncompatibleAdapter as error:
@@ -203,7 +219,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         if not request.adapter.name or not request.adapter.source:
             raise ServiceError.invalid("`adapter` needs at least a name and a source")
         started = time.perf_counter()
-        self.adapters.release(await self._adapter(request.adapter))
+        self.adapters.release((await self._adapter(request.adapter))[0])
         return shard_pb2.LoadAdapterResponse(
             tier=common_pb2.TIER_CPU, load_ms=(time.perf_counter() - started) * 1000
         )

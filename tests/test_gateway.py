@@ -443,6 +443,10 @@ def test_every_component_exports_its_metrics_after_the_workload(mesh):
 
     worker = _scrape(mesh.metrics["worker"])
     assert _value(worker, "loraplex_jobs_completed_total") >= 1
+    deadline = time.monotonic() + 5  # the worker samples the backlog once a second
+    while _value(worker, "loraplex_jobs_backlog") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        worker = _scrape(mesh.metrics["worker"])
     assert _value(worker, "loraplex_jobs_backlog") == 0
 
 

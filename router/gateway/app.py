@@ -10,13 +10,15 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
+from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from loraplex.protos.telemetry import configure_tracing
 from loraplex.router.gateway import jobs_api, openai_api, tgi_api
 from loraplex.router.gateway.backend import RouterClient
 from loraplex.router.gateway.convert import ModelNames
 from loraplex.router.gateway.errors import install_error_handlers
-from loraplex.router.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from loraplex.router.gateway.metrics import GatewayMetrics, MetricsMiddleware, tracked
 
 log = logging.getLogger("loraplex.gateway")
 
@@ -36,6 +38,19 @@ class GatewayConfig:
         return ModelNames(base=base, aliases=frozenset({self.model, "base"}))
 
 
+# FastAPI's own OpenTelemetry support makes each API request's span (honouring a `traceparent` header)
+# and keeps it current while the route runs, so backend.py hands it on to the router. It records only
+# once configure_tracing has installed a provider; metrics stay Prometheus; health probes go untraced.
+TELEMETRY: TelemetryConfig = {
+    "tracing": True,
+    "operation_spans": False,
+    "metrics": False,
+    "logs": False,
+    "auto_configure": False,
+    "exclude": lambda scope: not tracked(scope.get("path", "")),
+}
+
+
 def create_app(config: GatewayConfig) -> FastAPI:
     client = RouterClient(config.router, config.request_timeout_s)
     names = config.model_names()
@@ -48,7 +63,13 @@ def create_app(config: GatewayConfig) -> FastAPI:
         yield
         await client.close()
 
-    app = FastAPI(title="loraplex gateway", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(
+        title="loraplex gateway",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        telemetry=TELEMETRY,
+    )
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(openai_api.build_router(client, names))
@@ -74,6 +95,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
 def serve(config: GatewayConfig, log_level: str = "info") -> None:
     """Run until SIGINT/SIGTERM; uvicorn then stops accepting and lets open requests finish."""
+    configure_tracing("loraplex-gateway")
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(config),

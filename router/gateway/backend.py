@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
 
+from loraplex.protos.telemetry import metadata_for
 from loraplex.protos.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
@@ -41,7 +43,9 @@ class RouterClient:
 
     async def open_stream(self, request: common_pb2.GenerateRequest) -> AsyncIterator[Chunk]:
         """Start a generation and wait for its first chunk; errors before it raise APIError here."""
-        call = self._generation.GenerateStream(request, timeout=self.timeout_s)
+        call = self._generation.GenerateStream(
+            request, timeout=self.timeout_s, metadata=metadata_for(trace.get_current_span())
+        )
         try:
             first = await call.read()
         except grpc.aio.AioRpcError as error:
@@ -79,7 +83,11 @@ class RouterClient:
 
     async def submit_job(self, request: common_pb2.GenerateRequest) -> str:
         try:
-            response = await self._jobs.Submit(jobs_pb2.SubmitJobRequest(request=request), timeout=10)
+            response = await self._jobs.Submit(
+                jobs_pb2.SubmitJobRequest(request=request),
+                timeout=10,
+                metadata=metadata_for(trace.get_current_span()),
+            )
         except grpc.aio.AioRpcError as error:
             raise APIError.from_rpc_error(error) from error
         return response.job_id

@@ -50,7 +50,7 @@ class MetricsMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not (path == "/" or path.startswith(TRACKED_PREFIXES)):
+        if scope["type"] != "http" or not tracked(path):
             await self.app(scope, receive, send)
             return
         route = _route_label(path)
@@ -72,6 +72,11 @@ class MetricsMiddleware:
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.duration.labels(route).observe(time.perf_counter() - started)
+
+
+def tracked(path: str) -> bool:
+    """The API's routes (not /health, /metrics or /docs): what is counted and traced."""
+    return path == "/" or path.startswith(TRACKED_PREFIXES)
 
 
 def _route_label(path: str) -> str:

@@ -1,0 +1,354 @@
+"""Tracing: one request is one trace, gateway -> router -> shard, with the spans an operator reads.
+
+An in-memory exporter sees only its own process, so the shard, the router and the gateway run here in
+one event loop (with a real redis-server and the tiny model), each through its real `serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import uvicorn
+from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.util._once import Once
+
+from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2, generation_pb2_grpc
+from loraplex.registry.records import HeldAdapter, ShardRecord
+from loraplex.registry.store import Registry
+from loraplex.router.gateway.app import GatewayConfig, create_app
+from loraplex.router.server import RouterConfig
+from loraplex.router.server import serve as serve_router
+from loraplex.shard.engine import EngineConfig
+from loraplex.shard.server import ShardConfig
+from loraplex.shard.server import serve as serve_shard
+from loraplex.tools.processes import free_port
+
+from peft_fixtures import write_peft_adapter
+
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"  # the client's own trace, sent as `traceparent`
+CALLER_SPAN = "00f067aa0ba902b7"
+SHARD_ID = "traced-shard"
+GATEWAY_SPAN = "POST /v1/chat/completions"  # FastAPI's: method and route
+SHARD_PHASES = ("shard.adapter_load", "shard.queue_wait", "shard.prefill", "shard.decode")
+
+
+@pytest.fixture
+def exporter(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """Every span this process ends, kept in memory. The global provider can be set once per process,
+    so it is put back afterwards (as OpenTelemetry's own test utilities do)."""
+    for name in [name for name in os.environ if name.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER_SET_ONCE", Once())
+    provider = TracerProvider()
+    memory = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    trace.set_tracer_provider(provider)
+    yield memory
+    provider.shutdown()
+
+
+def _chat_stream(port: int, adapter: str, headers: dict[str, str]) -> list[dict]:
+    """A streamed chat completion through the gateway; its SSE events."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    body = {
+        "model": adapter,
+        "messages": [{"role": "user", "content": "Say something."}],
+        "max_tokens": 4,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    try:
+        connection.request(
+            "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json", **headers}
+        )
+        response = connection.getresponse()
+        text = response.read().decode()
+        assert response.status == 200, text
+    finally:
+        connection.close()
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+
+
+async def _wait_for_spans(memory: InMemorySpanExporter, trace_id: int, names: set[str]) -> list[ReadableSpan]:
+    """The trace's spans once all the named ones have ended (the last end a moment after the reply)."""
+    deadline = time.monotonic() + 10
+    while True:
+        spans = [span for span in memory.get_finished_spans() if span.context.trace_id == trace_id]
+        if names <= {span.name for span in spans} or time.monotonic() > deadline:
+            return spans
+        await asyncio.sleep(0.05)
+
+
+async def _wait_for_new_trace(memory: InMemorySpanExporter) -> int:
+    """The trace a gateway span started itself (its caller sent no traceparent)."""
+    for _ in range(200):
+        for span in memory.get_finished_spans():
+            if span.name == GATEWAY_SPAN and span.parent is None:
+                return span.context.trace_id
+        await asyncio.sleep(0.05)
+    raise AssertionError("no gateway span without a parent")
+
+
+def _one(spans: list[ReadableSpan], name: str) -> ReadableSpan:
+    found = [span for span in spans if span.name == name]
+    assert len(found) == 1, f"{name}: {len(found)} spans in {sorted(span.name for span in spans)}"
+    return found[0]
+
+
+async def _wait_for_router(router: str) -> None:
+    """Until the router routes (its snapshot has the shard): base-model requests are retried."""
+    async with grpc.aio.insecure_channel(router) as channel:
+        generation = generation_pb2_grpc.GenerationStub(channel)
+        request = common_pb2.GenerateRequest(prompt="hi", parameters={"max_new_tokens": 1})
+        for _ in range(200):
+            try:
+                await generation.Generate(request, timeout=10)
+                return
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                await asyncio.sleep(0.05)
+    raise AssertionError("the router never saw the shard")
+
+
+async def _register_dead_replica(redis_url: str, namespace: str, router: str, adapter: str) -> None:
+    """A shard that claims the adapter in a GPU slot but refuses connections: placement ranks it
+    first (affinity), so the router's first forward fails and its retry reaches the real shard."""
+    registry = Registry(redis_url, namespace)
+    record = ShardRecord(
+        "dead-shard",
+        f"127.0.0.1:{free_port()}",
+        "tiny",
+        max_context=2048,
+        max_running_requests=8,
+        adapters=(HeldAdapter(adapter, 1, "gpu"),),
+        reported_at=time.time(),
+    )
+    await registry.heartbeat(record, ttl_s=60)
+    await registry.close()
+    async with grpc.aio.insecure_channel(router) as channel:
+        admin = adapters_pb2_grpc.AdaptersStub(channel)
+        for _ in range(200):  # until the router's snapshot has it
+            placed = await admin.Get(adapters_pb2.GetAdapterRequest(name=adapter), timeout=10)
+            if any(placement.shard == "dead-shard" for placement in placed.placements):
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError("the router never saw the dead replica")
+
+
+def test_a_streamed_adapter_request_is_one_trace_from_gateway_to_shard(
+    exporter, redis_url, namespace, tiny_model_dir, tmp_path
+):
+    adapter_dir = write_peft_adapter(tmp_path / "adapter", tiny_model_dir)
+    router_port, gateway_port = free_port(), free_port()
+    router = f"127.0.0.1:{router_port}"
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        shard_config = ShardConfig(
+            shard_id=SHARD_ID,
+            model=str(tiny_model_dir),
+            cache_dir=tmp_path / "cache",
+            redis_url=redis_url,
+            port=0,
+            namespace=namespace,
+            engine=EngineConfig(kv_cache_bytes=32 << 20, max_gpu_adapters=2),
+            heartbeat_interval_s=0.2,
+        )
+        router_config = RouterConfig(
+            redis_url, tiny_model_dir.name, port=router_port, namespace=namespace, refresh_interval_s=0.1
+        )
+        gateway = uvicorn.Server(
+            uvicorn.Config(
+                create_app(GatewayConfig(router=router, model=str(tiny_model_dir), port=gateway_port)),
+                host="127.0.0.1",
+                port=gateway_port,
+                log_level="warning",
+            )
+        )
+        tasks = [
+            asyncio.create_task(serve_shard(shard_config, stop)),
+            asyncio.create_task(serve_router(router_config, stop)),
+            asyncio.create_task(gateway.serve()),
+        ]
+        try:
+            await _wait_for_router(router)
+            async with grpc.aio.insecure_channel(router) as channel:
+                create = adapters_pb2.CreateAdapterRequest(name="traced", source=str(adapter_dir))
+                await adapters_pb2_grpc.AdaptersStub(channel).Create(create, timeout=30)
+            await _register_dead_replica(redis_url, namespace, router, "traced")
+            while not gateway.started:
+                await asyncio.sleep(0.05)
+            exporter.clear()
+            started_ns = time.time_ns()
+
+            caller = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
+            events = await asyncio.to_thread(_chat_stream, gateway_port, "traced", caller)
+            assert events[-1]["choices"][0]["finish_reason"] == "length"
+            names = {GATEWAY_SPAN, "router.generate", "router.route", "shard.generate"}
+            first = await _wait_for_spans(exporter, int(CALLER_TRACE, 16), {*names, *SHARD_PHASES})
+            # everything the request did, on every hop, is in the caller's trace
+            since = [span for span in exporter.get_finished_spans() if span.start_time >= started_ns]
+            assert {span.context.trace_id for span in since} == {int(CALLER_TRACE, 16)}
+            _check_first_trace(first)
+
+            await asyncio.to_thread(_chat_stream, gateway_port, "traced", {})
+            # a request without a traceparent starts its own trace; its adapter is in a slot by now
+            new_trace = await _wait_for_new_trace(exporter)
+            second = await _wait_for_spans(exporter, new_trace, {*names, *SHARD_PHASES})
+            assert _one(second, "shard.generate").attributes["loraplex.adapter.tier"] == "gpu"
+            assert _one(second, "shard.adapter_load").attributes["loraplex.adapter.tier"] == "gpu"
+        finally:
+            gateway.should_exit = True
+            stop.set()
+            await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+
+
+def _check_first_trace(spans: list[ReadableSpan]) -> None:
+    gateway = _one(spans, GATEWAY_SPAN)
+    request = _one(spans, "router.generate")
+    route = _one(spans, "router.route")
+    forwards = sorted(
+        (s for s in spans if s.name == "router.forward"), key=lambda s: s.attributes["loraplex.attempt"]
+    )
+    shard = _one(spans, "shard.generate")
+    phases = {name: _one(spans, name) for name in SHARD_PHASES}
+
+    # the caller's traceparent was honoured, and every hop hangs under the one before
+    assert gateway.parent is not None and gateway.parent.span_id == int(CALLER_SPAN, 16)
+    assert gateway.parent.is_remote
+    assert request.parent.span_id == gateway.context.span_id
+    assert route.parent.span_id == request.context.span_id
+    assert [f.parent.span_id for f in forwards] == [request.context.span_id] * 2
+    assert shard.parent.span_id == forwards[-1].context.span_id
+    assert all(phase.parent.span_id == shard.context.span_id for phase in phases.values())
+
+    assert gateway.attributes["http.response.status_code"] == 200
+    assert route.attributes["loraplex.adapter.name"] == "traced"
+    assert route.attributes["loraplex.adapter.version"] == 1
+    assert route.attributes["loraplex.route.reason"] == "affinity"
+    assert route.attributes["loraplex.shard.id"] == "dead-shard"
+    assert list(route.attributes["loraplex.route.candidates"]) == ["dead-shard", SHARD_ID]
+    # the dead replica's refusal is visible, then the retry that served the request
+    assert [f.attributes["loraplex.shard.id"] for f in forwards] == ["dead-shard", SHARD_ID]
+    assert [f.attributes["loraplex.attempt"] for f in forwards] == [1, 2]
+    assert not forwards[0].status.is_ok and forwards[1].status.is_ok
+    assert request.attributes["loraplex.shard.id"] == SHARD_ID
+    assert request.attributes["gen_ai.usage.output_tokens"] == 4
+
+    assert shard.attributes["loraplex.shard.id"] == SHARD_ID
+    assert shard.attributes["loraplex.adapter.name"] == "traced"
+    assert shard.attributes["loraplex.adapter.version"] == 1
+    assert shard.attributes["gen_ai.usage.input_tokens"] > 0
+    assert shard.attributes["gen_ai.usage.output_tokens"] == 4
+    assert list(shard.attributes["gen_ai.response.finish_reasons"]) == ["length"]
+    # the first request for a new adapter fetched it from its source (the disk cache was empty)
+    assert shard.attributes["loraplex.adapter.tier"] == "source"
+    assert phases["shard.adapter_load"].attributes["loraplex.adapter.tier"] == "source"
+    # the phases follow one another inside the request span
+    order = [phases[name] for name in SHARD_PHASES]
+    assert shard.start_time <= order[0].start_time
+    for before, after in itertools.pairwise(order):
+        assert before.end_time <= after.start_time
+    assert order[-1].end_time <= shard.end_time
+
+
+def _run(environ: dict[str, str], code: str) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter (tracer providers are process-wide) with only these OTEL_*."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("OTEL_")}
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**env, **environ}, capture_output=True, text=True, timeout=60
+    )
+
+
+def _probe(environ: dict[str, str], code: str) -> str:
+    result = _run(environ, code)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+PROBE = """
+import sys
+from opentelemetry import trace
+from loraplex.protos.telemetry import configure_tracing
+on = configure_tracing("loraplex-probe")
+with trace.get_tracer("probe").start_as_current_span("probe-span") as span:
+    recording = span.is_recording()
+print(on, type(trace.get_tracer_provider()).__name__, recording, "opentelemetry.sdk" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("environ", [{}, {"OTEL_TRACES_EXPORTER": "none"}])
+def test_without_an_exporter_tracing_stays_the_no_op_provider(environ):
+    assert _probe(environ, PROBE).split() == ["False", "ProxyTracerProvider", "False", "False"]
+
+
+def test_the_console_exporter_prints_spans_under_the_service_name():
+    out = _probe({"OTEL_TRACES_EXPORTER": "console"}, PROBE + "trace.get_tracer_provider().shutdown()")
+    assert out.splitlines()[0].split() == ["True", "TracerProvider", "True", "True"]
+    assert '"name": "probe-span"' in out and '"service.name": "loraplex-probe"' in out
+    named = _probe(
+        {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "edge"},
+        PROBE + "trace.get_tracer_provider().shutdown()",
+    )
+    assert '"service.name": "edge"' in named
+
+
+class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """A stand-in OpenTelemetry collector: keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    def Export(self, request, context):
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def test_otlp_exports_over_grpc_to_a_collector():
+    """OTEL_TRACES_EXPORTER=otlp sends OTLP/gRPC (opentelemetry-proto's messages under our protobuf)."""
+    collector = _Collector()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        environ = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"}
+        _probe(environ, PROBE + "trace.get_tracer_provider().shutdown()")
+    finally:
+        server.stop(grace=None)
+    exported = [
+        (resource.resource, span.name)
+        for request in collector.requests
+        for resource in request.resource_spans
+        for scope in resource.scope_spans
+        for span in scope.spans
+    ]
+    assert [name for _, name in exported] == ["probe-span"]
+    attributes = {a.key: a.value.string_value for a in exported[0][0].attributes}
+    assert attributes["service.name"] == "loraplex-probe"
+
+
+def test_an_exporter_nothing_provides_fails_at_start_and_says_what_is_installed():
+    code = "from loraplex.protos.telemetry import configure_tracing; configure_tracing('x')"
+    result = _run({"OTEL_TRACES_EXPORTER": "zipkin_json"}, code)
+    assert result.returncode != 0
+    assert "'zipkin_json', which no installed package provides" in result.stderr
+    assert "console" in result.stderr and "otlp_proto_grpc" in result.stderr
