@@ -13,6 +13,8 @@ log = logging.getLogger("loraplex.metrics")
 DEFAULT_ADAPTER_LABELS = 32
 BASE_LABEL = "base"
 OTHER_LABEL = "other"
+# request latency histograms (seconds): from a cached short answer to a long generation
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class AdapterLabels:

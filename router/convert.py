@@ -1,6 +1,8 @@
-"""Registry records to protobuf messages (the router's edge)."""
+"""Registry records to protobuf messages (the router's edge), and a whole response from its stream."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterable
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -38,3 +40,22 @@ def adapter_to_pb(record: AdapterRecord, shards: tuple[ShardRecord, ...] = ()) -
             if held.name == record.name
         ],
     )
+
+
+async def collect_response(
+    chunks: AsyncIterable[common_pb2.GenerateStreamResponse],
+) -> common_pb2.GenerateResponse:
+    """A whole GenerateResponse from a generation's chunks (the router's unary Generate, the gateway)."""
+    response = common_pb2.GenerateResponse()
+    texts = []
+    async for chunk in chunks:
+        texts.append(chunk.text)
+        response.tokens.extend(chunk.tokens)
+        response.prefill_tokens.extend(chunk.prefill_tokens)
+        response.request_id = chunk.request_id
+        if chunk.finish_reason:
+            response.finish_reason = chunk.finish_reason
+            response.usage.CopyFrom(chunk.usage)
+            response.served_by.CopyFrom(chunk.served_by)
+    response.text = "".join(texts)
+    return response

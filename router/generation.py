@@ -24,7 +24,7 @@ from loraplex.protos.rpc import ServiceError
 from loraplex.protos.v1 import common_pb2, generation_pb2_grpc, shard_pb2
 from loraplex.registry.records import AdapterRecord, ShardRecord
 from loraplex.router.channels import ShardChannels
-from loraplex.router.convert import adapter_to_pb
+from loraplex.router.convert import adapter_to_pb, collect_response
 from loraplex.router.metrics import RouterMetrics
 from loraplex.router.placement import DEFAULT_CAPACITY_FACTOR, Placement, place
 from loraplex.router.snapshot import SnapshotKeeper
@@ -66,19 +66,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def Generate(
         self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.GenerateResponse:
-        response = common_pb2.GenerateResponse()
-        texts = []
-        async for chunk in self._timed(request, context):
-            texts.append(chunk.text)
-            response.tokens.extend(chunk.tokens)
-            response.prefill_tokens.extend(chunk.prefill_tokens)
-            response.request_id = chunk.request_id
-            if chunk.finish_reason:
-                response.finish_reason = chunk.finish_reason
-                response.usage.CopyFrom(chunk.usage)
-                response.served_by.CopyFrom(chunk.served_by)
-        response.text = "".join(texts)
-        return response
+        return await collect_response(self._timed(request, context))
 
     async def _timed(
         self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext

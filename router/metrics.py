@@ -10,11 +10,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from loraplex.protos.metrics import AdapterLabels
+from loraplex.protos.metrics import LATENCY_BUCKETS, AdapterLabels
 from loraplex.router.snapshot import SnapshotKeeper
 
 UNKNOWN_LABEL = "unknown"
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class RouterMetrics:

@@ -10,12 +10,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from loraplex.protos.metrics import AdapterLabels
+from loraplex.protos.metrics import LATENCY_BUCKETS, AdapterLabels
 from loraplex.shard.adapter_slots import LOAD_BUCKETS, TierCounters
 from loraplex.shard.adapter_store import AdapterStore
 from loraplex.shard.engine import Engine
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
 

@@ -263,34 +263,20 @@ def test_concurrent_requests_all_complete(generation):
     assert len(results) == 4 and all("Paris" in text for text in results)
 
 
+def _grpcurl(*args: str, timeout_s: float = 30) -> str:
+    return subprocess.run(
+        ["grpcurl", "-plaintext", *args], capture_output=True, text=True, timeout=timeout_s, check=True
+    ).stdout
+
+
 def test_grpcurl_lists_describes_checks_health_and_streams(mesh):
-    listed = subprocess.run(
-        ["grpcurl", "-plaintext", mesh.router, "list"], capture_output=True, text=True, timeout=30, check=True
-    ).stdout.split()
+    listed = _grpcurl(mesh.router, "list").split()
     assert {"loraplex.v1.Generation", "loraplex.v1.Adapters", "grpc.health.v1.Health"} <= set(listed)
-    health = subprocess.run(
-        ["grpcurl", "-plaintext", mesh.router, "grpc.health.v1.Health/Check"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
+    health = _grpcurl(mesh.router, "grpc.health.v1.Health/Check")
     assert json.loads(health)["status"] == "SERVING"
-    described = subprocess.run(
-        ["grpcurl", "-plaintext", mesh.router, "describe", "loraplex.v1.Generation"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
+    described = _grpcurl(mesh.router, "describe", "loraplex.v1.Generation")
     assert "rpc GenerateStream ( .loraplex.v1.GenerateRequest ) returns ( stream .loraplex.v1." in described
-    message = subprocess.run(
-        ["grpcurl", "-plaintext", mesh.router, "describe", "loraplex.v1.SamplingParameters"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
+    message = _grpcurl(mesh.router, "describe", "loraplex.v1.SamplingParameters")
     assert "max_new_tokens" in message and "top_logprobs" in message
     body = json.dumps(
         {
@@ -299,13 +285,7 @@ def test_grpcurl_lists_describes_checks_health_and_streams(mesh):
             "parameters": {"max_new_tokens": 24},
         }
     )
-    streamed = subprocess.run(
-        ["grpcurl", "-plaintext", "-d", body, mesh.router, "loraplex.v1.Generation/GenerateStream"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    streamed = _grpcurl("-d", body, mesh.router, "loraplex.v1.Generation/GenerateStream", timeout_s=60)
     assert "Paris" in streamed and "FINISH_REASON_EOS" in streamed
 
 

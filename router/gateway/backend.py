@@ -157,20 +157,3 @@ async def merge_streams(streams: Sequence[AsyncIterator[Chunk]]) -> AsyncIterato
         for stream in streams:
             with contextlib.suppress(BaseException):
                 await stream.aclose()  # type: ignore[attr-defined]
-
-
-async def collect(stream: AsyncIterator[Chunk]) -> common_pb2.GenerateResponse:
-    """A whole response from a stream, the way the router's unary Generate builds it."""
-    response = common_pb2.GenerateResponse()
-    texts = []
-    async for chunk in stream:
-        texts.append(chunk.text)
-        response.tokens.extend(chunk.tokens)
-        response.prefill_tokens.extend(chunk.prefill_tokens)
-        response.request_id = chunk.request_id
-        if chunk.finish_reason:
-            response.finish_reason = chunk.finish_reason
-            response.usage.CopyFrom(chunk.usage)
-            response.served_by.CopyFrom(chunk.served_by)
-    response.text = "".join(texts)
-    return response

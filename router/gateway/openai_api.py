@@ -15,7 +15,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from loraplex.protos.v1 import common_pb2
-from loraplex.router.gateway.backend import Chunk, RouterClient, collect, merge_streams
+from loraplex.router.convert import collect_response
+from loraplex.router.gateway.backend import Chunk, RouterClient, merge_streams
 from loraplex.router.gateway.convert import (
     OPENAI_FINISH,
     SSE_HEADERS,
@@ -120,7 +121,7 @@ async def _respond(
         )
 
     async def whole() -> dict:
-        responses = [await collect(stream) for stream in await open_all()]
+        responses = [await collect_response(stream) for stream in await open_all()]
         for index, response in enumerate(responses):
             choices.prompt_tokens[choices.prompt_of[index]] = response.usage.prompt_tokens
             choices.completion_tokens += response.usage.completion_tokens

@@ -13,7 +13,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from loraplex.protos.v1 import common_pb2
-from loraplex.router.gateway.backend import Chunk, RouterClient, collect
+from loraplex.router.convert import collect_response
+from loraplex.router.gateway.backend import Chunk, RouterClient
 from loraplex.router.gateway.convert import (
     SSE_HEADERS,
     TGI_FINISH,
@@ -38,7 +39,7 @@ def build_router(client: RouterClient, names: ModelNames) -> APIRouter:
 
     async def generate(body: TGIRequest, request: Request) -> dict:
         async def whole() -> dict:
-            response = await collect(await open_stream(body))
+            response = await collect_response(await open_stream(body))
             return _generated(body, response)
 
         return await run_until_disconnect(request, whole())
