@@ -3,6 +3,11 @@
 `step` reads as schedule -> run -> postprocess. Requests and aborts arrive through a thread-safe inbox
 and join at the next step; each request's outputs go to the callback it was submitted with, called on
 the engine thread (the service hops them onto its event loop).
+
+With `tp_size` > 1 this is the first of the shard's tensor-parallel ranks: it schedules and samples,
+and `TensorParallelPeers` has the other ranks run each step with it. Losing a rank is fatal: the
+engine fails what it holds with UNAVAILABLE (the router retries elsewhere) and tells `on_failure`
+listeners, and the server goes down.
 """
 
 from __future__ import annotations
@@ -21,9 +26,8 @@ from loraplex.shard.adapter_slots import AdapterSlots
 from loraplex.shard.block_manager import BlockManager
 from loraplex.shard.kv_cache import allocate_kv_cache, kv_budget_bytes, num_blocks_for
 from loraplex.shard.lora import LoraAdapter, load_adapter
-from loraplex.shard.lora_stacked import StackedLoraWeights
+from loraplex.shard.lora_slots import build_lora_slots, resolve_backend
 from loraplex.shard.lora_torch import PackedLoraSlots
-from loraplex.shard.model import LlamaModel
 from loraplex.shard.model_config import ModelConfig
 from loraplex.shard.model_runner import ChunkResult, ModelRunner
 from loraplex.shard.outputs import OutputProcessor, RequestFailed, TokenOutput
@@ -32,7 +36,9 @@ from loraplex.shard.prompts import PromptEncoder
 from loraplex.shard.sampling import SamplingParams
 from loraplex.shard.scheduler import Scheduler
 from loraplex.shard.sequence import Sequence
-from loraplex.shard.weights import load_weights, model_dtype
+from loraplex.shard.tensor_parallel import TensorParallelPeers
+from loraplex.shard.tp_worker import RankMemory, weight_bytes
+from loraplex.shard.weights import build_model, model_dtype
 
 log = logging.getLogger("loraplex.engine")
 
@@ -53,6 +59,7 @@ class EngineConfig:
     max_gpu_adapters: int = 16  # adapters active in the batch at once (slots)
     max_lora_rank: int = 64  # adapters of higher rank are refused; sizes the kernels' slot buffers
     lora_backend: str = "auto"  # "torch" (per-segment matmuls) or "triton" (SGMV kernels); auto: by device
+    tp_size: int = 1  # tensor-parallel ranks (processes; GPUs device, device + 1, ... on CUDA)
 
 
 @dataclass(frozen=True)
@@ -88,49 +95,107 @@ class _Request:
 
 class Engine:
     def __init__(self, model_dir: Path, config: EngineConfig) -> None:
+        if config.tp_size < 1:
+            raise ValueError(f"tp_size must be at least 1, got {config.tp_size}")
         self.config = config
         self.device = torch.device(config.device)
         self.model_config = ModelConfig.from_dir(model_dir)
         self.dtype = model_dtype(self.device, config.dtype)
-        self.model = build_model(self.model_config, model_dir, self.device, self.dtype)
+        lora_backend = resolve_backend(config.lora_backend, self.device)
         on_cpu = self.device.type == "cpu"
+        self.peers: TensorParallelPeers | None = None
+        if config.tp_size > 1:
+            if on_cpu:  # the ranks share the cores
+                torch.set_num_threads(max(1, torch.get_num_threads() // config.tp_size))
+            self.peers = TensorParallelPeers(
+                config.tp_size,
+                model_dir,
+                self.device,
+                self.dtype,
+                config.block_size,
+                lora_backend,
+                config.max_gpu_adapters,
+                config.max_lora_rank,
+                torch.get_num_threads(),
+            )
+            self.peers.start()
+        try:
+            self._build(model_dir, config, lora_backend)
+        except BaseException:
+            if self.peers is not None:
+                self.peers.stop()
+            raise
+
+    def _build(self, model_dir: Path, config: EngineConfig, lora_backend: str) -> None:
+        on_cpu = self.device.type == "cpu"
+        self.model = build_model(
+            self.model_config, model_dir, self.device, self.dtype, TensorParallel(0, config.tp_size)
+        )
         budget = kv_budget_bytes(self.device, config.kv_cache_bytes, config.gpu_memory_fraction)
         max_running = config.max_running_requests or (64 if on_cpu else 256)
+        bytes_per_token = self.model_config.kv_bytes_per_token(self.dtype, config.tp_size)  # on one rank
         num_blocks = min(
-            num_blocks_for(budget, self.model_config.kv_bytes_per_token(self.dtype), config.block_size),
+            num_blocks_for(budget, bytes_per_token, config.block_size),
             # more than every running sequence at full context could never be used
             -(-max_running * self.model_config.max_position_embeddings // config.block_size),
         )
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv_cache = allocate_kv_cache(self.model, num_blocks, config.block_size)
+        # every rank's weights and KV cache: the ranks' block tables are the first rank's, so their
+        # caches have the same number of blocks
+        self.rank_memory = [RankMemory(0, weight_bytes(self.model), self.kv_cache.nbytes)]
+        if self.peers is not None:
+            self.rank_memory += self.peers.setup(num_blocks)
         self.max_context = min(self.model_config.max_position_embeddings, num_blocks * config.block_size)
-        self.lora_weights = self._lora_weights(config)
-        self.slots = AdapterSlots(config.max_gpu_adapters, self.lora_weights.write)
+        self.lora_weights = build_lora_slots(
+            self.model, lora_backend, config.max_gpu_adapters, config.max_lora_rank, self.dtype, self.device
+        )
+        self.slots = AdapterSlots(config.max_gpu_adapters, self._write_slot)
         self.scheduler = Scheduler(
             self.blocks,
             config.max_batch_tokens or (512 if on_cpu else 8192),
             max_running,
             self.slots,
         )
-        self.runner = ModelRunner(self.model, config.block_size, self.device, self.lora_weights)
+        self.runner = ModelRunner(self.model, config.block_size, self.device, self.lora_weights, self.peers)
         self.prompts = PromptEncoder(model_dir, self.model_config.vocab_size, self.max_context)
         self.stats = EngineStats(kv_blocks_free=num_blocks)
+        self.failure: str | None = None  # set when a tensor-parallel rank is lost; the engine is done
+        self._failure_listeners: list[Callable[[str], None]] = []
+        self._submit_lock = threading.Lock()  # a submit either reaches the inbox or sees the failure
         self._requests: dict[str, _Request] = {}
         self._num_preemptions = 0
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        if self.peers is not None:
+            self.peers.watch(lambda message: self._inbox.put(("fatal", message)))
         log.info(
-            "engine ready: %d KV blocks of %d tokens (%.0f MiB), context %d",
+            "engine ready: %d KV blocks of %d tokens (%.0f MiB per rank), context %d",
             num_blocks,
             config.block_size,
             self.kv_cache.nbytes / 2**20,
             self.max_context,
         )
+        if self.peers is not None:
+            log.info(
+                "tensor parallel over %d ranks; weights per rank: %s MiB",
+                config.tp_size,
+                ", ".join(f"{memory.weight_bytes / 2**20:.1f}" for memory in self.rank_memory),
+            )
 
     # --- called from any thread ------------------------------------------------------------------
 
     def submit(self, request: EngineRequest, callback: OutputCallback) -> None:
-        self._inbox.put(("submit", (request, callback)))
+        with self._submit_lock:
+            if self.failure is None:
+                self._inbox.put(("submit", (request, callback)))
+                return
+        callback(RequestFailed("unavailable", self._failure_message()))
+
+    def on_failure(self, listener: Callable[[str], None]) -> None:
+        """listener(message) runs (on the engine thread) if the engine can no longer serve: a
+        tensor-parallel rank was lost. Every request it held has failed with reason "unavailable"."""
+        self._failure_listeners.append(listener)
 
     def abort(self, request_id: str) -> None:
         """Drop the request and free its KV blocks before the next step (no-op if it already ended)."""
@@ -144,41 +209,23 @@ class Engine:
             source,
             name,
             version,
-            self.model.lora_targets(),
+            self.model.lora_targets(),  # checked against the whole model's shapes
             self.model_config.num_layers,
             self.config.max_lora_rank,
             self.dtype,
             pin_memory=self.device.type == "cuda",
         )
         if isinstance(self.lora_weights, PackedLoraSlots):
-            self.lora_weights.prepare(adapter)
+            self.lora_weights.prepare(self.model.shard_adapter(adapter))
+        if self.peers is not None:
+            self.peers.add_adapter(adapter)
         return adapter
 
-    def _lora_weights(self, config: EngineConfig) -> StackedLoraWeights | PackedLoraSlots:
-        """The slot tier of the LoRA backend: the Triton kernels' stacked buffers, or packed adapters
-        for the plain-torch path."""
-        backend = config.lora_backend
-        if backend == "auto":
-            backend = "torch" if self.device.type == "cpu" else "triton"
-        if backend not in ("torch", "triton"):
-            raise ValueError(f"lora_backend {config.lora_backend!r} is not one of auto, torch, triton")
-        layout = self.model.lora_layout()
-        if backend == "torch":
-            return PackedLoraSlots(layout, config.max_gpu_adapters, self.dtype, self.device)
-        shapes = {
-            path.rsplit(".", 1)[-1]: shape
-            for path, shape in self.model.lora_targets().items()
-            if path.startswith("model.layers.0.")
-        }
-        return StackedLoraWeights(
-            layout,
-            shapes,
-            self.model_config.num_layers,
-            config.max_gpu_adapters,
-            config.max_lora_rank,
-            self.dtype,
-            self.device,
-        )
+    def _write_slot(self, slot: int, adapter: LoraAdapter) -> None:
+        """Copy an adapter into a slot, this rank's slice here and the same slot on every other rank."""
+        self.lora_weights.write(slot, self.model.shard_adapter(adapter))
+        if self.peers is not None:
+            self.peers.write_slot(slot, adapter)
 
     def drop_adapter(self, adapter_uid: int) -> None:
         """Free the adapter's slot once no running sequence uses it (after a delete, an update or its
@@ -196,6 +243,8 @@ class Engine:
             self._inbox.put(("stop", None))
             self._thread.join()
             self._thread = None
+        if self.peers is not None:
+            self.peers.stop()
 
     def generate(self, requests: list[EngineRequest]) -> dict[str, list[EngineOutput]]:
         """Run requests to completion on the calling thread (offline use: tests, benchmarks); they
@@ -218,9 +267,35 @@ class Engine:
                     return
                 if self.scheduler.has_work:
                     self.step()
-            except Exception:  # keep serving: fail what was in flight, not the shard
+            except Exception as error:
+                if self.peers is not None:  # the ranks may be out of step: this shard cannot go on
+                    log.exception("tensor-parallel step failed; the shard goes down")
+                    self._die(self.peers.explain(error))
+                    return
+                # keep serving: fail what was in flight, not the shard
                 log.exception("engine step failed; failing the requests in flight")
                 self._fail_all("the shard hit an internal error while running this request")
+
+    def _die(self, message: str) -> None:
+        """Fail every request held or queued with "unavailable", stop taking new ones, and tell the
+        listeners."""
+        with self._submit_lock:
+            self.failure = message
+        self._fail_all(self._failure_message(), reason="unavailable")
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                _, callback = payload  # type: ignore[misc]
+                callback(RequestFailed("unavailable", self._failure_message()))
+        self._publish_stats()
+        for listener in self._failure_listeners:
+            listener(message)
+
+    def _failure_message(self) -> str:
+        return f"this shard lost a tensor-parallel rank ({self.failure}); retry on another shard"
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued submits and aborts; False once asked to stop."""
@@ -233,12 +308,17 @@ class Engine:
             if kind == "stop":
                 self._fail_all("the shard is shutting down")
                 return False
+            if kind == "fatal":
+                self._die(payload)  # type: ignore[arg-type]
+                return False
             if kind == "submit":
                 self._add(*payload)  # type: ignore[misc]
             elif kind == "abort":
                 self._finish(payload)  # type: ignore[arg-type]
             elif kind == "drop_adapter":
                 self.slots.drop(payload)  # type: ignore[arg-type]
+                if self.peers is not None:
+                    self.peers.forget_adapter(payload)  # type: ignore[arg-type]
             self._publish_stats()
 
     def _add(self, request: EngineRequest, callback: OutputCallback) -> None:
@@ -305,9 +385,9 @@ class Engine:
         if failure is not None:
             _deliver(request, replace(failure, times=request.seq.times(time.time_ns())))
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, reason: str = "error") -> None:
         for request_id in list(self._requests):
-            self._finish(request_id, RequestFailed("error", message))
+            self._finish(request_id, RequestFailed(reason, message))
 
     def _publish_stats(self) -> None:
         sequences = self.scheduler.sequences()
@@ -332,23 +412,3 @@ def _deliver(request: _Request, output: EngineOutput) -> None:
         request.callback(output)
     except Exception:
         log.exception("output callback of request %s failed", request.seq.request_id)
-
-
-def build_model(
-    config: ModelConfig,
-    model_dir: Path,
-    device: torch.device,
-    dtype: torch.dtype,
-    tp: TensorParallel | None = None,
-) -> LlamaModel:
-    """Construct the model directly on `device` in its serving dtype and load the checkpoint."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with device:
-            model = LlamaModel(config, tp)
-    finally:
-        torch.set_default_dtype(previous)
-    model.inv_freq = model.inv_freq.float()
-    load_weights(model, model_dir)
-    return model.eval()

@@ -9,6 +9,7 @@ Tensor shapes: T = tokens in the step, H = hidden size, h/kv = heads on this ran
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Protocol
 
 import torch
@@ -16,13 +17,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from loraplex.shard.attention import AttentionMetadata, paged_attention
+from loraplex.shard.lora import LoraAdapter
 from loraplex.shard.model_config import ModelConfig
 from loraplex.shard.parallel import (
     ColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
     TensorParallel,
-    VocabEmbedding,
+    VocabParallelEmbedding,
 )
 
 
@@ -59,6 +61,10 @@ LORA_MODULES = {  # fused projection -> the Hugging Face modules it computes, in
     "o_proj": ("o_proj",),
     "gate_up_proj": ("gate_proj", "up_proj"),
     "down_proj": ("down_proj",),
+}
+# Hugging Face module -> (fused projection, its part in the fused output)
+_FUSED_PART = {
+    module: (fused, part) for fused, modules in LORA_MODULES.items() for part, module in enumerate(modules)
 }
 
 
@@ -132,15 +138,17 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        tp = tp or TensorParallel()
+        self.tp = tp = tp or TensorParallel()
         self.config = config
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(DecoderLayer(config, i, tp) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # The LM head is replicated: logits are computed only for the rows being sampled, so splitting
-        # it would save little and cost a gather of the vocabulary on every step.
+        # Split by vocabulary like the embedding: logits are computed only for the rows being sampled,
+        # so gathering them costs little next to holding the whole head on every rank.
         self.lm_head = (
-            None if config.tie_word_embeddings else VocabEmbedding(config.vocab_size, config.hidden_size)
+            None
+            if config.tie_word_embeddings
+            else VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         )
         inv_freq, self.rope_scaling = config.rope_inv_freq()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -162,26 +170,56 @@ class LlamaModel(nn.Module):
             x = layer(x, cos, sin, attn, lora)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, H] -> logits [N, vocab] in fp32."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden: [N, H] -> logits [N, vocab] in fp32 on the first rank (None on the others)."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head.weight).float()
+        return head.logits(hidden)
 
-    def lora_layout(self) -> dict[str, tuple[tuple[str, int, int], ...]]:
-        """Per fused projection, its modules as (name, first output column, columns) on this rank."""
-        first = self.layers[0]
-        linears = {
+    def _fused_linears(self) -> dict[str, ColumnParallelLinear | RowParallelLinear]:
+        first = self.layers[0]  # every layer is split the same way
+        return {
             "qkv_proj": first.self_attn.qkv_proj,
             "o_proj": first.self_attn.o_proj,
             "gate_up_proj": first.mlp.gate_up_proj,
             "down_proj": first.mlp.down_proj,
         }
+
+    def lora_layout(self) -> dict[str, tuple[tuple[str, int, int], ...]]:
+        """Per fused projection, its modules as (name, first output column, columns) on this rank."""
+        linears = self._fused_linears()
         return {
             projection: tuple(
                 zip(modules, linears[projection].offsets, linears[projection].output_sizes, strict=True)
             )
             for projection, modules in LORA_MODULES.items()
         }
+
+    def lora_shard_shapes(self) -> dict[str, tuple[int, int]]:
+        """Per Hugging Face module name, the (in, out) features of this rank's slice of it: the shapes
+        of this rank's LoRA A and B (see `shard_adapter`)."""
+        linears = self._fused_linears()
+        shapes = {}
+        for module, (fused, part) in _FUSED_PART.items():
+            linear = linears[fused]
+            in_features = linear.weight.shape[1]
+            shapes[module] = (in_features, linear.output_sizes[part])
+        return shapes
+
+    def shard_adapter(self, adapter: LoraAdapter) -> LoraAdapter:
+        """This rank's slice of an adapter, cut as its layers are (the adapter itself at TP=1); the
+        copy keeps the adapter's uid, so both name the same loaded adapter."""
+        if self.tp.size == 1:
+            return adapter
+        linears = self._fused_linears()
+        layers = []
+        for modules in adapter.layers:
+            sliced = {}
+            for module, (a, b) in modules.items():
+                fused, part = _FUSED_PART[module]
+                a_rank, b_rank = linears[fused].shard_lora(a, b, part)
+                sliced[module] = (a_rank.clone(), b_rank.clone())  # not views pinning the whole tensors
+            layers.append(sliced)
+        return replace(adapter, layers=tuple(layers))
 
     def lora_targets(self) -> dict[str, tuple[int, int]]:
         """Every projection an adapter may target, by its Hugging Face module path -> (in, out) features

@@ -29,7 +29,9 @@ class TokenOutput:
 
 @dataclass(frozen=True)
 class RequestFailed:
-    """The engine dropped the request: `reason` is "deadline" or "error"; `message` says why."""
+    """The engine dropped the request: `reason` is "deadline", "error", or "unavailable" (the shard
+    lost a tensor-parallel rank and is going down; the request may be retried elsewhere); `message`
+    says why."""
 
     reason: str
     message: str

@@ -4,6 +4,10 @@ Column-parallel layers split the output features (no communication); row-paralle
 input features and all-reduce the partial sums. At tp_size == 1 they are ordinary layers. Each
 parameter carries a `weight_loader` that takes the full checkpoint tensor and keeps this rank's slice,
 so checkpoint loading never needs to know how a layer is split.
+
+LoRA follows the S-LoRA scheme: a column-parallel layer keeps A whole and B's rows for its own output
+features; a row-parallel layer keeps A's columns for its own input features and B whole, so its LoRA
+term is a partial sum that joins the base layer's one all-reduce (`shard_lora` cuts an adapter).
 """
 
 from __future__ import annotations
@@ -48,10 +52,19 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _parameter((total, input_size), self._load)
         self.bias = _parameter((total,), self._load) if bias else None
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, part: int = 0) -> None:
+    def _rows(self, part: int) -> tuple[int, int]:
+        """(first row, rows) of this rank's slice of part's full output features."""
         size = self.output_sizes[part]
-        piece = loaded.narrow(0, self.tp.rank * size, size)
-        param.data.narrow(0, self.offsets[part], size).copy_(piece)
+        return self.tp.rank * size, size
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, part: int = 0) -> None:
+        first, size = self._rows(part)
+        param.data.narrow(0, self.offsets[part], size).copy_(loaded.narrow(0, first, size))
+
+    def shard_lora(self, a: torch.Tensor, b: torch.Tensor, part: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's LoRA weights for part: A [r, in] whole, the rows of B [out, r] it computes."""
+        first, size = self._rows(part)
+        return a, b.narrow(0, first, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -71,16 +84,20 @@ class QKVParallelLinear(ColumnParallelLinear):
     ) -> None:
         self.num_kv_replicas = max(1, tp.size // num_kv_heads)
         kv_size = max(num_kv_heads, tp.size) * head_dim
+        if num_kv_heads % tp.size and tp.size % num_kv_heads:
+            raise ValueError(
+                f"{num_kv_heads} KV heads cannot be split or replicated evenly over {tp.size} "
+                "tensor-parallel ranks; use a size that divides the KV heads or is a multiple of them"
+            )
         super().__init__(hidden_size, (num_heads * head_dim, kv_size, kv_size), bias, tp)
         self.num_kv_heads_full = num_kv_heads
         self.head_dim = head_dim
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, part: int = 0) -> None:
+    def _rows(self, part: int) -> tuple[int, int]:
         if part == 0 or self.num_kv_replicas == 1:
-            return super()._load(param, loaded, part)
+            return super()._rows(part)
         size = self.output_sizes[part]  # one KV head, shared by num_kv_replicas ranks
-        head = self.tp.rank // self.num_kv_replicas
-        param.data.narrow(0, self.offsets[part], size).copy_(loaded.narrow(0, head * size, size))
+        return self.tp.rank // self.num_kv_replicas * size, size
 
 
 class RowParallelLinear(nn.Module):
@@ -101,6 +118,13 @@ class RowParallelLinear(nn.Module):
     def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor, part: int = 0) -> None:
         param.data.copy_(loaded)
 
+    def shard_lora(
+        self, a: torch.Tensor, b: torch.Tensor, part: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's LoRA weights: the columns of A [r, in] for its input features, B [out, r] whole;
+        B (A_rank x_rank) summed over the ranks is B (A x), so the all-reduce completes it."""
+        return a.narrow(1, self.tp.rank * self.input_size, self.input_size), b
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Partial product only; call `reduce` after adding any other partial terms (e.g. LoRA)."""
         return F.linear(x, self.weight)
@@ -111,16 +135,43 @@ class RowParallelLinear(nn.Module):
         return partial if self.bias is None else partial + self.bias
 
 
-class VocabEmbedding(nn.Module):
-    """The token embedding, replicated on every rank: it is a lookup (no FLOPs to split) and small
-    next to the transformer layers for the models we serve."""
+class VocabParallelEmbedding(nn.Module):
+    """A vocabulary-sized matrix split by rows: rank r holds tokens [r * S, (r + 1) * S), S = vocab / N
+    rounded up (the last rank's extra rows are zero). Serves as the token embedding (each rank looks
+    up the tokens it holds, the others add zeros in the all-reduce) and as the LM head (each rank
+    scores its tokens; the first rank gathers the pieces). Splitting rather than replicating it keeps
+    the weights per rank at 1/N: the embedding is a fifth of SmolLM2 and an eighth of Llama-3-8B."""
 
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel) -> None:
         super().__init__()
-        self.weight = _parameter((vocab_size, hidden_size), self._load)
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.rows_per_rank = -(-vocab_size // tp.size)
+        self.first_row = tp.rank * self.rows_per_rank
+        self.weight = _parameter((self.rows_per_rank, hidden_size), self._load)
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, part: int = 0) -> None:
-        param.data.copy_(loaded)
+        held = max(0, min(self.vocab_size - self.first_row, self.rows_per_rank))
+        param.data.zero_()
+        param.data[:held].copy_(loaded.narrow(0, self.first_row, held))
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(token_ids, self.weight)
+        """token_ids [T] -> embeddings [T, H], the same on every rank."""
+        if self.tp.size == 1:
+            return F.embedding(token_ids, self.weight)
+        local = token_ids - self.first_row
+        elsewhere = (local < 0) | (local >= self.rows_per_rank)
+        x = F.embedding(local.masked_fill(elsewhere, 0), self.weight)
+        x.masked_fill_(elsewhere[:, None], 0)
+        dist.all_reduce(x)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, H] -> logits [N, vocab] in fp32 on the first rank; None on the others, which only
+        send their share."""
+        local = F.linear(hidden, self.weight).float()  # [N, rows_per_rank]
+        if self.tp.size == 1:
+            return local
+        pieces = [torch.empty_like(local) for _ in range(self.tp.size)] if self.tp.rank == 0 else None
+        dist.gather(local, pieces, dst=0)
+        return None if pieces is None else torch.cat(pieces, dim=1)[:, : self.vocab_size]

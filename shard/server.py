@@ -52,12 +52,19 @@ class ShardConfig:
     metrics_adapter_labels: int = DEFAULT_ADAPTER_LABELS  # adapters with their own label value
 
 
+class ShardFailed(RuntimeError):
+    """The shard could not go on (it lost a tensor-parallel rank); it went down cleanly."""
+
+
 async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set (or SIGINT/SIGTERM when stop is None)."""
+    """Serve until `stop` is set (or SIGINT/SIGTERM when stop is None). ShardFailed: the engine
+    failed for good (a tensor-parallel rank died); the shard has deregistered and stopped."""
     stop = stop or stop_on_signals()
     configure_tracing("loraplex-shard", instance_id=config.shard_id)
     model_dir = await asyncio.to_thread(resolve_model, config.model, config.cache_dir)
     engine = await asyncio.to_thread(Engine, model_dir, config.engine)
+    loop = asyncio.get_running_loop()
+    engine.on_failure(lambda message: loop.call_soon_threadsafe(stop.set))
     engine.start()
     server, port, health = create_server(f"{config.host}:{config.port}", [SERVICE_NAME])
     address = f"{config.advertise_host or config.host}:{port}"
@@ -85,6 +92,8 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
     try:
         await stop.wait()
     finally:
+        if engine.failure:
+            log.error("shard %s going down: %s", config.shard_id, engine.failure)
         log.info("shard %s draining", config.shard_id)
         await set_not_serving(health, [SERVICE_NAME])
         heartbeats.cancel()
@@ -93,9 +102,12 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
             await asyncio.wait_for(registry.remove_shard(config.shard_id), timeout=2)
         except (redis.exceptions.RedisError, OSError, TimeoutError):
             log.warning("could not remove %s from the registry; its heartbeat will expire", config.shard_id)
-        await server.stop(grace=config.drain_timeout_s)
+        # a failed engine has already failed its requests: nothing to drain
+        await server.stop(grace=0 if engine.failure else config.drain_timeout_s)
         await asyncio.to_thread(engine.stop)
         await registry.close()
+    if engine.failure:
+        raise ShardFailed(engine.failure)
 
 
 async def _preload(

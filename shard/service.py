@@ -24,6 +24,10 @@ from loraplex.shard.prompts import PromptEncoder
 from loraplex.shard.sampling import SamplingParams
 from loraplex.shard.tracing import RequestSpans
 
+FAILURE_CODES = {  # RequestFailed.reason -> status; anything else is INTERNAL
+    "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,  # the router retries it on another shard
+}
 TIERS = {"gpu": common_pb2.TIER_GPU, "cpu": common_pb2.TIER_CPU, "disk": common_pb2.TIER_DISK}
 FINISH_REASONS = {
     "length": common_pb2.FINISH_REASON_LENGTH,
@@ -110,9 +114,9 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         async with aclosing(self._outputs(engine_request, spans)) as outputs:
             async for output in outputs:
                 if isinstance(output, RequestFailed):
-                    deadline = output.reason == "deadline"
-                    code = grpc.StatusCode.DEADLINE_EXCEEDED if deadline else grpc.StatusCode.INTERNAL
-                    raise ServiceError(code, output.message)
+                    raise ServiceError(
+                        FAILURE_CODES.get(output.reason, grpc.StatusCode.INTERNAL), output.message
+                    )
                 yield self._chunk(output, request_id, with_tokens, prompt_ids, adapter)
 
     async def _outputs(self, request: EngineRequest, spans: RequestSpans) -> AsyncIterator[EngineOutput]:

@@ -12,6 +12,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from loraplex.shard.model import LlamaModel
+from loraplex.shard.model_config import ModelConfig
+from loraplex.shard.parallel import TensorParallel
+
 # checkpoint module name -> (our fused module, part index)
 _FUSED = {
     "q_proj": ("qkv_proj", 0),
@@ -77,3 +81,24 @@ def model_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r} is not supported; choose auto or one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def build_model(
+    config: ModelConfig,
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    tp: TensorParallel | None = None,
+) -> LlamaModel:
+    """Construct the model (this rank's slice of it) directly on `device` in its serving dtype and
+    load the checkpoint."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = LlamaModel(config, tp)
+    finally:
+        torch.set_default_dtype(previous)
+    model.inv_freq = model.inv_freq.float()
+    load_weights(model, model_dir)
+    return model.eval()

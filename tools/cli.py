@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shard.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
     shard.add_argument(
+        "--tp",
+        type=int,
+        default=int(_env("TP", "1")),
+        help="tensor-parallel ranks: one process per rank (on CUDA, GPUs N, N+1, ... from --device cuda:N)",
+    )
+    shard.add_argument(
         "--dtype",
         default=_env("DTYPE", "auto"),
         choices=("auto", "float32", "bfloat16", "float16"),
@@ -293,6 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
 
+    from loraplex.tools.bench_tp import add_arguments as add_tp_bench_arguments
+
+    add_tp_bench_arguments(
+        bench_actions.add_parser(
+            "tp",
+            help="tensor-parallel shard vs TP=1: weights and KV per rank, speed, same tokens; JSON + PNG",
+        ),
+        _add_model_bench_options,
+    )
+
     from loraplex.tools.simulate_placement import add_arguments as add_simulation_arguments
 
     simulate = commands.add_parser("simulate", help="run production code on simulated clusters")
@@ -461,7 +477,7 @@ def _run_up(args: argparse.Namespace) -> int:
 
 def _run_shard(args: argparse.Namespace) -> int:
     from loraplex.shard.engine import EngineConfig
-    from loraplex.shard.server import ShardConfig, serve
+    from loraplex.shard.server import ShardConfig, ShardFailed, serve
 
     config = ShardConfig(
         shard_id=args.shard_id,
@@ -483,6 +499,7 @@ def _run_shard(args: argparse.Namespace) -> int:
             max_gpu_adapters=args.max_gpu_adapters,
             max_lora_rank=args.max_lora_rank,
             lora_backend=args.lora_backend,
+            tp_size=args.tp,
         ),
         namespace=args.namespace,
         heartbeat_ttl_s=args.heartbeat_ttl,
@@ -494,7 +511,11 @@ def _run_shard(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         metrics_adapter_labels=args.metrics_adapter_labels,
     )
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except ShardFailed as failure:
+        print(f"loraplex shard: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -589,6 +610,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         from loraplex.tools.bench_router import run_from_args
 
         return run_from_args(args)
+    if args.action == "tp":
+        from loraplex.tools.bench_tp import run_from_args as run_tp_bench
+
+        return run_tp_bench(args)
     from loraplex.tools.bench_engine import BenchConfig, run_bench
     from loraplex.tools.bench_report import summary_table
     from loraplex.tools.model_store import resolve_model

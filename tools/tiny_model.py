@@ -29,14 +29,17 @@ def write_tiny_model(
     """Write a random-weight model of the given family with tokenizer_dir's tokenizer into out_dir.
 
     family is "llama" (tied embeddings, like SmolLM2), "qwen2" (q/k/v bias) or "mistral";
-    config_overrides go to the config as they are (e.g. sliding_window, rope_parameters).
+    config_overrides go to the config as they are (e.g. sliding_window, rope_parameters, a vocab_size
+    larger than the tokenizer's).
     """
     import json
 
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-    vocab_size = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    vocab_size = int(config_overrides.pop("vocab_size", 0)) or len(  # type: ignore[call-overload]
+        json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    )
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

@@ -1,0 +1,214 @@
+"""The first rank's handle on the other tensor-parallel ranks of a shard (`--tp N`).
+
+It starts ranks 1..N-1 as processes (`tp_worker`), joins their process group, and sends them, in the
+order the engine thread makes them, each step's inputs and every adapter move: an adapter entering or
+leaving the CPU tier, and an adapter written into a slot. Messages go down one pipe per rank, pickled
+once; tensors meet in torch.distributed collectives inside the forward pass.
+
+A rank that exits takes the shard down: a watcher thread sees it at once, stops the other ranks (so no
+collective waits on them) and reports the failure; the engine fails what it holds with UNAVAILABLE,
+and the server deregisters and exits, so the router fails over instead of waiting on a hung shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import pickle
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from loraplex.shard.lora import LoraAdapter
+from loraplex.shard.model_runner import StepInputs
+from loraplex.shard.tp_worker import RankMemory, RankSpec, init_distributed, run_rank
+from loraplex.tools.processes import free_port
+
+log = logging.getLogger("loraplex.tp")
+
+STOP_TIMEOUT_S = 10.0  # a rank asked to stop that has not exited by then is killed
+
+
+class TensorParallelFailure(RuntimeError):
+    """A rank is gone or the ranks fell out of step; the shard cannot go on."""
+
+
+class TensorParallelPeers:
+    def __init__(
+        self,
+        size: int,
+        model_dir: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        block_size: int,
+        lora_backend: str,
+        num_slots: int,
+        max_lora_rank: int,
+        num_threads: int,
+    ) -> None:
+        self.size = size
+        self.failure: str | None = None
+        self._failed = threading.Event()
+        self._device = device
+        self._rendezvous = f"127.0.0.1:{free_port()}"
+        self._spec = dict(
+            size=size,
+            rendezvous=self._rendezvous,
+            model_dir=model_dir,
+            device=str(device),
+            dtype=dtype,
+            block_size=block_size,
+            lora_backend=lora_backend,
+            num_slots=num_slots,
+            max_lora_rank=max_lora_rank,
+            num_threads=num_threads,
+        )
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        self._pipes: list[Connection] = []
+        self._send_lock = threading.Lock()  # steps come from the engine thread, adapters from loaders
+        self._sent: set[int] = set()  # uids of the adapters the ranks hold
+        self._stopping = False
+        self._on_failure: Callable[[str], None] = lambda message: None
+
+    # --- start-up --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start ranks 1..N-1 and join their process group (they then build their model slices)."""
+        context = multiprocessing.get_context("spawn")  # fork is unsafe with torch and threads
+        for rank in range(1, self.size):
+            ours, theirs = context.Pipe()
+            process = context.Process(
+                target=run_rank,
+                args=(RankSpec(rank=rank, **self._spec), theirs),
+                name=f"loraplex-tp-rank{rank}",
+                daemon=True,  # never outlive the first rank
+            )
+            process.start()
+            theirs.close()
+            self._processes.append(process)
+            self._pipes.append(ours)
+            log.info("started tensor-parallel rank %d (pid %d)", rank, process.pid)
+        joined: list[BaseException | None] = []
+
+        def join() -> None:
+            try:
+                init_distributed(0, self.size, self._rendezvous, self._device)
+                joined.append(None)
+            except BaseException as error:
+                joined.append(error)
+
+        joiner = threading.Thread(target=join, name="tp-join", daemon=True)
+        joiner.start()
+        while joiner.is_alive():  # a rank that dies while starting must not leave us waiting
+            joiner.join(0.2)
+            self._raise_if_a_rank_exited("while joining the process group")
+        if joined[0] is not None:
+            raise TensorParallelFailure(f"could not join the ranks' process group: {joined[0]}")
+
+    def setup(self, num_blocks: int) -> list[RankMemory]:
+        """Give every rank the KV cache size the first rank chose; returns each rank's memory."""
+        self._send("setup", num_blocks)
+        memories = []
+        for pipe in self._pipes:
+            while not pipe.poll(0.2):
+                self._raise_if_a_rank_exited("while loading its slice of the model")
+            memories.append(pickle.loads(pipe.recv_bytes()))
+        return memories
+
+    def watch(self, on_failure: Callable[[str], None]) -> None:
+        """From now on, a rank that exits stops the others and calls on_failure(message) (once)."""
+        self._on_failure = on_failure
+        threading.Thread(target=self._watch, name="tp-watch", daemon=True).start()
+
+    # --- what the engine sends -------------------------------------------------------------------
+
+    def run_step(self, inputs: StepInputs) -> None:
+        self._send("step", inputs)
+
+    def add_adapter(self, adapter: LoraAdapter) -> None:
+        """The adapter entered the first rank's CPU tier; each rank keeps its own slice of it."""
+        self._send("adapter", adapter)
+        self._sent.add(adapter.uid)
+
+    def forget_adapter(self, adapter_uid: int) -> None:
+        if adapter_uid in self._sent:
+            self._sent.discard(adapter_uid)
+            self._send("forget", adapter_uid)
+
+    def write_slot(self, slot: int, adapter: LoraAdapter) -> None:
+        """Put the adapter in the same slot on every rank (engine thread)."""
+        if adapter.uid not in self._sent:  # forgotten after a delete while a request still held it
+            self.add_adapter(adapter)
+        self._send("write_slot", (slot, adapter.uid))
+
+    def _send(self, kind: str, payload: object) -> None:
+        message = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
+        with self._send_lock:
+            try:
+                for pipe in self._pipes:
+                    pipe.send_bytes(message)
+            except OSError as error:  # BrokenPipeError: the rank is gone
+                raise TensorParallelFailure(
+                    self.failure or f"a tensor-parallel rank is gone: {error}"
+                ) from error
+
+    # --- failure and stop ------------------------------------------------------------------------
+
+    def _raise_if_a_rank_exited(self, doing: str) -> None:
+        for rank, process in enumerate(self._processes, start=1):
+            if process.exitcode is not None:
+                raise TensorParallelFailure(
+                    f"tensor-parallel rank {rank} exited with code {process.exitcode} {doing}; "
+                    "its log is above"
+                )
+
+    def _watch(self) -> None:
+        ready = wait([process.sentinel for process in self._processes])
+        if self._stopping:
+            return
+        rank, process = next(
+            (rank, p) for rank, p in enumerate(self._processes, start=1) if p.sentinel in ready
+        )
+        process.join(1.0)  # its sentinel can fire a moment before it can be reaped
+        self.failure = f"tensor-parallel rank {rank} (pid {process.pid}) exited with code {process.exitcode}"
+        self._failed.set()
+        log.error("%s; taking the shard down", self.failure)
+        self._kill_all()  # no rank may wait in a collective for the one that is gone
+        self._on_failure(self.failure)
+
+    def explain(self, error: BaseException) -> str:
+        """Why a step failed: a collective fails the moment a peer's socket closes, a little before the
+        watcher has reaped the rank, so give the watcher a moment to name it."""
+        self._failed.wait(timeout=2.0)
+        return self.failure or f"a tensor-parallel step failed: {error}"
+
+    def _kill_all(self) -> None:
+        for process in self._processes:
+            if process.exitcode is None:
+                process.kill()
+
+    def stop(self) -> None:
+        """Stop the ranks (at once after a failure, else after they finish what they were sent)."""
+        self._stopping = True
+        if self.failure is None:
+            with contextlib.suppress(TensorParallelFailure):
+                self._send("stop", None)
+        else:
+            self._kill_all()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for process in self._processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.exitcode is None:
+                log.warning("tensor-parallel rank %s did not stop; killing it", process.name)
+                process.kill()
+                process.join()
+        for pipe in self._pipes:
+            pipe.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,138 @@
+"""A tensor-parallel rank other than the first: a process that holds its slice of the model, KV cache
+and adapter slots, and runs what the first rank sends it, in the order it was sent.
+
+The first rank (`tensor_parallel.TensorParallelPeers`) owns the gRPC service, the scheduler and
+sampling; it sends each step's inputs and every adapter move down a pipe, and the ranks meet in the
+model's all-reduces and the logits gather. A rank never decides anything itself, so every rank's
+slots and block tables stay identical. The pipe closing (the first rank died) ends the process; any
+error ends it too, and the first rank, which watches every rank, then takes the shard down.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from loraplex.shard.kv_cache import allocate_kv_cache
+from loraplex.shard.lora import LoraAdapter
+from loraplex.shard.lora_slots import build_lora_slots
+from loraplex.shard.lora_torch import PackedLoraSlots
+from loraplex.shard.model_config import ModelConfig
+from loraplex.shard.model_runner import ModelRunner
+from loraplex.shard.parallel import TensorParallel
+from loraplex.shard.weights import build_model
+
+log = logging.getLogger("loraplex.tp")
+
+# A collective waits this long for a rank before failing: ranks only meet inside a step, where they
+# all run the same work, so a long wait means a rank is stuck, and the shard should go down.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What a rank needs to build its part (sent once, at start)."""
+
+    rank: int
+    size: int
+    rendezvous: str  # host:port of the first rank's torch.distributed store
+    model_dir: Path
+    device: str  # the first rank's device; rank r of a CUDA shard runs on cuda:<first + r>
+    dtype: torch.dtype
+    block_size: int
+    lora_backend: str  # resolved: torch or triton
+    num_slots: int
+    max_lora_rank: int
+    num_threads: int  # torch CPU threads for this rank
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes one rank holds for the model weights and the KV cache."""
+
+    rank: int
+    weight_bytes: int
+    kv_cache_bytes: int
+
+
+def rank_device(device: str, rank: int) -> torch.device:
+    """Rank r's device: the CPU for a CPU shard, the r-th GPU after the first rank's on a CUDA one."""
+    first = torch.device(device)
+    if first.type != "cuda":
+        return first
+    return torch.device("cuda", (first.index or 0) + rank)
+
+
+def init_distributed(rank: int, size: int, rendezvous: str, device: torch.device) -> None:
+    """Join the shard's process group: NCCL between GPUs, gloo on CPU."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, init_method=f"tcp://{rendezvous}", rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT
+    )
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(param.nbytes for param in model.parameters())
+
+
+def run_rank(spec: RankSpec, pipe: Connection) -> None:
+    """The process body of ranks 1..N-1 (multiprocessing target)."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{spec.rank} %(name)s %(message)s")
+    torch.set_num_threads(spec.num_threads)
+    device = rank_device(spec.device, spec.rank)
+    init_distributed(spec.rank, spec.size, spec.rendezvous, device)
+    try:
+        _serve(spec, device, pipe)
+    finally:
+        dist.destroy_process_group()
+
+
+def _serve(spec: RankSpec, device: torch.device, pipe: Connection) -> None:
+    tp = TensorParallel(spec.rank, spec.size)
+    model = build_model(ModelConfig.from_dir(spec.model_dir), spec.model_dir, device, spec.dtype, tp)
+    kind, num_blocks = _receive(pipe)
+    assert kind == "setup", kind
+    kv_cache = allocate_kv_cache(model, num_blocks, spec.block_size)
+    slots = build_lora_slots(model, spec.lora_backend, spec.num_slots, spec.max_lora_rank, spec.dtype, device)
+    runner = ModelRunner(model, spec.block_size, device, slots)
+    pipe.send_bytes(pickle.dumps(RankMemory(spec.rank, weight_bytes(model), kv_cache.nbytes)))
+    log.info("rank %d of %d ready on %s (pid %d)", spec.rank, spec.size, device, os.getpid())
+    adapters: dict[int, LoraAdapter] = {}  # this rank's slice of every adapter the first rank holds
+    while True:
+        try:
+            kind, payload = _receive(pipe)
+        except EOFError:
+            log.warning("rank %d: the first rank is gone; exiting", spec.rank)
+            return
+        if kind == "step":
+            runner.execute(payload)
+        elif kind == "adapter":
+            adapter = model.shard_adapter(payload)
+            adapters[adapter.uid] = adapter
+            if isinstance(slots, PackedLoraSlots):
+                slots.prepare(adapter)
+        elif kind == "forget":
+            adapters.pop(payload, None)
+            if isinstance(slots, PackedLoraSlots):
+                slots.forget(payload)
+        elif kind == "write_slot":
+            slot, uid = payload
+            slots.write(slot, adapters[uid])
+        elif kind == "stop":
+            return
+        else:
+            raise ValueError(f"unknown message {kind!r} from the first rank")
+
+
+def _receive(pipe: Connection) -> tuple[str, object]:
+    return pickle.loads(pipe.recv_bytes())
