@@ -104,9 +104,14 @@ class Engine:
         lora_backend = resolve_backend(config.lora_backend, self.device)
         on_cpu = self.device.type == "cpu"
         self.peers: TensorParallelPeers | None = None
+        # torch's CPU threads are per process: rank 0 takes its share while it runs and gives the
+        # process's count back on stop (tests and benchmarks run several engines in one process)
+        self._threads_before = torch.get_num_threads()
+        self.cpu_threads = self._threads_before
+        if on_cpu and config.tp_size > 1:  # the ranks share the cores
+            self.cpu_threads = max(1, self._threads_before // config.tp_size)
         if config.tp_size > 1:
-            if on_cpu:  # the ranks share the cores
-                torch.set_num_threads(max(1, torch.get_num_threads() // config.tp_size))
+            torch.set_num_threads(self.cpu_threads)
             self.peers = TensorParallelPeers(
                 config.tp_size,
                 model_dir,
@@ -116,14 +121,14 @@ class Engine:
                 lora_backend,
                 config.max_gpu_adapters,
                 config.max_lora_rank,
-                torch.get_num_threads(),
+                self.cpu_threads,
             )
-            self.peers.start()
         try:
+            if self.peers is not None:
+                self.peers.start()
             self._build(model_dir, config, lora_backend)
         except BaseException:
-            if self.peers is not None:
-                self.peers.stop()
+            self._stop_peers()
             raise
 
     def _build(self, model_dir: Path, config: EngineConfig, lora_backend: str) -> None:
@@ -243,8 +248,12 @@ class Engine:
             self._inbox.put(("stop", None))
             self._thread.join()
             self._thread = None
+        self._stop_peers()
+
+    def _stop_peers(self) -> None:
         if self.peers is not None:
             self.peers.stop()
+            torch.set_num_threads(self._threads_before)
 
     def generate(self, requests: list[EngineRequest]) -> dict[str, list[EngineOutput]]:
         """Run requests to completion on the calling thread (offline use: tests, benchmarks); they

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import torch
+
 from loraplex.shard.engine import Engine, EngineConfig, EngineRequest
 from loraplex.shard.outputs import TokenOutput
 from loraplex.shard.sampling import SamplingParams
@@ -69,7 +71,8 @@ def run_tp_bench(config: TPBenchConfig) -> tuple[dict, Path, Path]:
         "tp1": tp1,
         "sizes": runs,
     }
-    stem = config.output_dir / f"tp-{config.device.split(':')[0]}-{datetime.now():%Y-%m-%d}"
+    device = config.device.split(":")[0]
+    stem = config.output_dir / f"tp-{config.model_dir.name}-{device}-{datetime.now():%Y-%m-%d}"
     json_path, png_path = write_json_and_png(report, stem, _plot)
     return report, json_path, png_path
 
@@ -144,6 +147,7 @@ def _timed_batch(
         )
         for i in range(config.batch_size)
     ]
+    torch.set_num_threads(engine.cpu_threads)  # threads are per process; TP=1 gets every core
     started = time.perf_counter()
     outputs = engine.generate(requests)
     seconds = time.perf_counter() - started
