@@ -28,6 +28,7 @@ from loraplex.shard.kv_cache import allocate_kv_cache, kv_budget_bytes, num_bloc
 from loraplex.shard.lora import LoraAdapter, load_adapter
 from loraplex.shard.lora_slots import build_lora_slots, resolve_backend
 from loraplex.shard.lora_torch import PackedLoraSlots
+from loraplex.shard.model import check_tensor_parallel
 from loraplex.shard.model_config import ModelConfig
 from loraplex.shard.model_runner import ChunkResult, ModelRunner
 from loraplex.shard.outputs import OutputProcessor, RequestFailed, TokenOutput
@@ -95,11 +96,10 @@ class _Request:
 
 class Engine:
     def __init__(self, model_dir: Path, config: EngineConfig) -> None:
-        if config.tp_size < 1:
-            raise ValueError(f"tp_size must be at least 1, got {config.tp_size}")
         self.config = config
         self.device = torch.device(config.device)
         self.model_config = ModelConfig.from_dir(model_dir)
+        check_tensor_parallel(self.model_config, config.tp_size)
         self.dtype = model_dtype(self.device, config.dtype)
         lora_backend = resolve_backend(config.lora_backend, self.device)
         on_cpu = self.device.type == "cpu"

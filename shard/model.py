@@ -135,6 +135,27 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
+def check_tensor_parallel(config: ModelConfig, size: int) -> None:
+    """Refuse, before any rank starts, a size the model cannot be split into."""
+    if size < 1:
+        raise ValueError(f"the tensor-parallel size must be at least 1, got {size}")
+    problems = [
+        f"{what} ({total})"
+        for what, total in (
+            ("attention heads", config.num_heads),
+            ("MLP width", config.intermediate_size),
+        )
+        if total % size
+    ]
+    if config.num_kv_heads % size and size % config.num_kv_heads:
+        problems.append(f"KV heads ({config.num_kv_heads}; or a size that is a multiple of them)")
+    if problems:
+        raise ValueError(
+            f"{config.model_type} cannot be split over {size} tensor-parallel ranks: "
+            f"{', '.join(problems)} must divide by it"
+        )
+
+
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()

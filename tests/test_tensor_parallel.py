@@ -162,6 +162,14 @@ def test_smollm2_at_tp3_answers_as_at_tp1_with_the_demo_adapters(smollm2_dir):
     assert is_upper_answer(text), text
 
 
+def test_a_size_the_model_cannot_be_split_into_is_refused_before_any_rank_starts(tiny_model_dir):
+    # the tiny model has 4 heads, 2 KV heads and an MLP 128 wide
+    with pytest.raises(ValueError, match=r"heads \(4\), MLP width \(128\), KV heads \(2; .*\) must divide"):
+        Engine(tiny_model_dir, EngineConfig(kv_cache_bytes=8 << 20, tp_size=3))
+    with pytest.raises(ValueError, match="at least 1"):
+        Engine(tiny_model_dir, EngineConfig(kv_cache_bytes=8 << 20, tp_size=0))
+
+
 def test_an_adapter_dropped_while_a_request_holds_it_is_sent_to_the_ranks_again(reference):
     """A delete forgets the adapter on every rank; a request that still holds it gets it back into a
     slot on every rank (the first rank sends it again) and is served by the same weights."""
