@@ -313,12 +313,16 @@ def test_killing_a_rank_takes_the_shard_down_and_the_router_fails_over(
     assert client_redis.exists(f"{namespace}:shard:shard-1")
 
 
-def test_killing_the_first_rank_ends_the_other_ranks(tp_mesh):
-    shard = tp_mesh.processes["shard-1"]
-    (rank1,) = _tp_children(shard.pid)
-    shard.send_signal(signal.SIGKILL)
-    shard.wait(timeout=10)
+def test_a_stopped_shard_stops_its_ranks_and_a_killed_one_leaves_none_behind(tp_mesh):
+    drained, killed = tp_mesh.processes["shard-0"], tp_mesh.processes["shard-1"]
+    (drained_rank,) = _tp_children(drained.pid)
+    (orphan,) = _tp_children(killed.pid)
+    drained.send_signal(signal.SIGTERM)
+    assert drained.wait(timeout=30) == 0, "SIGTERM drains and stops every rank, then exits cleanly"
+    assert not _alive(drained_rank)
+    killed.send_signal(signal.SIGKILL)  # rank 0 gets no chance to stop the others
+    killed.wait(timeout=10)
     deadline = time.monotonic() + 10
-    while _alive(rank1) and time.monotonic() < deadline:
+    while _alive(orphan) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(rank1), "a rank never outlives its shard"
+    assert not _alive(orphan), "a rank never outlives its shard"
