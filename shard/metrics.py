@@ -99,6 +99,7 @@ class _EngineCollector(Collector):
             ("kv_blocks_free", stats.kv_blocks_free, "KV cache blocks free"),
         ):
             yield GaugeMetricFamily(f"loraplex_shard_{name}", help_text, value=value)
+        yield from self._rank_memory()
         disk = self._adapters.disk
         tiers: dict[str, tuple[int, TierCounters]] = {
             "gpu": (len(stats.adapters_in_slots), self._engine.slots.counters),
@@ -132,3 +133,20 @@ class _EngineCollector(Collector):
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             loads.add_metric([tier], buckets, sum_value=counters.load_seconds_sum)
         yield from (held, hits, misses, evictions, loads)
+
+    def _rank_memory(self) -> Iterator[GaugeMetricFamily]:
+        """Bytes per tensor-parallel rank (one rank, 0, without tensor parallelism); fixed at start."""
+        weights = GaugeMetricFamily(
+            "loraplex_shard_rank_weight_bytes",
+            "model weights held by each tensor-parallel rank",
+            labels=["rank"],
+        )
+        kv_cache = GaugeMetricFamily(
+            "loraplex_shard_rank_kv_cache_bytes",
+            "KV cache allocated on each tensor-parallel rank",
+            labels=["rank"],
+        )
+        for memory in self._engine.rank_memory:
+            weights.add_metric([str(memory.rank)], memory.weight_bytes)
+            kv_cache.add_metric([str(memory.rank)], memory.kv_cache_bytes)
+        yield from (weights, kv_cache)

@@ -417,6 +417,8 @@ def test_every_component_exports_its_metrics_after_the_workload(mesh):
     assert _value(shard, "loraplex_shard_time_to_first_token_seconds_count", adapter="json") >= 1
     assert _value(shard, "loraplex_shard_time_per_output_token_seconds_count", adapter="base") >= 1
     assert _value(shard, "loraplex_shard_kv_blocks_free") > 0
+    assert _value(shard, "loraplex_shard_rank_weight_bytes", rank="0") > 100 * 2**20  # SmolLM2, one rank
+    assert _value(shard, "loraplex_shard_rank_kv_cache_bytes", rank="0") > 0
     assert _value(shard, "loraplex_shard_running_requests") == 0
     assert _value(shard, "loraplex_adapters", tier="cpu") == 2  # uppercase and json
     for tier in ("disk", "cpu", "gpu"):
