@@ -270,6 +270,8 @@ class Engine:
     # --- the engine thread -----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.device.type == "cuda":  # the current device is per thread; kernels launch on it
+            torch.cuda.set_device(self.device)
         while True:
             try:
                 if not self._drain_inbox(block=not self.scheduler.has_work):

@@ -73,11 +73,16 @@ def rank_device(device: str, rank: int) -> torch.device:
 
 def init_distributed(rank: int, size: int, rendezvous: str, device: torch.device) -> None:
     """Join the shard's process group: NCCL between GPUs, gloo on CPU."""
-    if device.type == "cuda":
+    on_gpu = device.type == "cuda"
+    if on_gpu:
         torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
-        backend, init_method=f"tcp://{rendezvous}", rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT
+        "nccl" if on_gpu else "gloo",
+        init_method=f"tcp://{rendezvous}",
+        rank=rank,
+        world_size=size,
+        timeout=COLLECTIVE_TIMEOUT,
+        device_id=device if on_gpu else None,  # binds NCCL to this rank's GPU, whatever thread calls
     )
 
 
