@@ -38,7 +38,7 @@ from loraplex.shard.sampling import SamplingParams
 from loraplex.shard.scheduler import Scheduler
 from loraplex.shard.sequence import Sequence
 from loraplex.shard.tensor_parallel import TensorParallelPeers
-from loraplex.shard.tp_worker import RankMemory, weight_bytes
+from loraplex.shard.tp_worker import RankMemory, RankSpec, weight_bytes
 from loraplex.shard.weights import build_model, model_dtype
 
 log = logging.getLogger("loraplex.engine")
@@ -61,6 +61,7 @@ class EngineConfig:
     max_lora_rank: int = 64  # adapters of higher rank are refused; sizes the kernels' slot buffers
     lora_backend: str = "auto"  # "torch" (per-segment matmuls) or "triton" (SGMV kernels); auto: by device
     tp_size: int = 1  # tensor-parallel ranks (processes; GPUs device, device + 1, ... on CUDA)
+    tp_timeout_s: float = 120.0  # a rank stuck this long in a collective takes the shard down
 
 
 @dataclass(frozen=True)
@@ -113,15 +114,20 @@ class Engine:
         if config.tp_size > 1:
             torch.set_num_threads(self.cpu_threads)
             self.peers = TensorParallelPeers(
-                config.tp_size,
-                model_dir,
-                self.device,
-                self.dtype,
-                config.block_size,
-                lora_backend,
-                config.max_gpu_adapters,
-                config.max_lora_rank,
-                self.cpu_threads,
+                RankSpec(
+                    rank=0,
+                    size=config.tp_size,
+                    rendezvous="",
+                    model_dir=model_dir,
+                    device=str(self.device),
+                    dtype=self.dtype,
+                    block_size=config.block_size,
+                    lora_backend=lora_backend,
+                    num_slots=config.max_gpu_adapters,
+                    max_lora_rank=config.max_lora_rank,
+                    num_threads=self.cpu_threads,
+                    timeout_s=config.tp_timeout_s,
+                )
             )
         try:
             if self.peers is not None:
@@ -281,7 +287,9 @@ class Engine:
             except Exception as error:
                 if self.peers is not None:  # the ranks may be out of step: this shard cannot go on
                     log.exception("tensor-parallel step failed; the shard goes down")
-                    self._die(self.peers.explain(error))
+                    message = self.peers.explain(error)
+                    self.peers.fail(message)
+                    self._die(message)
                     return
                 # keep serving: fail what was in flight, not the shard
                 log.exception("engine step failed; failing the requests in flight")

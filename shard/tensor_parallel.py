@@ -19,8 +19,8 @@ import pickle
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -40,35 +40,13 @@ class TensorParallelFailure(RuntimeError):
 
 
 class TensorParallelPeers:
-    def __init__(
-        self,
-        size: int,
-        model_dir: Path,
-        device: torch.device,
-        dtype: torch.dtype,
-        block_size: int,
-        lora_backend: str,
-        num_slots: int,
-        max_lora_rank: int,
-        num_threads: int,
-    ) -> None:
-        self.size = size
+    def __init__(self, spec: RankSpec) -> None:
+        """spec: what every rank is built from (its rank and rendezvous are filled in here)."""
+        self.size = spec.size
         self.failure: str | None = None
         self._failed = threading.Event()
-        self._device = device
-        self._rendezvous = f"127.0.0.1:{free_port()}"
-        self._spec = dict(
-            size=size,
-            rendezvous=self._rendezvous,
-            model_dir=model_dir,
-            device=str(device),
-            dtype=dtype,
-            block_size=block_size,
-            lora_backend=lora_backend,
-            num_slots=num_slots,
-            max_lora_rank=max_lora_rank,
-            num_threads=num_threads,
-        )
+        self._device = torch.device(spec.device)
+        self._spec = replace(spec, rank=0, rendezvous=f"127.0.0.1:{free_port()}")
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._pipes: list[Connection] = []
         self._send_lock = threading.Lock()  # steps come from the engine thread, adapters from loaders
@@ -85,7 +63,7 @@ class TensorParallelPeers:
             ours, theirs = context.Pipe()
             process = context.Process(
                 target=run_rank,
-                args=(RankSpec(rank=rank, **self._spec), theirs),
+                args=(replace(self._spec, rank=rank), theirs),
                 name=f"loraplex-tp-rank{rank}",
                 daemon=True,  # never outlive the first rank
             )
@@ -98,7 +76,7 @@ class TensorParallelPeers:
 
         def join() -> None:
             try:
-                init_distributed(0, self.size, self._rendezvous, self._device)
+                init_distributed(self._spec, self._device)
                 joined.append(None)
             except BaseException as error:
                 joined.append(error)
@@ -170,7 +148,7 @@ class TensorParallelPeers:
 
     def _watch(self) -> None:
         ready = wait([process.sentinel for process in self._processes])
-        if self._stopping:
+        if self._stopping or self.failure is not None:  # stopped, or already failed by the first rank
             return
         rank, process = next(
             (rank, p) for rank, p in enumerate(self._processes, start=1) if p.sentinel in ready
@@ -187,6 +165,14 @@ class TensorParallelPeers:
         watcher has reaped the rank, so give the watcher a moment to name it."""
         self._failed.wait(timeout=2.0)
         return self.failure or f"a tensor-parallel step failed: {error}"
+
+    def fail(self, message: str) -> None:
+        """The first rank gave up on the ranks (a step failed, e.g. a collective timed out on a stuck
+        rank): stop them now rather than wait for them on stop."""
+        if self.failure is None:
+            self.failure = message
+        self._failed.set()
+        self._kill_all()
 
     def _kill_all(self) -> None:
         for process in self._processes:

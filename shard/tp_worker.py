@@ -32,10 +32,6 @@ from loraplex.shard.weights import build_model
 
 log = logging.getLogger("loraplex.tp")
 
-# A collective waits this long for a rank before failing: ranks only meet inside a step, where they
-# all run the same work, so a long wait means a rank is stuck, and the shard should go down.
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
-
 
 @dataclass(frozen=True)
 class RankSpec:
@@ -52,6 +48,9 @@ class RankSpec:
     num_slots: int
     max_lora_rank: int
     num_threads: int  # torch CPU threads for this rank
+    # A collective waits this long for a rank before failing: ranks only meet inside a step, where
+    # they all run the same work, so a long wait means a rank is stuck, and the shard should go down.
+    timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -71,17 +70,17 @@ def rank_device(device: str, rank: int) -> torch.device:
     return torch.device("cuda", (first.index or 0) + rank)
 
 
-def init_distributed(rank: int, size: int, rendezvous: str, device: torch.device) -> None:
+def init_distributed(spec: RankSpec, device: torch.device) -> None:
     """Join the shard's process group: NCCL between GPUs, gloo on CPU."""
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.set_device(device)
     dist.init_process_group(
         "nccl" if on_gpu else "gloo",
-        init_method=f"tcp://{rendezvous}",
-        rank=rank,
-        world_size=size,
-        timeout=COLLECTIVE_TIMEOUT,
+        init_method=f"tcp://{spec.rendezvous}",
+        rank=spec.rank,
+        world_size=spec.size,
+        timeout=datetime.timedelta(seconds=spec.timeout_s),
         device_id=device if on_gpu else None,  # binds NCCL to this rank's GPU, whatever thread calls
     )
 
@@ -95,7 +94,7 @@ def run_rank(spec: RankSpec, pipe: Connection) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{spec.rank} %(name)s %(message)s")
     torch.set_num_threads(spec.num_threads)
     device = rank_device(spec.device, spec.rank)
-    init_distributed(spec.rank, spec.size, spec.rendezvous, device)
+    init_distributed(spec, device)
     try:
         _serve(spec, device, pipe)
     finally:

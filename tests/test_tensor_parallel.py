@@ -222,6 +222,29 @@ def test_a_rank_that_dies_fails_the_engine_with_unavailable_and_refuses_new_work
     assert "retry on another shard" in refused[0].message
 
 
+def test_a_stuck_rank_takes_the_shard_down_after_the_timeout_instead_of_hanging_it(tiny_model_dir):
+    engine = Engine(tiny_model_dir, EngineConfig(kv_cache_bytes=8 << 20, tp_size=2, tp_timeout_s=3))
+    failures: list[str] = []
+    engine.on_failure(failures.append)
+    engine.start()
+    rank1 = engine.peers._processes[0]
+    try:
+        os.kill(rank1.pid, signal.SIGSTOP)  # alive, but never joins another collective
+        started = time.monotonic()
+        failed = _collect(engine, EngineRequest("a", [5, 6, 7], _greedy()))
+        failed_after = time.monotonic() - started
+    finally:
+        stopping = time.monotonic()
+        engine.stop()
+        stopped_in = time.monotonic() - stopping
+    assert len(failed) == 1 and failed[0].reason == "unavailable", failed
+    assert 2.5 < failed_after < 10, failed_after
+    assert failures and "Timed out" in failures[0], failures
+    assert stopped_in < 3, "the stuck rank is killed, not waited for"
+    rank1.join(5)
+    assert rank1.exitcode == -signal.SIGKILL
+
+
 # --- real processes ------------------------------------------------------------------------------
 
 REQUEST = common_pb2.GenerateRequest(

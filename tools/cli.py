@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tensor-parallel ranks: one process per rank (on CUDA, GPUs N, N+1, ... from --device cuda:N)",
     )
     shard.add_argument(
+        "--tp-timeout",
+        type=float,
+        default=float(_env("TP_TIMEOUT", "120")),
+        help="seconds a tensor-parallel rank may keep the others waiting in a step before the shard goes down",
+    )
+    shard.add_argument(
         "--dtype",
         default=_env("DTYPE", "auto"),
         choices=("auto", "float32", "bfloat16", "float16"),
@@ -500,6 +506,7 @@ def _run_shard(args: argparse.Namespace) -> int:
             max_lora_rank=args.max_lora_rank,
             lora_backend=args.lora_backend,
             tp_size=args.tp,
+            tp_timeout_s=args.tp_timeout,
         ),
         namespace=args.namespace,
         heartbeat_ttl_s=args.heartbeat_ttl,
