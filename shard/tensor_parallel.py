@@ -22,12 +22,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 
-import torch
 import torch.distributed as dist
 
 from loraplex.shard.lora import LoraAdapter
 from loraplex.shard.model_runner import StepInputs
-from loraplex.shard.tp_worker import RankMemory, RankSpec, init_distributed, run_rank
+from loraplex.shard.tp_worker import RankMemory, RankSpec, init_distributed, rank_device, run_rank
 from loraplex.tools.processes import free_port
 
 log = logging.getLogger("loraplex.tp")
@@ -45,7 +44,7 @@ class TensorParallelPeers:
         self.size = spec.size
         self.failure: str | None = None
         self._failed = threading.Event()
-        self._device = torch.device(spec.device)
+        self._device = rank_device(spec.device, 0)
         self._spec = replace(spec, rank=0, rendezvous=f"127.0.0.1:{free_port()}")
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._pipes: list[Connection] = []
