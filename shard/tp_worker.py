@@ -105,7 +105,8 @@ def _serve(spec: RankSpec, device: torch.device, pipe: Connection) -> None:
     tp = TensorParallel(spec.rank, spec.size)
     model = build_model(ModelConfig.from_dir(spec.model_dir), spec.model_dir, device, spec.dtype, tp)
     kind, num_blocks = _receive(pipe)
-    assert kind == "setup", kind
+    if kind != "setup":
+        raise ValueError(f"expected the KV cache size from the first rank, got {kind!r}")
     kv_cache = allocate_kv_cache(model, num_blocks, spec.block_size)
     slots = build_lora_slots(model, spec.lora_backend, spec.num_slots, spec.max_lora_rank, spec.dtype, device)
     runner = ModelRunner(model, spec.block_size, device, slots)
