@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import queue
+
 import torch
 
 from loraplex.shard.engine import Engine, EngineOutput, EngineRequest
-from loraplex.shard.outputs import TokenOutput
+from loraplex.shard.outputs import RequestFailed, TokenOutput
 from loraplex.shard.sampling import SamplingParams
 from loraplex.shard.sequence import Sequence
 
@@ -66,3 +68,15 @@ def engine_last_logits(
 def reference_last_logits(model, prompt_ids: list[int], next_token: int) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([[*prompt_ids, next_token]])).logits[0, -1].float()
+
+
+def collect_outputs(engine: Engine, request: EngineRequest, timeout: float = 60) -> list[EngineOutput]:
+    """Submit to a started engine and wait for the request's outputs up to its last one."""
+    outputs: queue.SimpleQueue[EngineOutput] = queue.SimpleQueue()
+    engine.submit(request, outputs.put)
+    collected = []
+    while True:
+        output = outputs.get(timeout=timeout)
+        collected.append(output)
+        if isinstance(output, RequestFailed) or output.finish_reason:
+            return collected

@@ -6,7 +6,6 @@ TP=1; and losing any rank takes the shard down cleanly (real processes, router f
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import threading
 import time
@@ -19,12 +18,12 @@ import torch
 
 from loraplex.protos.v1 import common_pb2, generation_pb2_grpc
 from loraplex.shard.engine import Engine, EngineConfig, EngineRequest
-from loraplex.shard.outputs import RequestFailed, TokenOutput
+from loraplex.shard.outputs import TokenOutput
 from loraplex.shard.sampling import SamplingParams
 from loraplex.tools.demo_adapters import demo_adapter_dirs, is_upper_answer
 from loraplex.tools.tiny_model import write_tiny_model
 
-from engine_helpers import engine_last_logits, tokens
+from engine_helpers import collect_outputs, engine_last_logits, tokens
 from mesh import start_mesh
 from peft_fixtures import write_peft_adapter
 
@@ -178,9 +177,9 @@ def test_an_adapter_dropped_while_a_request_holds_it_is_sent_to_the_ranks_again(
     engine.start()
     try:
         adapter = engine.load_adapter(str(sources[3]), "a3", 1)
-        first = _collect(engine, EngineRequest("x", _prompts()[4], _greedy(), adapter=adapter))
+        first = collect_outputs(engine, EngineRequest("x", _prompts()[4], _greedy(), adapter=adapter))
         engine.drop_adapter(adapter.uid)  # deleted: gone from every rank's CPU tier and slot
-        again = _collect(engine, EngineRequest("y", _prompts()[4], _greedy(), adapter=adapter))
+        again = collect_outputs(engine, EngineRequest("y", _prompts()[4], _greedy(), adapter=adapter))
     finally:
         engine.stop()
     assert tokens(first) == tokens(again) == expected_tokens[4]
@@ -191,30 +190,19 @@ def _greedy() -> SamplingParams:
     return SamplingParams(max_new_tokens=8, ignore_eos=True)
 
 
-def _collect(engine: Engine, request: EngineRequest) -> list:
-    outputs: queue.SimpleQueue = queue.SimpleQueue()
-    engine.submit(request, outputs.put)
-    collected = []
-    while True:
-        output = outputs.get(timeout=60)
-        collected.append(output)
-        if isinstance(output, RequestFailed) or output.finish_reason:
-            return collected
-
-
 def test_a_rank_that_dies_fails_the_engine_with_unavailable_and_refuses_new_work(tiny_model_dir):
     engine = Engine(tiny_model_dir, EngineConfig(kv_cache_bytes=8 << 20, tp_size=2))
     failures: list[str] = []
     engine.on_failure(failures.append)
     engine.start()
     try:
-        assert isinstance(_collect(engine, EngineRequest("a", [5, 6, 7], _greedy()))[-1], TokenOutput)
+        assert isinstance(collect_outputs(engine, EngineRequest("a", [5, 6, 7], _greedy()))[-1], TokenOutput)
         rank1 = engine.peers._processes[0]
         os.kill(rank1.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while not failures and time.monotonic() < deadline:
             time.sleep(0.05)
-        refused = _collect(engine, EngineRequest("b", [5, 6, 7], _greedy()))
+        refused = collect_outputs(engine, EngineRequest("b", [5, 6, 7], _greedy()))
     finally:
         engine.stop()
     assert failures and f"pid {rank1.pid}" in failures[0] and "code -9" in failures[0]
@@ -231,7 +219,7 @@ def test_a_stuck_rank_takes_the_shard_down_after_the_timeout_instead_of_hanging_
     try:
         os.kill(rank1.pid, signal.SIGSTOP)  # alive, but never joins another collective
         started = time.monotonic()
-        failed = _collect(engine, EngineRequest("a", [5, 6, 7], _greedy()))
+        failed = collect_outputs(engine, EngineRequest("a", [5, 6, 7], _greedy()))
         failed_after = time.monotonic() - started
     finally:
         stopping = time.monotonic()
