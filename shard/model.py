@@ -238,7 +238,7 @@ class LlamaModel(nn.Module):
             for module, (a, b) in modules.items():
                 fused, part = _FUSED_PART[module]
                 a_rank, b_rank = linears[fused].shard_lora(a, b, part)
-                sliced[module] = (a_rank.clone(), b_rank.clone())  # not views pinning the whole tensors
+                sliced[module] = (a_rank.clone(), b_rank.clone())  # copies: views would keep the whole alive
             layers.append(sliced)
         return replace(adapter, layers=tuple(layers))
 
