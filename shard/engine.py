@@ -26,8 +26,7 @@ from loraplex.shard.adapter_slots import AdapterSlots
 from loraplex.shard.block_manager import BlockManager
 from loraplex.shard.kv_cache import allocate_kv_cache, kv_budget_bytes, num_blocks_for
 from loraplex.shard.lora import LoraAdapter, load_adapter
-from loraplex.shard.lora_slots import build_lora_slots, resolve_backend
-from loraplex.shard.lora_torch import PackedLoraSlots
+from loraplex.shard.lora_slots import RankAdapters, build_lora_slots, resolve_backend
 from loraplex.shard.model import check_tensor_parallel
 from loraplex.shard.model_config import ModelConfig
 from loraplex.shard.model_runner import ChunkResult, ModelRunner
@@ -161,6 +160,7 @@ class Engine:
         self.lora_weights = build_lora_slots(
             self.model, lora_backend, config.max_gpu_adapters, config.max_lora_rank, self.dtype, self.device
         )
+        self.rank_adapters = RankAdapters(self.model, self.lora_weights)
         self.slots = AdapterSlots(config.max_gpu_adapters, self._write_slot)
         self.scheduler = Scheduler(
             self.blocks,
@@ -226,23 +226,21 @@ class Engine:
             self.dtype,
             pin_memory=self.device.type == "cuda",
         )
-        if isinstance(self.lora_weights, PackedLoraSlots):
-            self.lora_weights.prepare(self.model.shard_adapter(adapter))
+        self.rank_adapters.add(adapter)
         if self.peers is not None:
             self.peers.add_adapter(adapter)
         return adapter
 
     def _write_slot(self, slot: int, adapter: LoraAdapter) -> None:
         """Copy an adapter into a slot, this rank's slice here and the same slot on every other rank."""
-        self.lora_weights.write(slot, self.model.shard_adapter(adapter))
+        self.rank_adapters.write(slot, adapter.uid, adapter)
         if self.peers is not None:
             self.peers.write_slot(slot, adapter)
 
     def drop_adapter(self, adapter_uid: int) -> None:
         """Free the adapter's slot once no running sequence uses it (after a delete, an update or its
         eviction from the CPU tier)."""
-        if isinstance(self.lora_weights, PackedLoraSlots):
-            self.lora_weights.forget(adapter_uid)
+        self.rank_adapters.forget(adapter_uid)
         self._inbox.put(("drop_adapter", adapter_uid))
 
     def start(self) -> None:

@@ -22,9 +22,7 @@ import torch
 import torch.distributed as dist
 
 from loraplex.shard.kv_cache import allocate_kv_cache
-from loraplex.shard.lora import LoraAdapter
-from loraplex.shard.lora_slots import build_lora_slots
-from loraplex.shard.lora_torch import PackedLoraSlots
+from loraplex.shard.lora_slots import RankAdapters, build_lora_slots
 from loraplex.shard.model_config import ModelConfig
 from loraplex.shard.model_runner import ModelRunner
 from loraplex.shard.parallel import TensorParallel
@@ -110,9 +108,9 @@ def _serve(spec: RankSpec, device: torch.device, pipe: Connection) -> None:
     kv_cache = allocate_kv_cache(model, num_blocks, spec.block_size)
     slots = build_lora_slots(model, spec.lora_backend, spec.num_slots, spec.max_lora_rank, spec.dtype, device)
     runner = ModelRunner(model, spec.block_size, device, slots)
+    adapters = RankAdapters(model, slots)  # this rank's slice of every adapter the first rank holds
     pipe.send_bytes(pickle.dumps(RankMemory(spec.rank, weight_bytes(model), kv_cache.nbytes)))
     log.info("rank %d of %d ready on %s (pid %d)", spec.rank, spec.size, device, os.getpid())
-    adapters: dict[int, LoraAdapter] = {}  # this rank's slice of every adapter the first rank holds
     while True:
         try:
             kind, payload = _receive(pipe)
@@ -122,17 +120,11 @@ def _serve(spec: RankSpec, device: torch.device, pipe: Connection) -> None:
         if kind == "step":
             runner.execute(payload)
         elif kind == "adapter":
-            adapter = model.shard_adapter(payload)
-            adapters[adapter.uid] = adapter
-            if isinstance(slots, PackedLoraSlots):
-                slots.prepare(adapter)
+            adapters.add(payload)
         elif kind == "forget":
-            adapters.pop(payload, None)
-            if isinstance(slots, PackedLoraSlots):
-                slots.forget(payload)
+            adapters.forget(payload)
         elif kind == "write_slot":
-            slot, uid = payload
-            slots.write(slot, adapters[uid])
+            adapters.write(*payload)
         elif kind == "stop":
             return
         else:
