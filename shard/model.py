@@ -160,6 +160,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.tp = tp = tp or TensorParallel()
+        check_tensor_parallel(config, tp.size)
         self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(DecoderLayer(config, i, tp) for i in range(config.num_layers))

@@ -71,7 +71,8 @@ class ColumnParallelLinear(nn.Module):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Fused q, k, v projection; KV heads are replicated when there are fewer of them than ranks."""
+    """Fused q, k, v projection; KV heads are replicated when there are fewer of them than ranks
+    (the ranks must then be a multiple of them: `model.check_tensor_parallel`)."""
 
     def __init__(
         self,
@@ -84,11 +85,6 @@ class QKVParallelLinear(ColumnParallelLinear):
     ) -> None:
         self.num_kv_replicas = max(1, tp.size // num_kv_heads)
         kv_size = max(num_kv_heads, tp.size) * head_dim
-        if num_kv_heads % tp.size and tp.size % num_kv_heads:
-            raise ValueError(
-                f"{num_kv_heads} KV heads cannot be split or replicated evenly over {tp.size} "
-                "tensor-parallel ranks; use a size that divides the KV heads or is a multiple of them"
-            )
         super().__init__(hidden_size, (num_heads * head_dim, kv_size, kv_size), bias, tp)
         self.num_kv_heads_full = num_kv_heads
         self.head_dim = head_dim
