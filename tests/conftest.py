@@ -8,10 +8,11 @@ import os
 # transformers may import it before any kernel test runs: choose here. On a GPU machine run the suite
 # with TRITON_INTERPRET=0 to compile the kernels for real.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# The tests start shard and router processes while their own gRPC channels are live. With gRPC's fork
-# support on, its poller thread restarts in the child between fork and exec and can abort on a closed
-# epoll fd (grpc/grpc#43055): a shard then dies at start with SIGABRT. gRPC reads this once, at start.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+from loraplex.tools.runtime_env import missing_defaults
+
+# the processes' gRPC and OpenMP settings, before either loads (runtime_env says why)
+os.environ.update(missing_defaults())
 
 import shutil
 import subprocess

@@ -1,13 +1,13 @@
 """The `loraplex` command. Every flag has a LORAPLEX_* environment equivalent; this module is the only
-place that reads the environment, and it hands each component a frozen config."""
+place that reads them, and it hands each component a frozen config."""
 
 from __future__ import annotations
 
 import os
 
-# `loraplex up` and the benchmarks start processes while gRPC channels are live; with gRPC's fork
-# support on, a child can abort between fork and exec (grpc/grpc#43055). Read once, before gRPC loads.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+from loraplex.tools.runtime_env import missing_defaults
+
+os.environ.update(missing_defaults())  # before gRPC and torch load: they read these once
 
 import argparse
 import asyncio
