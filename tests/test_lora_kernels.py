@@ -188,7 +188,9 @@ def test_packed_torch_path_matches_reference():
     expected = fused.clone()
     for offset, (a, b) in zip((0, OUT_FEATURES), stacked.values(), strict=True):
         expand_reference(expected, shrink_reference(x, a, meta), b, scalings, meta, offset, OUT_FEATURES)
-    packed.batch(meta).add(0, "qv_proj", x, fused)
+    threads = torch.get_num_threads()
+    packed.batch(meta).add(0, "qv_proj", x, fused)  # its GEMMs run on one thread, then it gives them back
+    assert torch.get_num_threads() == threads
     assert_close(fused, expected, torch.float32)
     assert torch.equal(fused[5:7], activations(meta.num_tokens, 2 * OUT_FEATURES, torch.float32, seed=5)[5:7])
 
