@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from loraplex.protos.rpc import server_event_loop
 from loraplex.tools.report_files import pyplot, write_json_and_png
 
 if TYPE_CHECKING:
@@ -86,7 +87,11 @@ def build_report(
             per_cpu_s = runs["routed"].streams_per_s * runs["routed"].duration_s / router_cpu_s
             throughput["routed_streams_per_router_cpu_s"] = round(per_cpu_s, 1)
     machine = machine_info("cpu")
-    machine |= {"python": platform.python_version(), "grpc": grpc.__version__, "event_loop": "asyncio"}
+    machine |= {
+        "python": platform.python_version(),
+        "grpc": grpc.__version__,
+        "event_loop": server_event_loop(),
+    }
     return {
         "benchmark": "router",
         "date": started.date().isoformat(),

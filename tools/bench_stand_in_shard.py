@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
-from loraplex.protos.rpc import create_server, set_serving, stop_on_signals
+from loraplex.protos.rpc import create_server, run_server, set_serving, stop_on_signals
 from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 from loraplex.registry.records import ShardRecord
 from loraplex.registry.store import Registry
@@ -79,7 +79,7 @@ def stand_in_command(
 
 def main(argv: Sequence[str]) -> int:
     shard_id, address, redis_url, namespace, num_chunks = argv
-    asyncio.run(serve_stand_in_shard(shard_id, address, redis_url, namespace, int(num_chunks)))
+    run_server(serve_stand_in_shard(shard_id, address, redis_url, namespace, int(num_chunks)))
     return 0
 
 

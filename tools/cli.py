@@ -10,7 +10,6 @@ from loraplex.tools.runtime_env import missing_defaults
 os.environ.update(missing_defaults())  # before gRPC and torch load: they read these once
 
 import argparse
-import asyncio
 import json
 import logging
 import socket
@@ -482,6 +481,7 @@ def _run_up(args: argparse.Namespace) -> int:
 
 
 def _run_shard(args: argparse.Namespace) -> int:
+    from loraplex.protos.rpc import run_server
     from loraplex.shard.engine import EngineConfig
     from loraplex.shard.server import ShardConfig, ShardFailed, serve
 
@@ -519,7 +519,7 @@ def _run_shard(args: argparse.Namespace) -> int:
         metrics_adapter_labels=args.metrics_adapter_labels,
     )
     try:
-        asyncio.run(serve(config))
+        run_server(serve(config))
     except ShardFailed as failure:
         print(f"loraplex shard: {failure}", file=sys.stderr)
         return 1
@@ -527,6 +527,7 @@ def _run_shard(args: argparse.Namespace) -> int:
 
 
 def _run_router(args: argparse.Namespace) -> int:
+    from loraplex.protos.rpc import run_server
     from loraplex.router.server import RouterConfig, serve
 
     base_model = Path(args.model).name
@@ -542,7 +543,7 @@ def _run_router(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         metrics_adapter_labels=args.metrics_adapter_labels,
     )
-    asyncio.run(serve(config))
+    run_server(serve(config))
     return 0
 
 
@@ -561,6 +562,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
+    from loraplex.protos.rpc import run_server
     from loraplex.router.worker import WorkerConfig, serve
 
     config = WorkerConfig(
@@ -574,7 +576,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         job_ttl_s=args.job_ttl,
         request_timeout_s=args.request_timeout,
     )
-    asyncio.run(serve(config))
+    run_server(serve(config))
     return 0
 
 
