@@ -42,7 +42,14 @@ def serve_metrics(port: int, registry: CollectorRegistry, host: str = "0.0.0.0")
     """Serve GET /metrics on a daemon thread; returns the bound port (0 = off, returns 0)."""
     if not port:
         return 0
-    server, _ = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as error:
+        raise OSError(
+            error.errno,
+            f"cannot serve metrics on {host}:{port}: {error.strerror}; pick a free "
+            "--metrics-port, or 0 to turn metrics off",
+        ) from error
     bound = server.server_address[1]
     log.info("metrics on http://%s:%d/metrics", host, bound)
     return bound
