@@ -138,7 +138,7 @@ def run_server(main: Coroutine[Any, Any, T]) -> T:
     """Run a server process's main coroutine on uvloop where it is installed (everywhere but Windows),
     else on asyncio's own loop. Each gRPC message costs a few loop callbacks, which libuv's loop runs
     for less: through the router, 0.1-0.4 ms less added latency per stream (`loraplex bench router`)."""
-    if importlib.util.find_spec("uvloop") is None:
+    if server_event_loop() == "asyncio":
         return asyncio.run(main)
     import uvloop
 
