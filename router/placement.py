@@ -13,7 +13,9 @@ router process agrees and the scale simulator (tools/simulate_placement.py) runs
   fractional loads; the 2 (IDLE_LOAD) keeps affinity at low traffic.
 - Load, in requests: outstanding requests and queued tokens, blended as (requests + queued_tokens / tau) / 2,
   tau being the snapshot's mean queued tokens per outstanding request (no tokens reported: just
-  requests); plus this router's requests the reports do not count yet (InflightTracker).
+  requests); plus this router's requests the reports do not count yet (InflightTracker). A shard with
+  at most IDLE_LOAD outstanding requests is within the bound whatever its blended load: the blend can
+  put one request in prefill at 1.5x the mean of two shards each holding one.
 - Ranking: holders under the bound (GPU > CPU > disk, then less loaded, then a per-adapter hash order),
   then the ring walk from the home skipping shards over the bound, then, as a last resort so failover
   has somewhere to go, the shards over the bound in that same order. When every holder of a hot adapter
@@ -38,9 +40,10 @@ from typing import Literal
 from loraplex.registry.records import TIERS, ShardRecord
 
 DEFAULT_CAPACITY_FACTOR = 1.25
-# A shard with at most this load is never over the bound: one more request batches with it at almost
-# no cost, while sending the adapter elsewhere costs a load. Without it, at low traffic a heartbeat
-# that still counts one finished request would move adapters from shard to shard.
+# A shard with at most this many outstanding requests (or this much load) is never over the bound: one
+# more request batches with it at almost no cost, while sending the adapter elsewhere costs a load.
+# Without it, at low traffic a heartbeat that still counts one finished request would move adapters
+# from shard to shard, and two routers (whose corrections differ) would disagree on where.
 IDLE_LOAD = 1.0
 VNODES = 160  # points per shard: each shard's share of homes is within about +-8% of 1/n
 Reason = Literal["affinity", "home", "spill", "replicate", "base", "overloaded", "none"]
@@ -174,7 +177,8 @@ class _Table:
         self.from_ring = [self.position[shard_id] for shard_id in self.ring.shard_ids]
         self.weights = [max(1, shard.max_running_requests) for shard in self.shards]
         self.distinct_weights = set(self.weights)
-        self.loads = _reported_loads(self.shards)
+        self.requests = [shard.running_requests + shard.waiting_requests for shard in self.shards]
+        self.loads = _reported_loads(self.shards, self.requests)
         self.total_load = sum(self.loads)
         self.total_weight = sum(self.weights)
         self.tie = [_hash64(shard_id, b"loraplex-tie") for shard_id in self.ids]
@@ -225,8 +229,7 @@ def _best_tiers(shard: ShardRecord) -> dict[str, int]:
     return best
 
 
-def _reported_loads(shards: Sequence[ShardRecord]) -> list[float]:
-    requests = [shard.running_requests + shard.waiting_requests for shard in shards]
+def _reported_loads(shards: Sequence[ShardRecord], requests: Sequence[int]) -> list[float]:
     tokens = sum(shard.queued_tokens for shard in shards)
     if not tokens or not sum(requests):
         return [float(count) for count in requests]
@@ -324,8 +327,9 @@ def _rank_holders(
 ) -> tuple[list[int], list[int], set[int]]:
     """Holders within the bound, best first (tier, utilisation, hash), and those over it; then every
     holder, unless the ranking is already full (no ring walk follows, so the rest do not matter)."""
-    loads, ids, weights, tie, caps, get, skip = (
-        table.loads, table.ids, table.weights, table.tie, view.utilisation_caps, view.get, view.skip,
+    loads, requests, ids, weights, tie, caps, get, skip = (
+        table.loads, table.requests, table.ids, table.weights, table.tie, view.utilisation_caps, view.get,
+        view.skip,
     )  # fmt: skip
     ranked: list[int] = []
     over: list[int] = []
@@ -333,12 +337,18 @@ def _rank_holders(
     for tier in table.holders.get(adapter, ()):
         # The hot path of a popular adapter with hundreds of replicas: comprehensions, no calls.
         keyed = [((loads[i] + get(ids[i], 0)) / weights[i], tie[i] ^ point, i) for i in tier if i not in skip]
-        fit = [key for key in keyed if key[0] <= caps[weights[key[2]]]]
+        fit = [
+            key
+            for key in keyed
+            if key[0] <= caps[weights[key[2]]] or requests[key[2]] + get(ids[key[2]], 0) <= IDLE_LOAD
+        ]
         ranked += [key[2] for key in heapq.nsmallest(limit - len(ranked), fit)]
         if len(ranked) >= limit:
             break
         holders.update(tier)
-        over += [key[2] for key in sorted(key for key in keyed if key[0] > caps[weights[key[2]]])]
+        if len(fit) < len(keyed):
+            fitted = {key[2] for key in fit}
+            over += [key[2] for key in sorted(key for key in keyed if key[2] not in fitted)]
     return ranked, over, holders
 
 
@@ -352,14 +362,9 @@ def _walk_ring(
     over: list[int],
 ) -> int:
     """Extend ranked (within the bound) and over from the ring walk until limit; the home's index."""
-    loads, ids, weights, caps, get, skip = (
-        table.loads,
-        table.ids,
-        table.weights,
-        view.caps,
-        view.get,
-        view.skip,
-    )
+    loads, requests, ids, weights, caps, get, skip = (
+        table.loads, table.requests, table.ids, table.weights, view.caps, view.get, view.skip,
+    )  # fmt: skip
     home = -1
     if len(ranked) >= limit:
         return home
@@ -371,7 +376,8 @@ def _walk_ring(
             home = i
         if i in holders:
             continue
-        (ranked if loads[i] + get(ids[i], 0) <= caps[weights[i]] else over).append(i)
+        within = loads[i] + get(ids[i], 0) <= caps[weights[i]] or requests[i] + get(ids[i], 0) <= IDLE_LOAD
+        (ranked if within else over).append(i)
         if len(ranked) >= limit:
             break
     return home

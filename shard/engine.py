@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -85,6 +85,9 @@ class EngineStats:
     adapters_in_slots: tuple[tuple[str, int], ...] = ()  # (name, version) of each adapter in a slot
     slot_hits: int = 0  # since start: admissions whose adapter already had a slot
     slot_misses: int = 0  # ... and those that loaded it into one
+    # time.time() when these figures were true: the heartbeat's report time, by which a router tells
+    # the calls the report counts from those it does not (router.placement.InflightTracker)
+    taken_at: float = field(default_factory=time.time)
 
 
 @dataclass

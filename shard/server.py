@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,7 +138,7 @@ def _record(service: ShardService, engine: Engine) -> ShardRecord:
         waiting_requests=stats.waiting_requests,
         queued_tokens=stats.queued_tokens,
         adapters=tuple(HeldAdapter(name, version, tier) for name, version, tier in service.held_adapters()),
-        reported_at=time.time(),
+        reported_at=stats.taken_at,
     )
 
 

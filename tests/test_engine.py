@@ -185,9 +185,15 @@ def test_aborting_a_running_request_frees_its_blocks_at_once(smollm2_dir):
         engine.submit(request, lambda output: first_token.set())
         assert first_token.wait(30)
         assert engine.stats.kv_blocks_used > 0 and engine.stats.running_requests == 1
+        aborted_at = time.time()
         engine.abort("long")
         _wait_for(lambda: engine.stats.kv_blocks_used == 0 and engine.stats.running_requests == 0)
         assert engine.stats.kv_blocks_free == engine.blocks.num_blocks
+        # The figures carry the time they became true (a heartbeat's report time), not a later one.
+        idle_stats = engine.stats
+        assert aborted_at <= idle_stats.taken_at <= time.time()
+        time.sleep(0.1)
+        assert engine.stats is idle_stats
     finally:
         engine.stop()
 

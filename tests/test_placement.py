@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 from loraplex.registry.records import HeldAdapter, ShardRecord
 from loraplex.router.placement import HashRing, InflightTracker, place, rank_shards
 
@@ -213,6 +215,21 @@ def test_at_low_traffic_a_holder_with_one_request_keeps_its_adapter():
     assert (placement.shard.shard_id, placement.reason) == ("s1", "affinity")
     busier = _shards(("s1", "gpu"), loads={"s1": 2}, count=3)
     assert place("a", busier).reason == "replicate"  # 3 with it against a mean of 1: over the bound
+
+
+def test_one_request_in_prefill_does_not_push_a_holder_over_the_bound():
+    """Queued tokens blend into load: the holder's one request still to prefill (6 tokens) against
+    another shard's one nearly done (1 token) weighs 1.7 requests, over the bound of a mean of 1.
+    One outstanding request is never over the bound, and a router that knows the request has ended
+    (a -1 correction) must choose as one that does not."""
+    shards = _shards(("s1", "gpu"), loads={"s0": 1, "s1": 1}, count=3)
+    shards = [replace(shard, queued_tokens={"s0": 1, "s1": 6}.get(shard.shard_id, 0)) for shard in shards]
+    for inflight in ({}, {"s1": -1}):
+        placement = place("a", shards, inflight=inflight)
+        assert (placement.shard.shard_id, placement.reason) == ("s1", "affinity"), inflight
+    # The bound in blended load still applies once a shard has more than one request.
+    busier = [replace(shard, running_requests=2) if shard.shard_id == "s1" else shard for shard in shards]
+    assert place("a", busier).reason == "replicate"
 
 
 def test_corrections_follow_each_shards_report_time():
