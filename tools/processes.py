@@ -6,6 +6,7 @@ Children get PR_SET_PDEATHSIG, so even a SIGKILLed launcher leaves no orphans be
 from __future__ import annotations
 
 import ctypes
+import random
 import signal
 import socket
 import subprocess
@@ -21,10 +22,49 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 _PR_SET_PDEATHSIG = 1
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PICKED_PORT = 20000
+_handed_out: set[int] = set()
+_rng = random.Random()  # its own generator: tests that seed the global one get the same draws
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on host now, for a child process to bind soon; never the same one twice per process.
+
+    Picked at random below the kernel's ephemeral range: ports in that range are what every outgoing
+    connection gets, so one picked there (as bind to port 0 would) can be taken by some client's
+    connection before the child binds it, which fails the child with 'Address already in use'.
+    """
+    low = _ephemeral_low()
+    if low - _LOWEST_PICKED_PORT >= 1000:
+        for _ in range(200):
+            port = _rng.randrange(_LOWEST_PICKED_PORT, low)
+            if port not in _handed_out and _bindable(host, port):
+                _handed_out.add(port)
+                return port
+    while True:  # no room below the ephemeral range (or all taken): let the kernel choose
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default range starts here; other systems use 49152 and up
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _die_with_parent() -> None:
