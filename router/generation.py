@@ -20,6 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
 from loraplex.protos import telemetry
+from loraplex.protos.load_report import outstanding_requests
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.v1 import common_pb2, generation_pb2_grpc, shard_pb2
 from loraplex.registry.records import AdapterRecord, ShardRecord
@@ -164,6 +165,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             )
             streamed = 0
             started_at = inflight.started(shard.shard_id)
+            load: int | None = None  # the shard's outstanding requests, sent back as the call ends
             try:
                 async for chunk in call:
                     streamed += 1
@@ -175,6 +177,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                         if parent.is_recording():
                             parent.set_attributes(_served_attributes(chunk))
                     yield chunk
+                load = outstanding_requests(await call.trailing_metadata())
                 return
             except grpc.aio.AioRpcError as error:
                 telemetry.set_error(span, f"{error.code().name}: {error.details()}")
@@ -197,6 +200,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             finally:
                 call.cancel()
                 inflight.finished(shard.shard_id, started_at)
+                if load is not None:
+                    inflight.reported(shard.shard_id, load)
                 span.end()
         raise ServiceError.unavailable(f"every candidate shard failed: {'; '.join(failures)}")
 

@@ -13,9 +13,11 @@ router process agrees and the scale simulator (tools/simulate_placement.py) runs
   fractional loads; the 2 (IDLE_LOAD) keeps affinity at low traffic.
 - Load, in requests: outstanding requests and queued tokens, blended as (requests + queued_tokens / tau) / 2,
   tau being the snapshot's mean queued tokens per outstanding request (no tokens reported: just
-  requests); plus this router's requests the reports do not count yet (InflightTracker). A shard with
-  at most IDLE_LOAD outstanding requests is within the bound whatever its blended load: the blend can
-  put one request in prefill at 1.5x the mean of two shards each holding one.
+  requests); plus this router's requests the reports do not count yet (InflightTracker). A shard that
+  reports at most IDLE_LOAD outstanding requests, and has no more with the corrections, is within the
+  bound whatever its blended load: the blend can put one request still to prefill at 1.7x the mean
+  of two shards holding one each. (A shard reporting more is judged by its blended load, even when
+  this router has seen some of them end: the blend is what says how heavy the rest are.)
 - Ranking: holders under the bound (GPU > CPU > disk, then less loaded, then a per-adapter hash order),
   then the ring walk from the home skipping shards over the bound, then, as a last resort so failover
   has somewhere to go, the shards over the bound in that same order. When every holder of a hot adapter
@@ -118,11 +120,13 @@ class Placement:
 class InflightTracker:
     """This router's requests that the shards' latest reports do not reflect, per shard.
 
-    A report (heartbeat) counts what its shard had at `reported_at`. Since then this router may have
-    sent it more (not counted yet: +1 each) and seen some counted ones end (-1 each). Call started and
-    finished as requests go out and end, and snapshot_taken with each new snapshot's shards; pass
-    `corrections` to place() as `inflight`. Shards with no report time (or snapshot_taken() without
-    shards) are taken to be exact at the snapshot: their corrections start again from zero.
+    A report counts what its shard had at its time: the heartbeat's `reported_at` in the snapshot, or
+    the outstanding count a shard sends back as one of this router's calls to it ends (`reported`),
+    whichever is newer. Since then this router may have sent it more (not counted yet: +1 each) and
+    seen some counted ones end (-1 each); a call-end report also moves the shard's load from what the
+    snapshot says to what it sent. Call started and finished as requests go out and end, reported
+    after finished, and snapshot_taken with each new snapshot's shards; pass `corrections` to place()
+    as `inflight`. Shards with no report time are taken to be exact at the snapshot.
     """
 
     _KEEP_ENDED_S = 10.0  # reports older than this are not expected (heartbeat TTLs are seconds)
@@ -132,7 +136,9 @@ class InflightTracker:
         self._delta: dict[str, int] = {}
         self.corrections: Mapping[str, int] = MappingProxyType(self._delta)
         self._live: dict[str, list[float]] = {}  # shard -> start times of this router's calls, oldest first
-        self._ended: deque[tuple[str, float, float]] = deque()  # (shard, started, ended), by end time
+        self._ended: dict[str, deque[tuple[float, float]]] = {}  # shard -> (started, ended), by end time
+        self._snapshot: dict[str, tuple[float, int]] = {}  # shard -> (report time, requests) it reported
+        self._fresh: dict[str, tuple[float, int]] = {}  # shard -> (time, requests) from a call's end
 
     def started(self, shard_id: str) -> float:
         """Returns the call's start time, to give back to finished."""
@@ -145,21 +151,59 @@ class InflightTracker:
         live = self._live.get(shard_id, [])
         if live:  # without started_at, take the oldest call to be the one that ended
             live.remove(started_at if started_at in live else live[0])
-            self._ended.append((shard_id, started_at if started_at is not None else 0.0, self._clock()))
+            ended = self._ended.setdefault(shard_id, deque())
+            ended.append((started_at if started_at is not None else 0.0, self._clock()))
         self._delta[shard_id] = self._delta.get(shard_id, 0) - 1
+
+    def reported(self, shard_id: str, outstanding_requests: int) -> None:
+        """The shard's outstanding requests, sent back as a call of this router to it ended (after
+        finished for that call): newer than any heartbeat, so the shard's correction restarts here."""
+        now = self._clock()
+        self._fresh[shard_id] = (now, outstanding_requests)
+        ended = self._ended.get(shard_id)
+        while ended and ended[0][1] <= now:  # ended before this report: it never counts them
+            ended.popleft()
+        self._recompute(shard_id)
 
     def snapshot_taken(self, shards: Sequence[ShardRecord] = ()) -> None:
         now = self._clock()
-        while self._ended and self._ended[0][2] < now - self._KEEP_ENDED_S:
-            self._ended.popleft()
+        for ended in self._ended.values():
+            while ended and ended[0][1] < now - self._KEEP_ENDED_S:
+                ended.popleft()
+        self._snapshot = {
+            shard.shard_id: (
+                shard.reported_at if shard.reported_at > 0 else now,
+                shard.running_requests + shard.waiting_requests,
+            )
+            for shard in shards
+        }
+        self._fresh = {
+            shard_id: fresh
+            for shard_id, fresh in self._fresh.items()
+            if shard_id in self._snapshot and fresh[0] > self._snapshot[shard_id][0]
+        }
         self._delta.clear()
-        reported = {shard.shard_id: shard.reported_at for shard in shards if shard.reported_at > 0}
-        for shard_id, starts in self._live.items():
-            if shard_id in reported:
-                self._delta[shard_id] = sum(1 for started in starts if started > reported[shard_id])
-        for shard_id, started, ended in self._ended:
-            if shard_id in reported and started <= reported[shard_id] < ended:
-                self._delta[shard_id] = self._delta.get(shard_id, 0) - 1
+        for shard_id in self._snapshot:
+            self._recompute(shard_id)
+
+    def _recompute(self, shard_id: str) -> None:
+        """The shard's correction from its newest report: what that report says beyond the snapshot's,
+        plus calls it cannot have seen, less those it counted that have ended since."""
+        if shard_id not in self._snapshot:
+            self._delta.pop(shard_id, None)  # not in the snapshot: not routable, nothing to correct
+            return
+        since, snapshot_requests = self._snapshot[shard_id]
+        offset = 0
+        fresh = self._fresh.get(shard_id)
+        if fresh is not None and fresh[0] > since:
+            since, offset = fresh[0], fresh[1] - snapshot_requests
+        unseen = sum(1 for started in self._live.get(shard_id, ()) if started > since)
+        ended = sum(1 for started, end in self._ended.get(shard_id, ()) if started <= since < end)
+        delta = offset + unseen - ended
+        if delta:
+            self._delta[shard_id] = delta
+        else:
+            self._delta.pop(shard_id, None)
 
 
 class _Table:
@@ -178,6 +222,7 @@ class _Table:
         self.weights = [max(1, shard.max_running_requests) for shard in self.shards]
         self.distinct_weights = set(self.weights)
         self.requests = [shard.running_requests + shard.waiting_requests for shard in self.shards]
+        self.idle = [count <= IDLE_LOAD for count in self.requests]  # as reported (the floor's first half)
         self.loads = _reported_loads(self.shards, self.requests)
         self.total_load = sum(self.loads)
         self.total_weight = sum(self.weights)
@@ -327,9 +372,9 @@ def _rank_holders(
 ) -> tuple[list[int], list[int], set[int]]:
     """Holders within the bound, best first (tier, utilisation, hash), and those over it; then every
     holder, unless the ranking is already full (no ring walk follows, so the rest do not matter)."""
-    loads, requests, ids, weights, tie, caps, get, skip = (
-        table.loads, table.requests, table.ids, table.weights, table.tie, view.utilisation_caps, view.get,
-        view.skip,
+    loads, requests, idle, ids, weights, tie, caps, get, skip = (
+        table.loads, table.requests, table.idle, table.ids, table.weights, table.tie,
+        view.utilisation_caps, view.get, view.skip,
     )  # fmt: skip
     ranked: list[int] = []
     over: list[int] = []
@@ -340,7 +385,8 @@ def _rank_holders(
         fit = [
             key
             for key in keyed
-            if key[0] <= caps[weights[key[2]]] or requests[key[2]] + get(ids[key[2]], 0) <= IDLE_LOAD
+            if key[0] <= caps[weights[key[2]]]
+            or (idle[key[2]] and requests[key[2]] + get(ids[key[2]], 0) <= IDLE_LOAD)
         ]
         ranked += [key[2] for key in heapq.nsmallest(limit - len(ranked), fit)]
         if len(ranked) >= limit:
@@ -362,8 +408,8 @@ def _walk_ring(
     over: list[int],
 ) -> int:
     """Extend ranked (within the bound) and over from the ring walk until limit; the home's index."""
-    loads, requests, ids, weights, caps, get, skip = (
-        table.loads, table.requests, table.ids, table.weights, view.caps, view.get, view.skip,
+    loads, requests, idle, ids, weights, caps, get, skip = (
+        table.loads, table.requests, table.idle, table.ids, table.weights, view.caps, view.get, view.skip,
     )  # fmt: skip
     home = -1
     if len(ranked) >= limit:
@@ -376,7 +422,8 @@ def _walk_ring(
             home = i
         if i in holders:
             continue
-        within = loads[i] + get(ids[i], 0) <= caps[weights[i]] or requests[i] + get(ids[i], 0) <= IDLE_LOAD
+        load, corrected_requests = loads[i] + get(ids[i], 0), requests[i] + get(ids[i], 0)
+        within = load <= caps[weights[i]] or (idle[i] and corrected_requests <= IDLE_LOAD)
         (ranked if within else over).append(i)
         if len(ranked) >= limit:
             break

@@ -369,19 +369,24 @@ class Engine:
         self._expire_deadlines()
         schedule = self.scheduler.schedule()
         self._num_preemptions += len(schedule.preempted)
+        deliveries: list[tuple[_Request, EngineOutput]] = []
         if schedule.chunks:
             results = self.runner.run(schedule.chunks)
             self.scheduler.advance(schedule.chunks)
-            for result in results:
-                self._postprocess(result)
+            deliveries = [delivery for result in results if (delivery := self._postprocess(result))]
+        # Stats first: whoever sees a request end (a shard's caller, through it a router) then finds
+        # it gone from the stats the shard reports, never still counted.
         self._publish_stats()
+        for request, output in deliveries:
+            _deliver(request, output)
 
-    def _postprocess(self, result: ChunkResult) -> None:
+    def _postprocess(self, result: ChunkResult) -> tuple[_Request, EngineOutput] | None:
+        """The sequence's next token and the output to deliver for it (None while prefill goes on)."""
         seq = result.chunk.seq
         request = self._requests[seq.request_id]
         request.outputs.prompt_logprobs.extend(result.prompt_logprobs)
         if result.next_token_logits is None:
-            return
+            return None
         token = request.outputs.sampler.choose(result.next_token_logits, seq.token_ids)
         seq.token_ids.append(token.token_id)
         seq.first_token_ns = seq.first_token_ns or time.time_ns()
@@ -389,7 +394,7 @@ class Engine:
         if output.finish_reason:
             output = replace(output, times=seq.times(time.time_ns()))
             self._finish(seq.request_id)
-        _deliver(request, output)
+        return request, output
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()

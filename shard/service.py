@@ -12,6 +12,7 @@ from contextlib import aclosing
 import grpc
 from opentelemetry import trace
 
+from loraplex.protos.load_report import load_metadata
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 from loraplex.registry.adapter_source import InvalidAdapter
@@ -81,6 +82,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                         timer.token()
                     yield chunk
             outcome = "ok"
+            stats = self._engine.stats  # published before the last chunk: this request is not in it
+            context.set_trailing_metadata(load_metadata(stats.running_requests + stats.waiting_requests))
         except Exception as error:
             outcome, failure = "error", error
             raise

@@ -8,6 +8,7 @@ import time
 import grpc
 import pytest
 
+from loraplex.protos.load_report import OUTSTANDING_REQUESTS_KEY
 from loraplex.protos.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
@@ -247,6 +248,28 @@ def test_cancelling_a_stream_frees_its_kv_blocks(generation, mesh):
         time.sleep(0.1)
     assert all(s.running_requests == 0 and s.queued_tokens == 0 and s.kv_blocks_used == 0 for s in statuses)
     assert all(s.kv_blocks_free > 0 for s in statuses)
+
+
+def test_a_shard_reports_its_other_outstanding_requests_as_a_call_ends(mesh):
+    """The trailing metadata of each Generate carries the shard's outstanding requests, without the
+    call that just ended: routers correct their view of the shard with it (protos.load_report)."""
+
+    def shard_request(max_new_tokens: int) -> shard_pb2.ShardGenerateRequest:
+        return shard_pb2.ShardGenerateRequest(
+            request=common_pb2.GenerateRequest(
+                prompt="Tell me a story.",
+                parameters=common_pb2.SamplingParameters(max_new_tokens=max_new_tokens, ignore_eos=True),
+            )
+        )
+
+    with grpc.insecure_channel(next(iter(mesh.shards.values()))) as channel:
+        shard = shard_pb2_grpc.ShardStub(channel)
+        long_call = shard.Generate(shard_request(400), timeout=120)
+        next(long_call)
+        short_call = shard.Generate(shard_request(2), timeout=60)
+        assert list(short_call)[-1].finish_reason
+        assert dict(short_call.trailing_metadata())[OUTSTANDING_REQUESTS_KEY] == "1"  # the long one
+        long_call.cancel()
 
 
 def test_concurrent_requests_all_complete(generation):

@@ -247,11 +247,35 @@ def test_corrections_follow_each_shards_report_time():
         ShardRecord("s1", "a:2", "m", reported_at=0.0),  # no report time: taken as exact
     ]
     tracker.snapshot_taken(reports)
-    # s0: the call from t=101 is unseen (+1); `early` was counted at 100.5 and has ended since (-1)
-    assert dict(tracker.corrections) == {"s0": 0}
+    # s0: the call from t=101 is unseen (+1); `early` was counted at 100.5 and has ended since (-1).
+    # Corrections of zero are left out.
+    assert dict(tracker.corrections) == {}
     tracker.snapshot_taken([ShardRecord("s0", "a:1", "m", running_requests=2, reported_at=101.5)])
     assert dict(tracker.corrections) == {"s0": -1}  # counted both; `early` has ended since
     tracker.snapshot_taken([ShardRecord("s0", "a:1", "m", running_requests=2, reported_at=100.8)])
-    assert dict(tracker.corrections) == {"s0": 0}  # +1 unseen, -1 ended since the report
+    assert dict(tracker.corrections) == {}  # +1 unseen, -1 ended since the report
     tracker.snapshot_taken([ShardRecord("s0", "a:1", "m", running_requests=0, reported_at=99.0)])
     assert dict(tracker.corrections) == {"s0": 1}  # both started after it; `early` ended, never counted
+
+
+def test_a_report_sent_back_as_a_call_ends_outdates_the_heartbeat():
+    """A shard's outstanding count in a call's trailing metadata is newer than its heartbeat: the
+    correction restarts from it, until a snapshot brings a heartbeat newer still."""
+    now = [100.0]
+    tracker = InflightTracker(clock=lambda: now[0])
+    tracker.snapshot_taken([ShardRecord("s0", "a:1", "m", running_requests=6, reported_at=100.0)])
+    now[0] = 101.0
+    call = tracker.started("s0")
+    now[0] = 102.0
+    tracker.finished("s0", call)
+    tracker.reported("s0", 2)  # the heartbeat said 6; the shard now has 2
+    assert dict(tracker.corrections) == {"s0": -4}
+    now[0] = 103.0
+    tracker.started("s0")
+    assert dict(tracker.corrections) == {"s0": -3}
+    # A heartbeat older than the call-end report changes the base, not the answer: 2 + 1 = 5 - 2.
+    tracker.snapshot_taken([ShardRecord("s0", "a:1", "m", running_requests=5, reported_at=101.5)])
+    assert dict(tracker.corrections) == {"s0": -2}
+    # A newer heartbeat (which counts the call from t=103) replaces it.
+    tracker.snapshot_taken([ShardRecord("s0", "a:1", "m", running_requests=3, reported_at=104.0)])
+    assert dict(tracker.corrections) == {}

@@ -134,10 +134,12 @@ def test_each_adapter_sticks_to_one_shard_and_both_routers_agree(mesh, routers):
 def test_concurrent_load_stays_within_the_bound(mesh, routers):
     """24 streams in flight through both routers, adapters drawn by popularity (Zipf 1.0). Sampled
     request counts must stay near the bound max(1.25 x mean, mean + 1, 2). Not exactly within it: the
-    routers do not coordinate (each sees the other's calls only through heartbeats, every 0.6 s here,
-    and its registry refresh, every 0.25 s), and the bound is on load that blends requests with queued
-    tokens, so a shard of nearly finished requests may take more. Measured on 2 cores: the median
-    sample at 1.0-1.2x the bound, the 90th percentile at 1.1-1.45x, single worst samples up to 2x."""
+    routers do not coordinate (each sees the other's calls through heartbeats, every 0.6 s here, its
+    registry refresh, every 0.25 s, and the load a shard reports as each of its own calls ends), and
+    the bound is on load that blends requests with queued tokens, so a shard of nearly finished
+    requests may take more. Measured on 2 cores over 7 runs: the median sample at 0.91-1.03x the
+    bound, the 90th percentile at 1.09-1.33x (with heartbeats alone: 0.94-1.28x and 1.04-1.53x, one
+    run in 8 over these limits)."""
     rng = np.random.default_rng(0)
     weights = 1 / np.arange(1, NUM_ADAPTERS + 1)
     adapters = rng.choice(NUM_ADAPTERS, size=240, p=weights / weights.sum())

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from loraplex.protos.load_report import load_metadata
 from loraplex.protos.rpc import create_server, run_server, set_serving, stop_on_signals
 from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 from loraplex.registry.records import ShardRecord
@@ -27,7 +28,8 @@ MAX_RUNNING_REQUESTS = 1 << 16
 
 
 class StandInShard(shard_pb2_grpc.ShardServicer):
-    """Streams the same num_chunks chunks for every request; the last carries finish_reason and usage."""
+    """Streams the same num_chunks chunks for every request; the last carries finish_reason and usage.
+    Like a real shard it reports its outstanding requests in each call's trailing metadata."""
 
     def __init__(self, num_chunks: int) -> None:
         if num_chunks < 1:
@@ -38,12 +40,18 @@ class StandInShard(shard_pb2_grpc.ShardServicer):
         )
         self._chunks = [common_pb2.GenerateStreamResponse(text="tok ") for _ in range(num_chunks - 1)]
         self._chunks.append(final)
+        self._outstanding = 0
 
     async def Generate(
         self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
-        for chunk in self._chunks:
-            yield chunk
+        self._outstanding += 1
+        try:
+            for chunk in self._chunks:
+                yield chunk
+        finally:
+            self._outstanding -= 1
+        context.set_trailing_metadata(load_metadata(self._outstanding))
 
 
 async def serve_stand_in_shard(
