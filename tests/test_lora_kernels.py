@@ -382,3 +382,30 @@ def test_expand_rejects_bad_arguments(ops, case):
     make_args, message = EXPAND_ERRORS[case]
     with pytest.raises(ValueError, match=message):
         OPS[ops][1](**make_args())
+
+
+def test_packing_groups_layers_yet_keeps_each_layers_own_targets():
+    """Layers are packed together by the modules they target (PEFT's layers_to_transform, or a
+    target missing in some layers): each layer still adds exactly its own modules' deltas."""
+    generator = torch.Generator().manual_seed(3)
+    rank, scaling = 4, 0.5
+
+    def pair() -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.randn(rank, IN_FEATURES, generator=generator)
+        return a, torch.randn(OUT_FEATURES, rank, generator=generator)
+
+    layers = ({"q_proj": pair()}, {}, {"q_proj": pair(), "v_proj": pair()}, {"q_proj": pair()})
+    layout = {"qv_proj": (("q_proj", 0, OUT_FEATURES), ("v_proj", OUT_FEATURES, OUT_FEATURES))}
+    packed = PackedLoraSlots(layout, num_slots=1, dtype=torch.float32, device=torch.device("cpu"))
+    packed.write(0, LoraAdapter("a", 1, rank, scaling, layers=layers))
+    meta = build_lora_metadata([(0, 3)])
+    x = activations(meta.num_tokens, IN_FEATURES, torch.float32)
+    for layer, modules in enumerate(layers):
+        fused = torch.zeros(meta.num_tokens, 2 * OUT_FEATURES)
+        packed.batch(meta).add(layer, "qv_proj", x, fused)
+        expected = torch.zeros_like(fused)
+        for name, offset, size in layout["qv_proj"]:
+            if name in modules:
+                a, b = modules[name]
+                expected[:, offset : offset + size] = scaling * (x @ a.t()) @ b.t()
+        assert_close(fused, expected, torch.float32)
