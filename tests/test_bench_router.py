@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from loraplex.protos.load_report import outstanding_requests
 from loraplex.protos.v1 import common_pb2, shard_pb2
 from loraplex.tools.bench_router import RouterBenchConfig, run_router_bench
 from loraplex.tools.bench_router_report import summary_table
@@ -63,13 +64,25 @@ def test_write_produces_json_and_png(result) -> None:
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+class _TrailingMetadata:
+    """The one part of a servicer context the stand-in shard uses."""
+
+    metadata = None
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self.metadata = metadata
+
+
 def test_stand_in_shard_streams_the_asked_number_of_chunks_then_finishes() -> None:
+    context = _TrailingMetadata()
+
     async def collect() -> list:
         request = shard_pb2.ShardGenerateRequest(request=common_pb2.GenerateRequest(prompt="hi"))
-        return [chunk async for chunk in StandInShard(3).Generate(request, None)]
+        return [chunk async for chunk in StandInShard(3).Generate(request, context)]
 
     chunks = asyncio.run(collect())
     assert [bool(chunk.finish_reason) for chunk in chunks] == [False, False, True]
     assert chunks[-1].usage.completion_tokens == 3
+    assert outstanding_requests(context.metadata) == 0  # like a shard, it reports its other calls
     with pytest.raises(ValueError):
         StandInShard(0)
