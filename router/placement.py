@@ -15,9 +15,10 @@ router process agrees and the scale simulator (tools/simulate_placement.py) runs
   tau being the snapshot's mean queued tokens per outstanding request (no tokens reported: just
   requests); plus this router's requests the reports do not count yet (InflightTracker). A shard that
   reports at most IDLE_LOAD outstanding requests, and has no more with the corrections, is within the
-  bound whatever its blended load: the blend can put one request still to prefill at 1.7x the mean
-  of two shards holding one each. (A shard reporting more is judged by its blended load, even when
-  this router has seen some of them end: the blend is what says how heavy the rest are.)
+  bound whatever its blended load: the blend can weigh one request still to prefill at 1.36 requests,
+  over the bound of 1 when two of three shards hold one request each. (A shard reporting more is
+  judged by its blended load, even when this router has seen some of them end: the blend is what
+  says how heavy the rest are.)
 - Ranking: holders under the bound (GPU > CPU > disk, then less loaded, then a per-adapter hash order),
   then the ring walk from the home skipping shards over the bound, then, as a last resort so failover
   has somewhere to go, the shards over the bound in that same order. When every holder of a hot adapter

@@ -219,7 +219,7 @@ def test_at_low_traffic_a_holder_with_one_request_keeps_its_adapter():
 
 def test_one_request_in_prefill_does_not_push_a_holder_over_the_bound():
     """Queued tokens blend into load: the holder's one request still to prefill (6 tokens) against
-    another shard's one nearly done (1 token) weighs 1.7 requests, over the bound of a mean of 1.
+    another shard's one nearly done (1 token) weighs 1.36 requests, over the bound (1, for a mean of 1).
     One outstanding request is never over the bound, and a router that knows the request has ended
     (a -1 correction) must choose as one that does not."""
     shards = _shards(("s1", "gpu"), loads={"s0": 1, "s1": 1}, count=3)
