@@ -423,8 +423,10 @@ def _walk_ring(
             home = i
         if i in holders:
             continue
-        load, corrected_requests = loads[i] + get(ids[i], 0), requests[i] + get(ids[i], 0)
-        within = load <= caps[weights[i]] or (idle[i] and corrected_requests <= IDLE_LOAD)
+        correction = get(ids[i], 0)
+        within = loads[i] + correction <= caps[weights[i]] or (
+            idle[i] and requests[i] + correction <= IDLE_LOAD
+        )
         (ranked if within else over).append(i)
         if len(ranked) >= limit:
             break
