@@ -13,9 +13,9 @@ import pytest
 from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2, generation_pb2_grpc
 from loraplex.registry import adapter_source
 from loraplex.registry.adapter_source import InvalidAdapter, read_adapter
+from loraplex.tools.local_mesh import start_mesh
 from loraplex.tools.tiny_model import write_tiny_model
 
-from mesh import start_mesh
 from peft_fixtures import write_peft_adapter
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

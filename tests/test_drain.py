@@ -11,8 +11,7 @@ import grpc
 import pytest
 
 from loraplex.protos.v1 import common_pb2, generation_pb2_grpc
-
-from mesh import start_mesh
+from loraplex.tools.local_mesh import start_mesh
 
 REQUEST = common_pb2.GenerateRequest(
     prompt="Once upon a time",

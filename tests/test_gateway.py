@@ -24,10 +24,9 @@ from loraplex.protos.v1 import (
     shard_pb2_grpc,
 )
 from loraplex.tools.demo_adapters import demo_adapter_dirs
+from loraplex.tools.local_mesh import start_mesh
 from loraplex.tools.model_store import DEFAULT_MODEL
 from loraplex.tools.processes import free_port, loraplex_command, spawn, wait_http_ok
-
-from mesh import start_mesh
 
 BASE = "SmolLM2-135M-Instruct"
 FRANCE = "What is the capital of France?"

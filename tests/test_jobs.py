@@ -24,9 +24,9 @@ from loraplex.protos.v1 import (
     jobs_pb2_grpc,
 )
 from loraplex.registry.jobs import GROUP, JobQueue
+from loraplex.tools.local_mesh import start_mesh
 from loraplex.tools.processes import free_port, loraplex_command, spawn, stop_all
 
-from mesh import start_mesh
 from peft_fixtures import write_peft_adapter
 
 NAMESPACE = "jobs-test"

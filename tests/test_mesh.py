@@ -17,8 +17,8 @@ from loraplex.protos.v1 import (
     shard_pb2,
     shard_pb2_grpc,
 )
+from loraplex.tools.local_mesh import start_mesh
 
-from mesh import start_mesh
 from peft_fixtures import write_peft_adapter
 
 FRANCE = common_pb2.GenerateRequest(

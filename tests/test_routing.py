@@ -24,9 +24,9 @@ from loraplex.protos.v1 import (
     shard_pb2_grpc,
 )
 from loraplex.registry.store import Registry
+from loraplex.tools.local_mesh import Mesh, start_mesh
 from loraplex.tools.processes import free_port, start_redis, stop_all
 
-from mesh import Mesh, start_mesh
 from peft_fixtures import write_peft_adapter
 
 NUM_ADAPTERS = 30

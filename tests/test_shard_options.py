@@ -12,8 +12,8 @@ from loraplex.protos.v1 import (
     shard_pb2_grpc,
 )
 from loraplex.tools.cli import build_parser, parse_adapter_list
+from loraplex.tools.local_mesh import start_mesh
 
-from mesh import start_mesh
 from peft_fixtures import write_peft_adapter
 
 

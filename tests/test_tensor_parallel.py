@@ -21,10 +21,10 @@ from loraplex.shard.engine import Engine, EngineConfig, EngineRequest
 from loraplex.shard.outputs import TokenOutput
 from loraplex.shard.sampling import SamplingParams
 from loraplex.tools.demo_adapters import demo_adapter_dirs, is_upper_answer
+from loraplex.tools.local_mesh import start_mesh
 from loraplex.tools.tiny_model import write_tiny_model
 
 from engine_helpers import collect_outputs, engine_last_logits, tokens
-from mesh import start_mesh
 from peft_fixtures import write_peft_adapter
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -1,4 +1,5 @@
-"""Starts real mesh processes (shards, router) for integration tests, on free loopback ports."""
+"""Starts real mesh processes (shards, routers) on free loopback ports: for integration tests and for
+benchmarks that run a private mesh."""
 
 from __future__ import annotations
 
