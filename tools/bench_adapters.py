@@ -35,6 +35,7 @@ from loraplex.tools.bench_adapters_report import TierLatencies, build_report, wr
 from loraplex.tools.bench_engine import build_workload, hf_generate
 from loraplex.tools.bench_report import RequestTiming, SystemRun
 from loraplex.tools.synthetic_adapters import write_peft_adapter
+from loraplex.tools.workload import adapter_choices
 
 log = logging.getLogger("loraplex.bench")
 
@@ -101,7 +102,8 @@ def run_adapter_bench(config: AdapterBenchConfig) -> AdapterBenchResult:
         prompts = build_workload(engine.prompts.encode_text, config.num_requests)
         rng = np.random.default_rng(config.seed)
         levels = {
-            n: zipf_adapters(rng, n, config.num_requests, config.zipf_alpha) for n in config.adapter_counts
+            n: adapter_choices(rng, "zipf", n, config.num_requests, config.zipf_alpha)
+            for n in config.adapter_counts
         }
         sources = write_adapters(config, work_dir / "sources", levels)
         latencies = TierLatencies()
@@ -120,12 +122,6 @@ def run_adapter_bench(config: AdapterBenchConfig) -> AdapterBenchResult:
     finally:
         if config.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)
-
-
-def zipf_adapters(rng: np.random.Generator, num_adapters: int, num_requests: int, alpha: float) -> list[int]:
-    """Each request's adapter: index i (0 = most popular) with probability proportional to 1/(i+1)^alpha."""
-    weights = 1.0 / np.arange(1, num_adapters + 1, dtype=np.float64) ** alpha
-    return rng.choice(num_adapters, size=num_requests, p=weights / weights.sum()).tolist()
 
 
 def write_adapters(
