@@ -304,6 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
 
+    from loraplex.tools.bench_serve import add_arguments as add_serve_bench_arguments
+
+    add_serve_bench_arguments(
+        bench_actions.add_parser(
+            "serve",
+            help="open-loop requests at offered rates through a mesh (running or private), adapters vs "
+            "base only: throughput, TTFT, TPOT, SLO attainment; JSON + PNG",
+        ),
+        _add_model_bench_options,
+    )
+
     from loraplex.tools.bench_tp import add_arguments as add_tp_bench_arguments
 
     add_tp_bench_arguments(
@@ -619,6 +630,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         from loraplex.tools.bench_router import run_from_args
 
         return run_from_args(args)
+    if args.action == "serve":
+        from loraplex.tools.bench_serve import run_from_args as run_serve_bench
+
+        return run_serve_bench(args)
     if args.action == "tp":
         from loraplex.tools.bench_tp import run_from_args as run_tp_bench
 

@@ -1,0 +1,324 @@
+"""`loraplex bench serve`: an open-loop workload through a mesh's Generation service, adapters vs the
+base model on the same requests, at one or more offered rates; JSON + PNG.
+
+Requests are sent at their planned times whatever the mesh's state (open loop, as real clients arrive),
+so a mesh slower than the offered rate shows it as growing TTFT, not as a quietly lower rate. Each rate
+runs the same requests twice, once naming their adapters and once the bare base model, in alternating
+order from rate to rate so that slow drifts of a shared machine fall on both. Against a running mesh
+(`--router`) the adapters are the ones registered there; without it the bench starts a private mesh
+(redis-server, shards and a router on this machine) and registers random-weight adapters of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+
+import grpc
+
+from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2, generation_pb2_grpc
+from loraplex.tools.bench_serve_report import (
+    RequestResult,
+    ServeRun,
+    build_report,
+    summary_table,
+    write_report,
+)
+from loraplex.tools.local_mesh import start_mesh
+from loraplex.tools.processes import free_port, start_redis, stop_all
+from loraplex.tools.synthetic_adapters import write_peft_adapter
+from loraplex.tools.workload import ARRIVALS, MIXES, PlannedRequest, WorkloadSpec, base_only, plan
+
+ADAPTER_PREFIX = "bench-serve-"  # names of the adapters a private mesh registers
+WARMUP_CONCURRENCY = 8
+
+
+@dataclass(frozen=True)
+class PrivateMesh:
+    """What the bench starts when no --router is given."""
+
+    model_dir: Path
+    num_shards: int = 1
+    shard_args: tuple[str, ...] = ()  # passed to every shard, e.g. ("--max-gpu-adapters", "16")
+    ranks: tuple[int, ...] = (8, 16)  # adapter i gets ranks[i % len(ranks)]
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    redis_url: str | None = None  # default: a private redis-server
+
+
+@dataclass(frozen=True)
+class ServeBenchConfig:
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)  # its rate is replaced by each of rates
+    rates: tuple[float, ...] = (1.0, 2.0, math.inf)
+    router: str | None = None  # a running mesh; None: start private_mesh
+    private_mesh: PrivateMesh | None = None
+    adapter_names: tuple[str, ...] = ()  # with router: these registered adapters (default: all)
+    slo_ttft_ms: float = 2000.0
+    slo_tpot_ms: float = 200.0
+    warmup: bool = True  # one short request per adapter used, before the measured runs
+    request_timeout_s: float = 600.0
+    output_dir: Path = Path("bench/results")
+
+
+@dataclass(frozen=True)
+class ServeBenchResult:
+    report: dict
+    json_path: Path
+    png_path: Path
+
+
+def run_serve_bench(config: ServeBenchConfig) -> ServeBenchResult:
+    started = datetime.now().astimezone()
+    with _mesh(config) as (router, adapter_names):
+        workload = replace(config.workload, num_adapters=len(adapter_names))
+        runs, warmup_s = asyncio.run(_run_all(config, workload, router, adapter_names))
+    report = build_report(config, workload, started, adapter_names, runs, warmup_s)
+    json_path, png_path = write_report(report, config.output_dir)
+    return ServeBenchResult(report, json_path, png_path)
+
+
+async def _run_all(
+    config: ServeBenchConfig, workload: WorkloadSpec, router: str, adapter_names: tuple[str, ...]
+) -> tuple[list[ServeRun], float]:
+    async with grpc.aio.insecure_channel(router) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        warmup_s = 0.0
+        if config.warmup:
+            used = sorted({r.adapter for r in plan(workload)} - {None})
+            warmup = [PlannedRequest(0.0, index, "warm up", 1) for index in [None, *used]]
+            start = time.perf_counter()
+            await _run_closed(stub, warmup, adapter_names, config.request_timeout_s)
+            warmup_s = time.perf_counter() - start
+        runs = []
+        for position, rate in enumerate(config.rates):
+            requests = plan(replace(workload, rate=rate))
+            systems = [("adapters", requests), ("base", base_only(requests))]
+            for system, planned in systems[:: 1 if position % 2 == 0 else -1]:
+                results = await run_open_loop(stub, planned, adapter_names, config.request_timeout_s)
+                runs.append(ServeRun(system, rate, results))
+        return runs, warmup_s
+
+
+async def run_open_loop(
+    stub: generation_pb2_grpc.GenerationStub,
+    requests: list[PlannedRequest],
+    adapter_names: tuple[str, ...],
+    timeout_s: float,
+) -> list[RequestResult]:
+    """Send each request at its planned time, whether or not earlier ones have finished."""
+    start = time.perf_counter()
+    tasks = []
+    for planned in requests:
+        delay = start + planned.at_s - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        result = RequestResult(planned.at_s)
+        result.lag_s = max(0.0, time.perf_counter() - start - planned.at_s)
+        tasks.append(asyncio.create_task(_send(stub, planned, adapter_names, timeout_s, result)))
+    return list(await asyncio.gather(*tasks))
+
+
+async def _run_closed(stub, requests: list[PlannedRequest], adapter_names, timeout_s: float) -> None:
+    """requests WARMUP_CONCURRENCY at a time; any failure ends the bench (the mesh is not usable)."""
+    for begin in range(0, len(requests), WARMUP_CONCURRENCY):
+        batch = requests[begin : begin + WARMUP_CONCURRENCY]
+        results = await asyncio.gather(
+            *(_send(stub, r, adapter_names, timeout_s, RequestResult(0.0)) for r in batch)
+        )
+        if failed := [r for r in results if r.error]:
+            raise RuntimeError(
+                f"warm-up request for {failed[0].expected_adapter or 'the base model'!r} failed with "
+                f"{failed[0].error}; is the mesh serving and the adapter valid for its base model?"
+            )
+
+
+async def _send(
+    stub: generation_pb2_grpc.GenerationStub,
+    planned: PlannedRequest,
+    adapter_names: tuple[str, ...],
+    timeout_s: float,
+    result: RequestResult,
+) -> RequestResult:
+    result.expected_adapter = adapter_names[planned.adapter] if planned.adapter is not None else ""
+    request = common_pb2.GenerateRequest(
+        adapter=result.expected_adapter,
+        prompt=planned.prompt,
+        parameters=common_pb2.SamplingParameters(max_new_tokens=planned.max_new_tokens, ignore_eos=True),
+    )
+    result.sent = time.perf_counter()
+    try:
+        async for chunk in stub.GenerateStream(request, timeout=timeout_s):
+            if result.first_chunk is None and (chunk.text or chunk.tokens):
+                result.first_chunk = time.perf_counter()
+            if chunk.finish_reason:
+                result.prompt_tokens = chunk.usage.prompt_tokens
+                result.completion_tokens = chunk.usage.completion_tokens
+                result.served_adapter = chunk.served_by.adapter
+    except grpc.aio.AioRpcError as error:
+        result.error = error.code().name
+    result.finished = time.perf_counter()
+    return result
+
+
+# --- the mesh under test ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _mesh(config: ServeBenchConfig) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """The router's address and the adapters' names, from a running mesh or a private one."""
+    if config.router is not None:
+        yield config.router, config.adapter_names or _registered_adapters(config.router)
+        return
+    if config.private_mesh is None:
+        raise ValueError("give a running mesh's router or a private mesh to start")
+    with _private_mesh(config.private_mesh, config.workload.num_adapters) as running:
+        yield running
+
+
+def _registered_adapters(router: str) -> tuple[str, ...]:
+    with grpc.insecure_channel(router) as channel:
+        listed = adapters_pb2_grpc.AdaptersStub(channel).List(adapters_pb2.ListAdaptersRequest(), timeout=30)
+    names = tuple(sorted(adapter.name for adapter in listed.adapters))
+    if not names:
+        raise RuntimeError(f"the mesh at {router} has no adapters registered; add some or name them")
+    return names
+
+
+@contextlib.contextmanager
+def _private_mesh(mesh: PrivateMesh, num_adapters: int) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """redis-server (unless given), the shards and a router; num_adapters random adapters registered."""
+    with tempfile.TemporaryDirectory(prefix="loraplex-bench-serve-") as workdir:
+        processes = []
+        running = None
+        try:
+            redis_url = mesh.redis_url
+            if redis_url is None:
+                port = free_port()
+                processes.append(start_redis(port, Path(workdir), Path(workdir, "redis.log")))
+                redis_url = f"redis://127.0.0.1:{port}/0"
+            namespace = f"bench-serve-{uuid.uuid4().hex[:8]}"
+            running = start_mesh(
+                mesh.model_dir,
+                redis_url,
+                namespace,
+                Path(workdir),
+                mesh.num_shards,
+                shard_args=mesh.shard_args,
+            )
+            names = _register_random_adapters(running.router, mesh, num_adapters, Path(workdir, "adapters"))
+            yield running.router, names
+        finally:
+            if running is not None:
+                running.stop()
+            stop_all(processes)
+
+
+def _register_random_adapters(router: str, mesh: PrivateMesh, count: int, directory: Path) -> tuple[str, ...]:
+    names = []
+    with grpc.insecure_channel(router) as channel:
+        adapters = adapters_pb2_grpc.AdaptersStub(channel)
+        for index in range(count):
+            name = f"{ADAPTER_PREFIX}{index}"
+            source = write_peft_adapter(
+                directory / name,
+                mesh.model_dir,
+                rank=mesh.ranks[index % len(mesh.ranks)],
+                targets=mesh.targets,
+                seed=index,
+            )
+            adapters.Create(adapters_pb2.CreateAdapterRequest(name=name, source=str(source)), timeout=60)
+            names.append(name)
+    return tuple(names)
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser, add_model_options) -> None:
+    """The bench's flags for `loraplex bench serve`; defaults are ServeBenchConfig's and WorkloadSpec's."""
+    add_model_options(parser)
+    config, workload = ServeBenchConfig(), WorkloadSpec()
+    parser.add_argument("--router", default=None, help="a running mesh's router; default: a private mesh")
+    parser.add_argument(
+        "--adapter-names",
+        default="",
+        help="with --router: comma-separated adapters (default: all registered)",
+    )
+    parser.add_argument(
+        "--rates",
+        default=",".join(str(rate) for rate in config.rates),
+        help="offered requests/s, one run each, e.g. 1,2,inf (inf: every request at once)",
+    )
+    parser.add_argument("--num-requests", type=int, default=workload.num_requests, help="per run")
+    parser.add_argument("--arrival", choices=ARRIVALS, default=workload.arrival)
+    parser.add_argument("--burstiness", type=float, default=workload.burstiness, help="Gamma shape")
+    parser.add_argument("--mix", choices=MIXES, default=workload.mix, help="adapter popularity")
+    parser.add_argument("--alpha", type=float, default=workload.alpha, help="the zipf mix's exponent")
+    parser.add_argument(
+        "--num-adapters", type=int, default=workload.num_adapters, help="adapters a private mesh registers"
+    )
+    parser.add_argument("--input-len", type=int, default=workload.input_len, help="prompt tokens")
+    parser.add_argument("--output-len", type=int, default=workload.output_len, help="tokens generated")
+    parser.add_argument(
+        "--len-spread", type=float, default=workload.len_spread, help="lengths +- this fraction"
+    )
+    parser.add_argument("--seed", type=int, default=workload.seed)
+    parser.add_argument("--slo-ttft-ms", type=float, default=config.slo_ttft_ms)
+    parser.add_argument("--slo-tpot-ms", type=float, default=config.slo_tpot_ms)
+    parser.add_argument("--no-warmup", action="store_true", help="measure cold adapter loads as well")
+    parser.add_argument("--shards", type=int, default=1, help="private mesh: shard processes")
+    parser.add_argument("--redis-url", default=None, help="private mesh: default, a private redis-server")
+    parser.add_argument(
+        "--shard-arg",
+        action="append",
+        default=[],
+        help="private mesh: a flag for every shard, e.g. --shard-arg=--max-gpu-adapters=16 (repeatable)",
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    from loraplex.tools.model_store import resolve_model
+
+    workload = WorkloadSpec(
+        num_requests=args.num_requests,
+        arrival=args.arrival,
+        burstiness=args.burstiness,
+        mix=args.mix,
+        alpha=args.alpha,
+        num_adapters=args.num_adapters,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        len_spread=args.len_spread,
+        seed=args.seed,
+    )
+    private = None
+    if args.router is None:
+        shard_args = (*args.shard_arg, "--device", args.device, "--log-level", args.log_level)
+        if args.kv_cache_bytes:
+            shard_args += ("--kv-cache-bytes", str(args.kv_cache_bytes))
+        private = PrivateMesh(
+            resolve_model(args.model, args.cache_dir), args.shards, shard_args, redis_url=args.redis_url
+        )
+    config = ServeBenchConfig(
+        workload=workload,
+        rates=tuple(float(rate) for rate in args.rates.split(",")),
+        router=args.router,
+        private_mesh=private,
+        adapter_names=tuple(name for name in args.adapter_names.split(",") if name),
+        slo_ttft_ms=args.slo_ttft_ms,
+        slo_tpot_ms=args.slo_tpot_ms,
+        warmup=not args.no_warmup,
+        output_dir=args.output_dir,
+    )
+    result = run_serve_bench(config)
+    print(summary_table(result.report))
+    print(f"wrote {result.json_path} and {result.png_path}")
+    return 0
