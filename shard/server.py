@@ -135,7 +135,7 @@ def _record(service: ShardService, engine: Engine) -> ShardRecord:
         max_context=engine.max_context,
         max_running_requests=engine.scheduler.max_running_requests,
         running_requests=stats.running_requests,
-        waiting_requests=stats.waiting_requests,
+        waiting_requests=service.waiting_requests(stats),
         queued_tokens=stats.queued_tokens,
         adapters=tuple(HeldAdapter(name, version, tier) for name, version, tier in service.held_adapters()),
         reported_at=stats.taken_at,

@@ -17,7 +17,7 @@ from loraplex.protos.rpc import ServiceError
 from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 from loraplex.registry.adapter_source import InvalidAdapter
 from loraplex.shard.adapter_store import AdapterStore
-from loraplex.shard.engine import Engine, EngineOutput, EngineRequest
+from loraplex.shard.engine import Engine, EngineOutput, EngineRequest, EngineStats
 from loraplex.shard.lora import IncompatibleAdapter, LoraAdapter
 from loraplex.shard.metrics import ShardMetrics
 from loraplex.shard.outputs import RequestFailed, TokenOutput
@@ -55,6 +55,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self.address = address
         self.base_model = base_model
         self._tracer = trace.get_tracer("loraplex.shard")
+        self._awaiting_adapters = 0  # calls waiting for their adapter's load, not yet in the engine
 
     async def Generate(
         self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext
@@ -73,7 +74,11 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             prompt_ids, params = self._parse(inner)
             if request.adapter.name:
                 started_ns = time.time_ns()
-                adapter, tier = await self._adapter(request.adapter)
+                self._awaiting_adapters += 1
+                try:
+                    adapter, tier = await self._adapter(request.adapter)
+                finally:
+                    self._awaiting_adapters -= 1
                 spans.adapter_acquired(adapter, tier, started_ns)
             generation = self._generate(inner, prompt_ids, params, adapter, context, spans)
             async with aclosing(generation) as chunks:
@@ -83,7 +88,9 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                     yield chunk
             outcome = "ok"
             stats = self._engine.stats  # published before the last chunk: this request is not in it
-            context.set_trailing_metadata(load_metadata(stats.running_requests + stats.waiting_requests))
+            context.set_trailing_metadata(
+                load_metadata(stats.running_requests + self.waiting_requests(stats))
+            )
         except Exception as error:
             outcome, failure = "error", error
             raise
@@ -248,7 +255,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             base_model=self.base_model,
             max_context=self._engine.max_context,
             running_requests=stats.running_requests,
-            waiting_requests=stats.waiting_requests,
+            waiting_requests=self.waiting_requests(stats),
             queued_tokens=stats.queued_tokens,
             max_running_requests=self._engine.scheduler.max_running_requests,
             kv_blocks_used=stats.kv_blocks_used,
@@ -260,6 +267,12 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 for name, version, tier in self.held_adapters()
             ],
         )
+
+    def waiting_requests(self, stats: EngineStats) -> int:
+        """The engine's waiting requests and the calls still waiting for their adapter to load: both
+        are work this shard has taken on, which routers must see in its load (a burst of requests for
+        cold adapters would otherwise look like an idle shard until the loads finish)."""
+        return stats.waiting_requests + self._awaiting_adapters
 
     def held_adapters(self) -> list[tuple[str, int, str]]:
         """(name, version, fastest tier) of every adapter this shard holds."""

@@ -4,15 +4,19 @@ import asyncio
 import random
 import threading
 
+import grpc
 import pytest
 import torch
 
+from loraplex.protos.rpc import create_server
+from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 from loraplex.registry.adapter_source import InvalidAdapter, read_metadata
 from loraplex.shard.adapter_slots import NO_SLOT, AdapterSlots
 from loraplex.shard.adapter_store import AdapterStore, DiskCache
 from loraplex.shard.engine import Engine, EngineConfig, EngineRequest
 from loraplex.shard.lora import LoraAdapter
 from loraplex.shard.sampling import SamplingParams
+from loraplex.shard.service import ShardService
 
 from engine_helpers import tokens
 from peft_fixtures import write_peft_adapter
@@ -225,5 +229,46 @@ def test_a_cancelled_request_does_not_cancel_the_load_others_wait_for(tiny_engin
         adapter = await second
         assert adapter.name == "a9" and store.held() == [("a9", 1)]
         store.release(adapter)
+
+    asyncio.run(scenario())
+
+
+def test_a_call_waiting_for_its_adapter_load_counts_in_the_shards_load(tiny_engine, fifty_adapters):
+    """Routers weigh shards by the outstanding requests they report: a call still waiting for its cold
+    adapter has not reached the engine yet, but the shard has taken it on, so it counts as waiting."""
+    release_load = threading.Event()
+
+    def slow_load(source: str, name: str, version: int) -> LoraAdapter:
+        release_load.wait(timeout=10)
+        return tiny_engine.load_adapter(source, name, version)
+
+    async def waiting_requests(stub: shard_pb2_grpc.ShardStub, expected: int) -> int:
+        for _ in range(100):
+            status = await stub.Status(shard_pb2.ShardStatusRequest())
+            if status.waiting_requests == expected:
+                break
+            await asyncio.sleep(0.05)
+        return status.waiting_requests
+
+    async def scenario() -> None:
+        service = ShardService(tiny_engine, AdapterStore(slow_load, 4), "s0", "here", "tiny")
+        server, port, _ = create_server("127.0.0.1:0", [])
+        shard_pb2_grpc.add_ShardServicer_to_server(service, server)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = shard_pb2_grpc.ShardStub(channel)
+                assert await waiting_requests(stub, 0) == 0
+                record = common_pb2.Adapter(name="a9", source=str(fifty_adapters[9]), version=1)
+                request = common_pb2.GenerateRequest(adapter="a9", prompt="hi")
+                call = stub.Generate(shard_pb2.ShardGenerateRequest(request=request, adapter=record))
+                assert await waiting_requests(stub, 1) == 1, "the call waiting for its adapter"
+                assert service.waiting_requests(tiny_engine.stats) == 1
+                call.cancel()
+                release_load.set()
+                assert await waiting_requests(stub, 0) == 0, "counted no longer once it left"
+        finally:
+            release_load.set()
+            await server.stop(None)
 
     asyncio.run(scenario())
