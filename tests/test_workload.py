@@ -79,6 +79,17 @@ def test_base_only_keeps_everything_but_the_adapter() -> None:
     assert [replace(r, adapter=None) for r in requests] == base
 
 
+def test_prompt_sets_change_only_the_words() -> None:
+    """Runs against one server take a prompt set each, so none finds another's prompts in the prefix
+    cache, yet they do the same work: same arrivals, adapters and lengths."""
+    spec = WorkloadSpec(num_requests=50, rate=3.0, len_spread=0.5)
+    first, second = plan(spec), plan(replace(spec, prompt_set=1))
+    assert [replace(r, prompt="") for r in first] == [replace(r, prompt="") for r in second]
+    assert [len(r.prompt.split()) for r in first] == [len(r.prompt.split()) for r in second]
+    assert len({" ".join(r.prompt.split()[:4]) for r in first + second}) == 100, "no shared prefixes"
+    assert plan(replace(spec, prompt_set=1)) == second, "a set is reproducible"
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -90,6 +101,7 @@ def test_base_only_keeps_everything_but_the_adapter() -> None:
         {"len_spread": 1.0},
         {"num_adapters": 0},
         {"output_len": 0},
+        {"prompt_set": -1},
     ],
 )
 def test_bad_specs_are_refused_with_the_field_named(bad: dict) -> None:

@@ -4,7 +4,8 @@ base model on the same requests, at one or more offered rates; JSON + PNG.
 Requests are sent at their planned times whatever the mesh's state (open loop, as real clients arrive),
 so a mesh slower than the offered rate shows it as growing TTFT, not as a quietly lower rate. Each rate
 runs the same requests twice, once naming their adapters and once the bare base model, in alternating
-order from rate to rate so that slow drifts of a shared machine fall on both. Against a running mesh
+order from rate to rate so that slow drifts of a shared machine fall on both; every run fills its
+prompts with words of its own, so that none is served from another's prefix cache. Against a running mesh
 (`--router`) the adapters are the ones registered there; without it the bench starts a private mesh
 (redis-server, shards and a router on this machine) and registers random-weight adapters of its own.
 """
@@ -99,8 +100,10 @@ async def _run_all(
             warmup_s = time.perf_counter() - start
         runs = []
         for position, rate in enumerate(config.rates):
-            requests = plan(replace(workload, rate=rate))
-            systems = [("adapters", requests), ("base", base_only(requests))]
+            # a prompt set per run: no run finds an earlier one's prompts in the shards' prefix caches
+            adapters_run = plan(replace(workload, rate=rate, prompt_set=2 * position))
+            base_run = base_only(plan(replace(workload, rate=rate, prompt_set=2 * position + 1)))
+            systems = [("adapters", adapters_run), ("base", base_run)]
             for system, planned in systems[:: 1 if position % 2 == 0 else -1]:
                 results = await run_open_loop(stub, planned, adapter_names, config.request_timeout_s)
                 runs.append(ServeRun(system, rate, results))

@@ -127,7 +127,12 @@ def build_report(
             "private_mesh": None
             if mesh is None
             else {**asdict(mesh), "model_dir": str(mesh.model_dir), "redis_url": mesh.redis_url or "private"},
-            "workload": {**asdict(workload), "rate": None, "num_adapters": len(adapter_names)},
+            "workload": {
+                **asdict(workload),
+                "rate": None,
+                "prompt_set": "2 x rate's position (adapters), + 1 (base)",
+                "num_adapters": len(adapter_names),
+            },
             "rates": [_rate_label(rate) for rate in config.rates],
             "slo": {"ttft_ms": config.slo_ttft_ms, "tpot_ms": config.slo_tpot_ms},
             "warmup": config.warmup,
@@ -183,7 +188,7 @@ def plot_report(report: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     panels = (
         ("output tokens/s", lambda s: s["output_tok_s"]),
-        ("TTFT ms (p50 bar, p99 tick)", lambda s: _p50(s["ttft_ms"])),
+        ("TTFT ms, log scale (p50 bar, p99 tick)", lambda s: _p50(s["ttft_ms"])),
         ("TPOT ms (p50 bar, p99 tick)", lambda s: _p50(s["tpot_ms"])),
     )
     p99s = (None, "ttft_ms", "tpot_ms")
@@ -200,6 +205,7 @@ def plot_report(report: dict, path: Path) -> None:
         axis.set_xticks(range(len(rates)), rates)
         axis.set_xlabel("offered requests/s")
         axis.set_title(title)
+    axes[1].set_yscale("log")  # queueing past saturation takes TTFT from ~0.5 s to tens of seconds
     axes[0].legend()
     workload = report["setup"]["workload"]
     figure.suptitle(

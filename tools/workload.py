@@ -1,7 +1,9 @@
 """Open-loop serving workloads: when each request arrives, which adapter it names, how long its prompt
 and answer are. Everything is drawn from one seed, so two systems (adapters and base only) and several
 offered rates see the same requests: arrivals, adapters and lengths come from separate streams of the
-seed, and a rate only stretches or squeezes the gaps.
+seed, and a rate only stretches or squeezes the gaps. The prompts' words come from the seed and a
+prompt set: runs against one server take a set each, so that no run finds an earlier run's prompts in
+the prefix cache (same lengths, other words, so the same work).
 
 Arrivals are Poisson (exponential gaps) or Gamma, whose shape sets the burstiness (below 1 burstier
 than Poisson, above 1 smoother, 1 is Poisson), as vLLM's serving benchmark draws them. Adapter mixes
@@ -46,6 +48,7 @@ class WorkloadSpec:
     output_len: int = 64  # tokens generated, EOS ignored
     len_spread: float = 0.0  # lengths uniform in [len * (1 - spread), len * (1 + spread)]
     seed: int = 0
+    prompt_set: int = 0  # which words fill the prompts; all else is the same across sets
 
     def __post_init__(self) -> None:
         if self.arrival not in ARRIVALS:
@@ -58,6 +61,8 @@ class WorkloadSpec:
             raise ValueError(f"len_spread must be in [0, 1), not {self.len_spread}")
         if min(self.num_requests, self.num_adapters, self.input_len, self.output_len) < 1:
             raise ValueError("num_requests, num_adapters, input_len and output_len must be >= 1")
+        if self.prompt_set < 0:
+            raise ValueError(f"prompt_set must be >= 0, not {self.prompt_set}")
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,8 @@ class PlannedRequest:
 
 def plan(spec: WorkloadSpec) -> list[PlannedRequest]:
     """The workload's requests in arrival order."""
-    arrivals_seed, adapters_seed, lengths_seed, words_seed = np.random.SeedSequence(spec.seed).spawn(4)
+    arrivals_seed, adapters_seed, lengths_seed = np.random.SeedSequence(spec.seed).spawn(3)
+    words_seed = np.random.SeedSequence([spec.seed, spec.prompt_set])
     at = arrival_times(np.random.default_rng(arrivals_seed), spec)
     adapters = adapter_choices(
         np.random.default_rng(adapters_seed), spec.mix, spec.num_adapters, spec.num_requests, spec.alpha
