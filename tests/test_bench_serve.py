@@ -73,6 +73,7 @@ def test_ratios_pair_the_runs_of_each_rate_and_the_files_are_written(result) -> 
     for ratio in report["adapters/base"].values():
         assert ratio["output_tok_s"] > 0 and ratio["ttft_p50"] > 0
     assert json.loads(result.json_path.read_text()) == report
+    assert result.json_path.name.startswith("serve-mesh-"), "a running mesh's shards may run anywhere"
     assert result.png_path.stat().st_size > 10_000
     table = summary_table(report)
     assert "| inf | adapters | 12/12 |" in table and "rate 40.0: adapters/base" in table

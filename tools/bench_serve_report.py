@@ -20,7 +20,7 @@ from loraplex.tools.bench_report import machine_info, percentiles_ms
 from loraplex.tools.report_files import pyplot, write_json_and_png
 
 if TYPE_CHECKING:
-    from loraplex.tools.bench_serve import ServeBenchConfig
+    from loraplex.tools.bench_serve import PrivateMesh, ServeBenchConfig
     from loraplex.tools.workload import WorkloadSpec
 
 DEFINITIONS = {
@@ -34,7 +34,8 @@ DEFINITIONS = {
     "goodput_requests_per_s": "requests that met the SLO over the span",
     "send_lag_ms": "how late the client sent requests against the plan (the open loop's fidelity)",
     "wrong_adapter": "completed requests whose response names another adapter than the request did",
-    "adapters/base": "the adapters run's figure over the base-only run's at the same rate and requests",
+    "adapters/base": "the adapters run's figure over the base-only run's at the same rate, arrivals and "
+    "lengths (other prompt words)",
 }
 
 
@@ -121,7 +122,7 @@ def build_report(
         "benchmark": "serve",
         "date": started.date().isoformat(),
         "started_at": started.isoformat(timespec="seconds"),
-        "machine": machine_info("cpu" if mesh is None else _shard_device(mesh.shard_args)),
+        "machine": _machine(mesh),
         "setup": {
             "target": config.router if mesh is None else "private mesh",
             "private_mesh": None
@@ -145,9 +146,13 @@ def build_report(
     }
 
 
-def _shard_device(shard_args: tuple[str, ...]) -> str:
-    args = list(shard_args)
-    return args[args.index("--device") + 1] if "--device" in args[:-1] else "cpu"
+def _machine(mesh: PrivateMesh | None) -> dict:
+    """This machine, and the device its private mesh's shards ran on; a running mesh's shards may be
+    anywhere, so their device reads "mesh" (the file is then serve-mesh-<date>)."""
+    if mesh is None:
+        return {**machine_info("cpu"), "device": "mesh"}
+    args = list(mesh.shard_args)
+    return machine_info(args[args.index("--device") + 1] if "--device" in args[:-1] else "cpu")
 
 
 def _ratios(summaries: list[dict]) -> dict:
