@@ -115,6 +115,12 @@ class AdapterSlots:
         slot = self._slot_of.get(adapter_uid)
         return slot is not None and self._refs[slot] > 0
 
+    def quickest_to_drain(self, count: int) -> set[int]:
+        """uids of the count in-use adapters with the fewest running sequences: the slots to let drain
+        when other adapters are starved of one."""
+        busy = sorted((refs, slot) for slot, refs in enumerate(self._refs) if refs > 0)
+        return {self._adapters[slot].uid for _, slot in busy[:count] if self._adapters[slot] is not None}
+
     def _evict(self, slot: int) -> None:
         adapter = self._adapters[slot]
         if adapter is None:

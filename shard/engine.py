@@ -57,6 +57,7 @@ class EngineConfig:
     max_running_requests: int = 0  # 0: 64 on CPU, 256 on GPU
     enable_prefix_caching: bool = True  # share the KV blocks of identical prompt prefixes
     max_gpu_adapters: int = 16  # adapters active in the batch at once (slots)
+    adapter_cycle_s: float = 2.0  # a request starved of a slot this long makes busy slots drain for it
     max_lora_rank: int = 64  # adapters of higher rank are refused; sizes the kernels' slot buffers
     lora_backend: str = "auto"  # "torch" (per-segment matmuls) or "triton" (SGMV kernels); auto: by device
     tp_size: int = 1  # tensor-parallel ranks (processes; GPUs device, device + 1, ... on CUDA)
@@ -170,6 +171,7 @@ class Engine:
             config.max_batch_tokens or (512 if on_cpu else 8192),
             max_running,
             self.slots,
+            config.adapter_cycle_s,
         )
         self.runner = ModelRunner(self.model, config.block_size, self.device, self.lora_weights, self.peers)
         self.prompts = PromptEncoder(model_dir, self.model_config.vocab_size, self.max_context)

@@ -5,7 +5,12 @@ prefill continues with a chunk), then waiting sequences are admitted first-come 
 token budget, the running limit and the KV blocks allow. When blocks run out, the most recently
 admitted sequence is preempted: its blocks are freed and it is recomputed later from its tokens.
 A sequence with an adapter is admitted only once its adapter has a slot; while every slot is busy
-it waits and later requests for the base model or for adapters already in a slot go ahead of it.
+it waits and later requests for the base model or for adapters already in a slot go ahead of it. So
+that a steady stream for the adapters in the slots cannot starve it, once a sequence has found
+every slot busy for `adapter_cycle_s`, one busy slot per adapter starved that long (the ones with the
+fewest running sequences; at most a quarter of the slots, so that batches stay large) takes no new
+sequences until it drains and goes to a starved adapter, as LoRAX's adapter cycle does; the other
+slots, and the base model, keep taking requests.
 """
 
 from __future__ import annotations
@@ -45,13 +50,17 @@ class Scheduler:
         max_batch_tokens: int,
         max_running_requests: int,
         slots: AdapterSlots | None = None,
+        adapter_cycle_s: float = 2.0,
     ) -> None:
         self.blocks = blocks
         self.slots = slots
         self.max_batch_tokens = max_batch_tokens
         self.max_running_requests = max_running_requests
+        self.adapter_cycle_s = adapter_cycle_s
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # request id -> (adapter uid, when it first found every slot busy)
+        self._slot_wait_since: dict[str, tuple[int, float]] = {}
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -72,6 +81,7 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         self.blocks.free(seq)
         self._release_slot(seq)
+        self._slot_wait_since.pop(seq.request_id, None)
 
     def schedule(self) -> Schedule:
         budget = self.max_batch_tokens
@@ -103,6 +113,8 @@ class Scheduler:
 
     def _admit(self, budget: int, chunks: list[ScheduledChunk]) -> int:
         waiting_for_slot: list[Sequence] = []
+        now = time.monotonic()
+        draining = self._slots_to_drain(now)
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             seq = self.waiting[0]
             prefix = self.blocks.cached_prefix(seq)
@@ -110,9 +122,14 @@ class Scheduler:
             if not self.blocks.can_reserve(seq, num_new, prefix):
                 break  # first come, first served: nobody overtakes the head of the queue for blocks
             self.waiting.popleft()
-            if not self._acquire_slot(seq):
+            if seq.adapter is not None and seq.adapter.uid in draining:
+                waiting_for_slot.append(seq)  # held back so its adapter's slot drains
+                continue
+            if not self._acquire_slot(seq):  # every slot busy: the adapter cycle's clock starts
+                self._slot_wait_since.setdefault(seq.request_id, (seq.adapter.uid, now))
                 waiting_for_slot.append(seq)
                 continue
+            self._slot_wait_since.pop(seq.request_id, None)
             seq.status = SequenceStatus.RUNNING
             seq.scheduled_ns = seq.scheduled_ns or time.time_ns()  # the first admission ends its queue wait
             self.blocks.reserve(seq, num_new, prefix)
@@ -121,6 +138,16 @@ class Scheduler:
             budget -= num_new
         self.waiting.extendleft(reversed(waiting_for_slot))
         return budget
+
+    def _slots_to_drain(self, now: float) -> set[int]:
+        """uids of the adapters whose busy slots take no new sequences this step: one per adapter that
+        has found every slot busy for adapter_cycle_s, up to a quarter of the slots."""
+        starved = {
+            uid for uid, since in self._slot_wait_since.values() if now - since >= self.adapter_cycle_s
+        }
+        if not starved or self.slots is None:
+            return set()
+        return self.slots.quickest_to_drain(min(len(starved), max(1, self.slots.num_slots // 4)))
 
     def _acquire_slot(self, seq: Sequence) -> bool:
         if seq.adapter is None:

@@ -1,7 +1,10 @@
 """Scheduling and block allocation as pure logic: no model, no tensors."""
 
+from types import SimpleNamespace
+
 import pytest
 
+from loraplex.shard.adapter_slots import AdapterSlots
 from loraplex.shard.block_manager import BlockManager
 from loraplex.shard.sampling import SamplingParams
 from loraplex.shard.scheduler import Scheduler
@@ -164,3 +167,64 @@ def test_prompt_logprob_requests_compute_every_position():
     wanting.want_prompt_logprobs = True
     scheduler.add(wanting)
     assert _run_step(scheduler)["wanting"] == 9
+
+
+@pytest.mark.parametrize("adapter_cycle_s", [0.0, 1e9])
+def test_the_adapter_cycle_keeps_a_hot_adapter_from_starving_a_cold_one(adapter_cycle_s: float):
+    """One slot, a steady stream for hot adapter A, one request for cold adapter B. Requests joining A's
+    busy slot would keep it busy forever; once B has found every slot busy for adapter_cycle_s, they are
+    held back, A's slot drains and B gets it. With the cycle off (1e9 s) B starves."""
+    hot, cold = SimpleNamespace(uid=1), SimpleNamespace(uid=2)
+    scheduler = Scheduler(BlockManager(num_blocks=64, block_size=4), 64, 8, AdapterSlots(1), adapter_cycle_s)
+
+    def request(name: str, adapter: SimpleNamespace) -> Sequence:
+        seq = Sequence(name, [7, 8, 9], 3, SamplingParams(max_new_tokens=100), adapter=adapter)  # type: ignore[arg-type]
+        scheduler.add(seq)
+        return seq
+
+    request("a0", hot)
+    _run_step(scheduler)
+    b = request("b", cold)
+    admitted_at = None
+    for step in range(1, 10):
+        request(f"a{step}", hot)
+        if step >= 2:  # the oldest request for A finishes every step
+            scheduler.finish(min(scheduler.running, key=lambda seq: int(seq.request_id[1:])))
+        _run_step(scheduler)
+        if b.status is SequenceStatus.RUNNING:
+            admitted_at = step
+            break
+        assert scheduler.waiting[0] is b, "b keeps its place at the head of the queue"
+    if adapter_cycle_s == 0.0:
+        assert admitted_at is not None and admitted_at <= 4, "A's slot drained and went to b"
+        assert all(seq.adapter is hot for seq in scheduler.waiting), "later requests for A wait their turn"
+    else:
+        assert admitted_at is None, "without the cycle, a steady stream for A starves b"
+
+
+def test_the_adapter_cycle_drains_only_the_least_used_slot():
+    """Two slots busy with A (one request) and C (three); B is starved: only A's slot stops taking new
+    requests, C's keeps batching, and B gets A's slot once A's request ends."""
+    a, b, c = (SimpleNamespace(uid=uid) for uid in (1, 2, 3))
+    scheduler = Scheduler(
+        BlockManager(num_blocks=64, block_size=4), 64, 8, AdapterSlots(2), adapter_cycle_s=0.0
+    )
+
+    def request(name: str, adapter: SimpleNamespace) -> Sequence:
+        seq = Sequence(name, [7, 8, 9], 3, SamplingParams(max_new_tokens=100), adapter=adapter)  # type: ignore[arg-type]
+        scheduler.add(seq)
+        return seq
+
+    first_a = request("a0", a)
+    for index in range(3):
+        request(f"c{index}", c)
+    _run_step(scheduler)
+    starved = request("b0", b)
+    _run_step(scheduler)  # b0 finds both slots busy: its clock starts
+    late_a, late_c = request("a1", a), request("c3", c)
+    _run_step(scheduler)
+    assert late_c.status is SequenceStatus.RUNNING, "C's slot is not the one draining"
+    assert late_a.status is SequenceStatus.WAITING, "A's slot, the least used, takes no one new"
+    scheduler.finish(first_a)
+    _run_step(scheduler)
+    assert starved.status is SequenceStatus.RUNNING, "A's slot drained and went to b0"

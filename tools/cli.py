@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="adapters active in the batch at once (slots); OPTION_MAX_LORAS is accepted as an alias",
     )
     shard.add_argument(
+        "--adapter-cycle-s",
+        type=float,
+        default=float(_env("ADAPTER_CYCLE_S", "2")),
+        help="a request that has found every adapter slot busy this long gets the next slot to drain",
+    )
+    shard.add_argument(
         "--max-cpu-adapters",
         type=int,
         default=int(_env("MAX_CPU_ADAPTERS", os.environ.get("OPTION_MAX_CPU_LORAS", "32"))),
@@ -514,6 +520,7 @@ def _run_shard(args: argparse.Namespace) -> int:
             max_running_requests=args.max_running_requests,
             enable_prefix_caching=not args.no_prefix_caching,
             max_gpu_adapters=args.max_gpu_adapters,
+            adapter_cycle_s=args.adapter_cycle_s,
             max_lora_rank=args.max_lora_rank,
             lora_backend=args.lora_backend,
             tp_size=args.tp,
