@@ -169,6 +169,13 @@ def test_prompt_logprob_requests_compute_every_position():
     assert _run_step(scheduler)["wanting"] == 9
 
 
+def _add_adapter_request(scheduler: Scheduler, name: str, adapter: SimpleNamespace) -> Sequence:
+    """A long-running request for adapter (anything with a uid stands in for a LoraAdapter here)."""
+    seq = Sequence(name, [7, 8, 9], 3, SamplingParams(max_new_tokens=100), adapter=adapter)  # type: ignore[arg-type]
+    scheduler.add(seq)
+    return seq
+
+
 @pytest.mark.parametrize("adapter_cycle_s", [0.0, 1e9])
 def test_the_adapter_cycle_keeps_a_hot_adapter_from_starving_a_cold_one(adapter_cycle_s: float):
     """One slot, a steady stream for hot adapter A, one request for cold adapter B. Requests joining A's
@@ -178,9 +185,7 @@ def test_the_adapter_cycle_keeps_a_hot_adapter_from_starving_a_cold_one(adapter_
     scheduler = Scheduler(BlockManager(num_blocks=64, block_size=4), 64, 8, AdapterSlots(1), adapter_cycle_s)
 
     def request(name: str, adapter: SimpleNamespace) -> Sequence:
-        seq = Sequence(name, [7, 8, 9], 3, SamplingParams(max_new_tokens=100), adapter=adapter)  # type: ignore[arg-type]
-        scheduler.add(seq)
-        return seq
+        return _add_adapter_request(scheduler, name, adapter)
 
     request("a0", hot)
     _run_step(scheduler)
@@ -211,9 +216,7 @@ def test_the_adapter_cycle_drains_only_the_least_used_slot():
     )
 
     def request(name: str, adapter: SimpleNamespace) -> Sequence:
-        seq = Sequence(name, [7, 8, 9], 3, SamplingParams(max_new_tokens=100), adapter=adapter)  # type: ignore[arg-type]
-        scheduler.add(seq)
-        return seq
+        return _add_adapter_request(scheduler, name, adapter)
 
     first_a = request("a0", a)
     for index in range(3):
