@@ -30,7 +30,14 @@ import grpc
 from loraplex.protos.v1 import common_pb2, generation_pb2_grpc, shard_pb2, shard_pb2_grpc
 from loraplex.tools.bench_router_report import LoadRun, build_report, summary_table, write_report
 from loraplex.tools.bench_stand_in_shard import BASE_MODEL, stand_in_command
-from loraplex.tools.processes import free_port, loraplex_command, spawn, start_redis, stop_all, wait_serving
+from loraplex.tools.processes import (
+    free_port,
+    loraplex_command,
+    spawn,
+    start_private_redis,
+    stop_all,
+    wait_serving,
+)
 
 REQUEST = common_pb2.GenerateRequest(prompt="hi")
 CALL_TIMEOUT_S = 30.0  # every call carries a deadline, as real clients' do; the router passes it on
@@ -89,9 +96,8 @@ def _running_mesh(config: RouterBenchConfig) -> Iterator[_Mesh]:
         try:
             redis_url = config.redis_url
             if redis_url is None:
-                port = free_port()
-                processes.append(start_redis(port, Path(workdir), Path(workdir, "redis.log")))
-                redis_url = f"redis://127.0.0.1:{port}/0"
+                redis, redis_url = start_private_redis(Path(workdir))
+                processes.append(redis)
             namespace = f"bench-router-{uuid.uuid4().hex[:8]}"
             shards = {}
             for index in range(config.num_shards):

@@ -35,7 +35,7 @@ from loraplex.tools.bench_serve_report import (
     write_report,
 )
 from loraplex.tools.local_mesh import start_mesh
-from loraplex.tools.processes import free_port, start_redis, stop_all
+from loraplex.tools.processes import start_private_redis, stop_all
 from loraplex.tools.synthetic_adapters import write_peft_adapter
 from loraplex.tools.workload import ARRIVALS, MIXES, PlannedRequest, WorkloadSpec, base_only, plan
 
@@ -204,9 +204,8 @@ def _private_mesh(mesh: PrivateMesh, num_adapters: int) -> Iterator[tuple[str, t
         try:
             redis_url = mesh.redis_url
             if redis_url is None:
-                port = free_port()
-                processes.append(start_redis(port, Path(workdir), Path(workdir, "redis.log")))
-                redis_url = f"redis://127.0.0.1:{port}/0"
+                redis, redis_url = start_private_redis(Path(workdir))
+                processes.append(redis)
             namespace = f"bench-serve-{uuid.uuid4().hex[:8]}"
             running = start_mesh(
                 mesh.model_dir,

@@ -19,7 +19,7 @@ from loraplex.tools.processes import (
     free_port,
     loraplex_command,
     spawn,
-    start_redis,
+    start_private_redis,
     stop_all,
     wait_http_ok,
     wait_serving,
@@ -56,10 +56,9 @@ def run_mesh(config: MeshConfig) -> int:
     try:
         redis_url = config.redis_url
         if not redis_url:
-            redis_port = free_port()
-            processes.append(start_redis(redis_port, workdir, workdir / "redis.log"))
-            names[processes[-1].pid] = "redis-server"
-            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+            redis, redis_url = start_private_redis(workdir)
+            processes.append(redis)
+            names[redis.pid] = "redis-server"
         common = [
             "--model",
             str(model_dir),

@@ -120,6 +120,12 @@ def start_redis(port: int, workdir: Path, log_path: Path | None = None) -> subpr
     raise RuntimeError(f"redis-server on port {port} did not answer within 10 s")
 
 
+def start_private_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
+    """start_redis on a free port, logging to workdir/redis.log; the process and its redis:// URL."""
+    port = free_port()
+    return start_redis(port, workdir, workdir / "redis.log"), f"redis://127.0.0.1:{port}/0"
+
+
 def wait_serving(address: str, process: subprocess.Popen, timeout_s: float = 180) -> None:
     """Block until the gRPC server at address reports SERVING; fail fast if its process exits."""
     deadline = time.monotonic() + timeout_s
