@@ -8,6 +8,9 @@ order from rate to rate so that slow drifts of a shared machine fall on both; ev
 prompts with words of its own, so that none is served from another's prefix cache. Against a running mesh
 (`--router`) the adapters are the ones registered there; without it the bench starts a private mesh
 (redis-server, shards and a router on this machine) and registers random-weight adapters of its own.
+`--shard ADDRESS` (a running mesh's shard) or `--direct` (the private mesh's first shard) sends the
+requests straight to one shard's internal Generate, each with its adapter's catalogue record as the
+router would hand it: the same workload without the router's hop.
 """
 
 from __future__ import annotations
@@ -19,14 +22,21 @@ import math
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
 import grpc
 
-from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2, generation_pb2_grpc
+from loraplex.protos.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    common_pb2,
+    generation_pb2_grpc,
+    shard_pb2,
+    shard_pb2_grpc,
+)
 from loraplex.tools.bench_serve_report import (
     RequestResult,
     ServeRun,
@@ -34,13 +44,16 @@ from loraplex.tools.bench_serve_report import (
     summary_table,
     write_report,
 )
-from loraplex.tools.local_mesh import start_mesh
+from loraplex.tools.local_mesh import Mesh, start_mesh
 from loraplex.tools.processes import start_private_redis, stop_all
 from loraplex.tools.synthetic_adapters import write_peft_adapter
 from loraplex.tools.workload import ARRIVALS, MIXES, PlannedRequest, WorkloadSpec, base_only, plan
 
 ADAPTER_PREFIX = "bench-serve-"  # names of the adapters a private mesh registers
 WARMUP_CONCURRENCY = 8
+
+# one generation's chunks, from whatever the bench drives: (request, timeout_s) -> stream
+Stream = Callable[[common_pb2.GenerateRequest, float], AsyncIterator[common_pb2.GenerateStreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -62,11 +75,22 @@ class ServeBenchConfig:
     router: str | None = None  # a running mesh; None: start private_mesh
     private_mesh: PrivateMesh | None = None
     adapter_names: tuple[str, ...] = ()  # with router: these registered adapters (default: all)
+    shard: str | None = None  # with router: send straight to this shard of the mesh, not the router
+    direct: bool = False  # private mesh: send straight to its first shard, not the router
     slo_ttft_ms: float = 2000.0
     slo_tpot_ms: float = 200.0
     warmup: bool = True  # one short request per adapter used, before the measured runs
     request_timeout_s: float = 600.0
     output_dir: Path = Path("bench/results")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the requests go: the router, or one shard (then with the records the router hands it)."""
+
+    router: str  # also the catalogue's front: the adapters' names and records come from it
+    adapter_names: tuple[str, ...]
+    shard: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,19 +102,19 @@ class ServeBenchResult:
 
 def run_serve_bench(config: ServeBenchConfig) -> ServeBenchResult:
     started = datetime.now().astimezone()
-    with _mesh(config) as (router, adapter_names):
-        workload = replace(config.workload, num_adapters=len(adapter_names))
-        runs, warmup_s = asyncio.run(_run_all(config, workload, router, adapter_names))
-    report = build_report(config, workload, started, adapter_names, runs, warmup_s)
+    with _mesh(config) as target:
+        workload = replace(config.workload, num_adapters=len(target.adapter_names))
+        runs, warmup_s = asyncio.run(_run_all(config, workload, target))
+    report = build_report(config, workload, started, target, runs, warmup_s)
     json_path, png_path = write_report(report, config.output_dir)
     return ServeBenchResult(report, json_path, png_path)
 
 
 async def _run_all(
-    config: ServeBenchConfig, workload: WorkloadSpec, router: str, adapter_names: tuple[str, ...]
+    config: ServeBenchConfig, workload: WorkloadSpec, target: Target
 ) -> tuple[list[ServeRun], float]:
-    async with grpc.aio.insecure_channel(router) as channel:
-        stub = generation_pb2_grpc.GenerationStub(channel)
+    adapter_names = target.adapter_names
+    async with _stream_to(target) as stub:
         warmup_s = 0.0
         if config.warmup:
             used = sorted({r.adapter for r in plan(workload)} - {None})
@@ -110,8 +134,35 @@ async def _run_all(
         return runs, warmup_s
 
 
+@contextlib.asynccontextmanager
+async def _stream_to(target: Target) -> AsyncIterator[Stream]:
+    """A Stream through the router, or straight to target.shard with each adapter's record attached."""
+    if target.shard is None:
+        async with grpc.aio.insecure_channel(target.router) as channel:
+            stub = generation_pb2_grpc.GenerationStub(channel)
+            yield lambda request, timeout_s: stub.GenerateStream(request, timeout=timeout_s)
+        return
+    async with grpc.aio.insecure_channel(target.router) as channel:
+        listed = await adapters_pb2_grpc.AdaptersStub(channel).List(
+            adapters_pb2.ListAdaptersRequest(), timeout=30
+        )
+    records = {adapter.name: adapter for adapter in listed.adapters}
+    if missing := sorted(set(target.adapter_names) - set(records)):
+        raise RuntimeError(f"adapters {missing} are not registered at {target.router}")
+    async with grpc.aio.insecure_channel(target.shard) as channel:
+        shard = shard_pb2_grpc.ShardStub(channel)
+
+        def stream(request: common_pb2.GenerateRequest, timeout_s: float):
+            shard_request = shard_pb2.ShardGenerateRequest(request=request)
+            if request.adapter:
+                shard_request.adapter.CopyFrom(records[request.adapter])
+            return shard.Generate(shard_request, timeout=timeout_s)
+
+        yield stream
+
+
 async def run_open_loop(
-    stub: generation_pb2_grpc.GenerationStub,
+    stub: Stream,
     requests: list[PlannedRequest],
     adapter_names: tuple[str, ...],
     timeout_s: float,
@@ -129,7 +180,7 @@ async def run_open_loop(
     return list(await asyncio.gather(*tasks))
 
 
-async def _run_closed(stub, requests: list[PlannedRequest], adapter_names, timeout_s: float) -> None:
+async def _run_closed(stub: Stream, requests: list[PlannedRequest], adapter_names, timeout_s: float) -> None:
     """requests WARMUP_CONCURRENCY at a time; any failure ends the bench (the mesh is not usable)."""
     for begin in range(0, len(requests), WARMUP_CONCURRENCY):
         batch = requests[begin : begin + WARMUP_CONCURRENCY]
@@ -144,7 +195,7 @@ async def _run_closed(stub, requests: list[PlannedRequest], adapter_names, timeo
 
 
 async def _send(
-    stub: generation_pb2_grpc.GenerationStub,
+    stub: Stream,
     planned: PlannedRequest,
     adapter_names: tuple[str, ...],
     timeout_s: float,
@@ -158,7 +209,7 @@ async def _send(
     )
     result.sent = time.perf_counter()
     try:
-        async for chunk in stub.GenerateStream(request, timeout=timeout_s):
+        async for chunk in stub(request, timeout_s):
             if result.first_chunk is None and (chunk.text or chunk.tokens):
                 result.first_chunk = time.perf_counter()
             if chunk.finish_reason:
@@ -175,15 +226,20 @@ async def _send(
 
 
 @contextlib.contextmanager
-def _mesh(config: ServeBenchConfig) -> Iterator[tuple[str, tuple[str, ...]]]:
-    """The router's address and the adapters' names, from a running mesh or a private one."""
+def _mesh(config: ServeBenchConfig) -> Iterator[Target]:
+    """Where the requests go and the adapters' names, in a running mesh or a private one."""
     if config.router is not None:
-        yield config.router, config.adapter_names or _registered_adapters(config.router)
+        if config.direct and config.shard is None:
+            raise ValueError("with a running mesh's router, name the shard to send to directly")
+        names = config.adapter_names or _registered_adapters(config.router)
+        yield Target(config.router, names, config.shard)
         return
     if config.private_mesh is None:
         raise ValueError("give a running mesh's router or a private mesh to start")
-    with _private_mesh(config.private_mesh, config.workload.num_adapters) as running:
-        yield running
+    if config.shard is not None:
+        raise ValueError("a shard address needs its mesh's router (for the adapters' records)")
+    with _private_mesh(config.private_mesh, config.workload.num_adapters) as (running, names):
+        yield Target(running.router, names, next(iter(running.shards.values())) if config.direct else None)
 
 
 def _registered_adapters(router: str) -> tuple[str, ...]:
@@ -196,7 +252,7 @@ def _registered_adapters(router: str) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def _private_mesh(mesh: PrivateMesh, num_adapters: int) -> Iterator[tuple[str, tuple[str, ...]]]:
+def _private_mesh(mesh: PrivateMesh, num_adapters: int) -> Iterator[tuple[Mesh, tuple[str, ...]]]:
     """redis-server (unless given), the shards and a router; num_adapters random adapters registered."""
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-serve-") as workdir:
         processes = []
@@ -216,7 +272,7 @@ def _private_mesh(mesh: PrivateMesh, num_adapters: int) -> Iterator[tuple[str, t
                 shard_args=mesh.shard_args,
             )
             names = _register_random_adapters(running.router, mesh, num_adapters, Path(workdir, "adapters"))
-            yield running.router, names
+            yield running, names
         finally:
             if running is not None:
                 running.stop()
@@ -253,6 +309,14 @@ def add_arguments(parser: argparse.ArgumentParser, add_model_options) -> None:
         "--adapter-names",
         default="",
         help="with --router: comma-separated adapters (default: all registered)",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        help="with --router: send straight to this shard (ADDRESS), without the router's hop",
+    )
+    parser.add_argument(
+        "--direct", action="store_true", help="private mesh: send straight to its shard, without the router"
     )
     parser.add_argument(
         "--rates",
@@ -315,6 +379,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         router=args.router,
         private_mesh=private,
         adapter_names=tuple(name for name in args.adapter_names.split(",") if name),
+        shard=args.shard,
+        direct=args.direct or args.shard is not None,
         slo_ttft_ms=args.slo_ttft_ms,
         slo_tpot_ms=args.slo_tpot_ms,
         warmup=not args.no_warmup,

@@ -20,7 +20,7 @@ from loraplex.tools.bench_report import machine_info, percentiles_ms
 from loraplex.tools.report_files import pyplot, write_json_and_png
 
 if TYPE_CHECKING:
-    from loraplex.tools.bench_serve import PrivateMesh, ServeBenchConfig
+    from loraplex.tools.bench_serve import PrivateMesh, ServeBenchConfig, Target
     from loraplex.tools.workload import WorkloadSpec
 
 DEFINITIONS = {
@@ -112,7 +112,7 @@ def build_report(
     config: ServeBenchConfig,
     workload: WorkloadSpec,
     started: datetime,
-    adapter_names: tuple[str, ...],
+    target: Target,
     runs: list[ServeRun],
     warmup_s: float,
 ) -> dict:
@@ -125,6 +125,9 @@ def build_report(
         "machine": _machine(mesh),
         "setup": {
             "target": config.router if mesh is None else "private mesh",
+            # router: through the router; shard: straight to this shard, adapter records attached
+            "path": "router" if target.shard is None else "shard",
+            "shard": target.shard,
             "private_mesh": None
             if mesh is None
             else {**asdict(mesh), "model_dir": str(mesh.model_dir), "redis_url": mesh.redis_url or "private"},
@@ -132,7 +135,7 @@ def build_report(
                 **asdict(workload),
                 "rate": None,
                 "prompt_set": "2 x rate's position (adapters), + 1 (base)",
-                "num_adapters": len(adapter_names),
+                "num_adapters": len(target.adapter_names),
             },
             "rates": [_rate_label(rate) for rate in config.rates],
             "slo": {"ttft_ms": config.slo_ttft_ms, "tpot_ms": config.slo_tpot_ms},
@@ -182,7 +185,8 @@ def _ratio(value: float | None, baseline: float | None) -> float | None:
 
 
 def write_report(report: dict, output_dir: Path) -> tuple[Path, Path]:
-    stem = output_dir / f"serve-{report['machine']['device'].split(':')[0]}-{report['date']}"
+    direct = "-direct" if report["setup"]["path"] == "shard" else ""
+    stem = output_dir / f"serve-{report['machine']['device'].split(':')[0]}-{report['date']}{direct}"
     return write_json_and_png(report, stem, plot_report)
 
 
