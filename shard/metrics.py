@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -47,6 +47,12 @@ class ShardMetrics:
             "request arrival to its last token",
             ["adapter"],
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.awaiting_adapter_load = Gauge(
+            "loraplex_shard_adapter_load_waiting_requests",
+            "calls waiting for their adapter to load, before they queue for admission (routers count "
+            "them as load with waiting_requests)",
             registry=self.registry,
         )
         self.registry.register(_EngineCollector(engine, adapters))

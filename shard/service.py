@@ -75,10 +75,12 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             if request.adapter.name:
                 started_ns = time.time_ns()
                 self._awaiting_adapters += 1
+                self._count_awaiting_adapters()
                 try:
                     adapter, tier = await self._adapter(request.adapter)
                 finally:
                     self._awaiting_adapters -= 1
+                    self._count_awaiting_adapters()
                 spans.adapter_acquired(adapter, tier, started_ns)
             generation = self._generate(inner, prompt_ids, params, adapter, context, spans)
             async with aclosing(generation) as chunks:
@@ -267,6 +269,10 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 for name, version, tier in self.held_adapters()
             ],
         )
+
+    def _count_awaiting_adapters(self) -> None:
+        if self._metrics is not None:
+            self._metrics.awaiting_adapter_load.set(self._awaiting_adapters)
 
     def waiting_requests(self, stats: EngineStats) -> int:
         """The engine's waiting requests and the calls still waiting for their adapter to load: both

@@ -8,6 +8,7 @@ import grpc
 import pytest
 import torch
 
+from loraplex.protos.metrics import AdapterLabels
 from loraplex.protos.rpc import create_server
 from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 from loraplex.registry.adapter_source import InvalidAdapter, read_metadata
@@ -15,6 +16,7 @@ from loraplex.shard.adapter_slots import NO_SLOT, AdapterSlots
 from loraplex.shard.adapter_store import AdapterStore, DiskCache
 from loraplex.shard.engine import Engine, EngineConfig, EngineRequest
 from loraplex.shard.lora import LoraAdapter
+from loraplex.shard.metrics import ShardMetrics
 from loraplex.shard.sampling import SamplingParams
 from loraplex.shard.service import ShardService
 
@@ -251,7 +253,10 @@ def test_a_call_waiting_for_its_adapter_load_counts_in_the_shards_load(tiny_engi
         return status.waiting_requests
 
     async def scenario() -> None:
-        service = ShardService(tiny_engine, AdapterStore(slow_load, 4), "s0", "here", "tiny")
+        store = AdapterStore(slow_load, 4)
+        metrics = ShardMetrics(tiny_engine, store, AdapterLabels())
+        service = ShardService(tiny_engine, store, "s0", "here", "tiny", metrics)
+        awaiting_gauge = "loraplex_shard_adapter_load_waiting_requests"
         server, port, _ = create_server("127.0.0.1:0", [])
         shard_pb2_grpc.add_ShardServicer_to_server(service, server)
         await server.start()
@@ -264,9 +269,11 @@ def test_a_call_waiting_for_its_adapter_load_counts_in_the_shards_load(tiny_engi
                 call = stub.Generate(shard_pb2.ShardGenerateRequest(request=request, adapter=record))
                 assert await waiting_requests(stub, 1) == 1, "the call waiting for its adapter"
                 assert service.waiting_requests(tiny_engine.stats) == 1
+                assert metrics.registry.get_sample_value(awaiting_gauge) == 1, "and in the shard's metrics"
                 call.cancel()
                 release_load.set()
                 assert await waiting_requests(stub, 0) == 0, "counted no longer once it left"
+                assert metrics.registry.get_sample_value(awaiting_gauge) == 0
         finally:
             release_load.set()
             await server.stop(None)
