@@ -19,6 +19,7 @@ from loraplex.registry.records import AdapterRecord
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_WEIGHTS_BYTES = 2 << 30  # an adapter's weights past 2 GiB are refused before being read
+MAX_CONFIG_BYTES = 1 << 20  # so is an adapter_config.json past 1 MiB (PEFT writes about 1 KiB)
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -29,12 +30,38 @@ class InvalidAdapter(ValueError):
 
 @dataclass(frozen=True)
 class AdapterMetadata:
-    rank: int
+    rank: int  # the config's r; rank_pattern may give modules others
     alpha: float
     use_rslora: bool
     target_modules: tuple[str, ...]
     base_model: str
     checksum: str
+    # PEFT's per-module overrides, in the config's order: (pattern, value); a pattern matches a module
+    # path such as model.layers.3.self_attn.q_proj when the path ends in it at a "." boundary
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank any module may have: what a slot must hold."""
+        return max([self.rank, *(rank for _, rank in self.rank_pattern)])
+
+    def module_rank(self, module_path: str) -> int:
+        return int(_pattern_value(self.rank_pattern, module_path, self.rank))
+
+    def module_scaling(self, module_path: str) -> float:
+        """PEFT's scaling for the module: alpha / r, or alpha / sqrt(r) with rslora, each from its pattern."""
+        rank = self.module_rank(module_path)
+        alpha = _pattern_value(self.alpha_pattern, module_path, self.alpha)
+        return alpha / (rank**0.5 if self.use_rslora else rank)
+
+
+def _pattern_value(patterns: tuple[tuple[str, float], ...], module_path: str, default: float) -> float:
+    """The value of the first pattern matching module_path, as PEFT's get_pattern_key picks it."""
+    for pattern, value in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", module_path):
+            return value
+    return default
 
 
 def catalogue_record(name: str, source: str, base_model: str) -> AdapterRecord:
@@ -46,7 +73,7 @@ def catalogue_record(name: str, source: str, base_model: str) -> AdapterRecord:
         name=name,
         base_model=base_model,
         source=source,
-        rank=metadata.rank,
+        rank=metadata.max_rank,
         alpha=metadata.alpha,
         target_modules=metadata.target_modules,
         checksum=metadata.checksum,
@@ -75,7 +102,7 @@ def read_metadata(source: str) -> AdapterMetadata:
     """The adapter's config and weights checksum, streaming the weights rather than holding them."""
     path = _adapter_path(source)
     if path.is_dir():
-        config_bytes = _read_file(path / CONFIG_FILE)
+        config_bytes = _read_config(path / CONFIG_FILE)
         weights_digest = _sha256_file(path / WEIGHTS_FILE)
     else:
         config_bytes, weights_digest = _read_archive(path)
@@ -93,14 +120,14 @@ def read_adapter_files(source: str) -> tuple[bytes, bytes]:
     """The raw adapter_config.json and adapter_model.safetensors bytes (validated as read_adapter does)."""
     path = _adapter_path(source)
     if path.is_dir():
-        config_bytes = _read_file(path / CONFIG_FILE)
+        config_bytes = _read_config(path / CONFIG_FILE)
         weights_file = _require_file(path / WEIGHTS_FILE)
         _check_size(weights_file.stat().st_size)
         weights = weights_file.read_bytes()
     else:
         with tarfile.open(path, "r:gz") as archive:
             members = _archive_members(archive, path)
-            config_bytes = archive.extractfile(members[CONFIG_FILE]).read()
+            config_bytes = _read_archived_config(archive, members[CONFIG_FILE])
             _check_size(members[WEIGHTS_FILE].size)
             weights = archive.extractfile(members[WEIGHTS_FILE]).read()
     _parse_config(config_bytes, "")  # a bad config fails here, before anything is cached
@@ -151,8 +178,19 @@ def _require_file(path: Path) -> Path:
     return path
 
 
-def _read_file(path: Path) -> bytes:
-    return _require_file(path).read_bytes()
+def _read_config(path: Path) -> bytes:
+    _check_config_size(_require_file(path).stat().st_size)
+    return path.read_bytes()
+
+
+def _read_archived_config(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    _check_config_size(member.size)
+    return archive.extractfile(member).read()
+
+
+def _check_config_size(num_bytes: int) -> None:
+    if num_bytes > MAX_CONFIG_BYTES:
+        raise InvalidAdapter(f"{CONFIG_FILE} is {num_bytes} bytes; the limit is {MAX_CONFIG_BYTES}")
 
 
 def _sha256_file(path: Path) -> str:
@@ -166,7 +204,7 @@ def _sha256_file(path: Path) -> str:
 def _read_archive(path: Path) -> tuple[bytes, str]:
     with tarfile.open(path, "r:gz") as archive:
         members = _archive_members(archive, path)
-        config_bytes = archive.extractfile(members[CONFIG_FILE]).read()
+        config_bytes = _read_archived_config(archive, members[CONFIG_FILE])
         digest = hashlib.sha256()
         weights = archive.extractfile(members[WEIGHTS_FILE])
         for block in iter(lambda: weights.read(1 << 20), b""):
@@ -199,4 +237,26 @@ def _parse_config(config_bytes: bytes, checksum: str) -> AdapterMetadata:
         target_modules=tuple(sorted(targets, key=SUPPORTED_TARGETS.index)),
         base_model=str(config.get("base_model_name_or_path") or ""),
         checksum=checksum,
+        rank_pattern=_patterns(config, "rank_pattern", int),
+        alpha_pattern=_patterns(config, "alpha_pattern", float),
     )
+
+
+def _patterns(config: dict, key: str, kind: type) -> tuple[tuple[str, float], ...]:
+    """config[key] (PEFT's {module pattern: value}) checked: regex keys, positive values of kind."""
+    patterns = config.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise InvalidAdapter(f"{key} must map module patterns to values, got {patterns!r}")
+    checked = []
+    for pattern, value in patterns.items():
+        number_ok = isinstance(value, int) if kind is int else isinstance(value, int | float)
+        if isinstance(value, bool) or not number_ok or value <= 0:
+            raise InvalidAdapter(f"{key}[{pattern!r}] must be a positive {kind.__name__}, got {value!r}")
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise InvalidAdapter(
+                f"{key} key {pattern!r} is not a valid regular expression: {error}"
+            ) from error
+        checked.append((pattern, kind(value)))
+    return tuple(checked)

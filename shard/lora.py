@@ -2,9 +2,12 @@
 delta inside a mixed batch.
 
 Semantics, per target projection W: y = W x + scaling * B (A x), where A: [r, in], B: [out, r] and
-scaling = alpha / r (alpha / sqrt(r) with rslora), as in PEFT. A loaded adapter is the CPU tier's
-copy; the backends' slot tiers (`lora_stacked` for the Triton kernels, `lora_torch` for plain torch)
-copy it into their own layout when it takes a slot.
+scaling = alpha / r (alpha / sqrt(r) with rslora), as in PEFT, r and alpha per module where the config's
+rank_pattern / alpha_pattern say so. One scaling for the whole adapter stays a scalar the backends
+apply; per-module scalings are folded into each module's B at load, and the adapter's scaling is 1.
+
+A loaded adapter is the CPU tier's copy; the backends' slot tiers (`lora_stacked` for the Triton
+kernels, `lora_torch` for plain torch) copy it into their own layout when it takes a slot.
 """
 
 from __future__ import annotations
@@ -59,9 +62,9 @@ def load_adapter(
     (module path -> (in, out) features); its tensors are in host memory, page-locked with pin_memory.
     InvalidAdapter: bad source or config; IncompatibleAdapter: it does not fit this base model."""
     metadata, weights_bytes = read_adapter(source)
-    if metadata.rank > max_rank:
+    if metadata.max_rank > max_rank:
         raise IncompatibleAdapter(
-            f"adapter rank {metadata.rank} exceeds this shard's max_lora_rank {max_rank}"
+            f"adapter rank {metadata.max_rank} exceeds this shard's max_lora_rank {max_rank}"
         )
     try:
         tensors = load_safetensors(weights_bytes)
@@ -75,17 +78,24 @@ def load_adapter(
         halves.setdefault(match["module"], {})[match["half"]] = tensor
     if not halves:
         raise IncompatibleAdapter("the adapter holds no LoRA weights")
+    scalings = {path: metadata.module_scaling(path) for path in halves}
+    uniform = len(set(scalings.values())) == 1
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(num_layers)]
     for module_path, pair in halves.items():
-        a, b = _checked_pair(module_path, pair, metadata.rank, metadata.target_modules, targets)
+        rank = metadata.module_rank(module_path)
+        a, b = _checked_pair(module_path, pair, rank, metadata.target_modules, targets)
+        if not uniform:
+            b = b.to(torch.float32) * scalings[module_path]
         where = _LAYER_MODULE.match(module_path)
         assert where is not None  # every key of `targets` has this form
         layers[int(where["layer"])][where["name"]] = (
             _host(a, dtype, pin_memory),
             _host(b, dtype, pin_memory),
         )
-    scaling = metadata.alpha / (metadata.rank**0.5 if metadata.use_rslora else metadata.rank)
-    return LoraAdapter(name=name, version=version, rank=metadata.rank, scaling=scaling, layers=tuple(layers))
+    scaling = next(iter(scalings.values())) if uniform else 1.0
+    return LoraAdapter(
+        name=name, version=version, rank=metadata.max_rank, scaling=scaling, layers=tuple(layers)
+    )
 
 
 def _host(tensor: torch.Tensor, dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:

@@ -27,18 +27,20 @@ Packed = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, pro
 def pack_adapter(adapter: LoraAdapter, layout: ProjectionLayout, dtype: torch.dtype, device) -> Packed:
     """The adapter's weights per (layer, fused projection) it targets: A [in, R], B [R, out] (scaled).
 
-    Layers that target the same modules of a projection are packed together, as [layers, ...] tensors
-    whose per-layer slices are the results: a few dozen torch ops per adapter instead of a dozen per
-    layer, which is what a load under a busy engine pays for (each op waits for the GIL)."""
+    Layers that target the same modules of a projection at the same ranks (rank_pattern may vary them)
+    are packed together, as [layers, ...] tensors whose per-layer slices are the results: a few dozen
+    torch ops per adapter instead of a dozen per layer, which is what a load under a busy engine pays
+    for (each op waits for the GIL)."""
     packed: Packed = {}
     for projection, slices in layout.items():
-        groups: dict[tuple[tuple[str, int, int], ...], list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for layer, modules in enumerate(adapter.layers):
             targeted = tuple(piece for piece in slices if piece[0] in modules)
             if targeted:
-                groups.setdefault(targeted, []).append(layer)
+                ranks = tuple(modules[name][0].shape[0] for name, _, _ in targeted)
+                groups.setdefault((targeted, ranks), []).append(layer)
         out_features = sum(size for _, _, size in slices)
-        for targeted, layers in groups.items():
+        for (targeted, _), layers in groups.items():
             pairs = zip(*_pack_layers(adapter, layers, targeted, out_features, dtype, device), strict=True)
             packed.update(zip([(layer, projection) for layer in layers], pairs, strict=True))
     return packed

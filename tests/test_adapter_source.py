@@ -45,3 +45,56 @@ def test_missing_or_unconfigured_sources_are_refused(source):
 def test_bad_names_are_refused(name):
     with pytest.raises(InvalidAdapter, match="name"):
         validate_name(name)
+
+
+def _with_config(adapter, **changes):
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return adapter
+
+
+def test_rank_and_alpha_patterns_give_each_module_peft_s_rank_and_scaling(tmp_path, tiny_model_dir):
+    """PEFT's rule: the first pattern that the module path ends in (at a '.' boundary) wins."""
+    adapter = write_peft_adapter(
+        tmp_path / "a",
+        tiny_model_dir,
+        rank=8,
+        alpha=16,
+        rank_pattern={"q_proj": 16, r"layers\.1\.self_attn\.v_proj": 4},
+        alpha_pattern={"v_proj": 2},
+    )
+    metadata = read_metadata(str(adapter))
+    q0, v0, v1 = (f"model.layers.{n}.self_attn.{m}" for n, m in ((0, "q_proj"), (0, "v_proj"), (1, "v_proj")))
+    assert [metadata.module_rank(path) for path in (q0, v0, v1)] == [16, 8, 4]
+    assert [metadata.module_scaling(path) for path in (q0, v0, v1)] == [1.0, 0.25, 0.5]
+    assert metadata.max_rank == 16
+    assert metadata.module_rank("model.layers.0.self_attn.xq_proj") == 8, "only at a '.' boundary"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive int"),
+        ({"rank_pattern": {"q_proj": 2.5}}, "must be a positive int"),
+        ({"alpha_pattern": {"q_proj": "big"}}, "must be a positive float"),
+        ({"alpha_pattern": {"q_proj(": 8}}, "not a valid regular expression"),
+        ({"rank_pattern": ["q_proj"]}, "must map module patterns to values"),
+    ],
+)
+def test_bad_patterns_are_named(tmp_path, tiny_model_dir, changes, message):
+    adapter = _with_config(write_peft_adapter(tmp_path / "a", tiny_model_dir), **changes)
+    with pytest.raises(InvalidAdapter, match=message):
+        read_metadata(str(adapter))
+
+
+def test_a_config_over_the_size_cap_is_refused_before_being_read(tmp_path, tiny_model_dir, monkeypatch):
+    """A few KB of archive can inflate to a config of hundreds of MB: the cap applies to what it would
+    be, from the directory's file size or the archive's member header."""
+    monkeypatch.setattr("loraplex.registry.adapter_source.MAX_CONFIG_BYTES", 4096)
+    adapter = write_peft_adapter(tmp_path / "a", tiny_model_dir)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config) + " " * 8192)
+    archive = pack_adapter(adapter, tmp_path / "a.tar.gz")
+    for source in (str(adapter), str(archive)):
+        with pytest.raises(InvalidAdapter, match=r"adapter_config\.json is \d+ bytes; the limit is 4096"):
+            read_metadata(source)

@@ -1,6 +1,7 @@
 """Heterogeneous LoRA batches on tiny random models: the base model and 8 adapters of ranks {4, 8, 16, 64}
-with different target sets in one batch, every row checked against PEFT running that adapter alone,
-through the plain-torch path and through the Triton kernels (interpreted on CPU)."""
+with different target sets (two with per-module ranks and alphas) in one batch, every row checked
+against PEFT running that adapter alone, through the plain-torch path and through the Triton kernels
+(interpreted on CPU)."""
 
 import pytest
 import torch
@@ -16,15 +17,18 @@ from peft_fixtures import write_peft_adapter
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-ADAPTERS = [  # (rank, targets, rslora)
-    (4, ("q_proj", "v_proj"), False),
-    (8, ATTENTION, False),
-    (16, MLP, True),
-    (64, ATTENTION + MLP, False),
-    (4, ("down_proj",), False),
-    (8, ("k_proj", "gate_proj"), True),
-    (16, ("o_proj", "up_proj"), False),
-    (64, ("q_proj",), False),
+# PEFT's per-module overrides: a pattern matches module paths ending in it (model.layers.1.mlp.up_proj)
+PATTERNS = {"rank_pattern": {"k_proj": 16, "layers.1.self_attn.q_proj": 4}, "alpha_pattern": {"o_proj": 2}}
+RSLORA_PATTERNS = {"rank_pattern": {r"layers\.\d\.mlp\.up_proj": 32}, "alpha_pattern": {"gate_proj": 64}}
+ADAPTERS = [  # (rank, targets, rslora, per-module patterns)
+    (4, ("q_proj", "v_proj"), False, {}),
+    (8, ATTENTION, False, PATTERNS),
+    (16, MLP, True, RSLORA_PATTERNS),
+    (64, ATTENTION + MLP, False, {}),
+    (4, ("down_proj",), False, {}),
+    (8, ("k_proj", "gate_proj"), True, {}),
+    (16, ("o_proj", "up_proj"), False, {}),
+    (64, ("q_proj",), False, {}),
 ]
 LOGIT_ATOL = {"torch": 1e-4, "triton": 1e-3}  # fp32; the interpreted kernels accumulate in another order
 
@@ -42,8 +46,9 @@ def family(request, tmp_path_factory, smollm2_dir):
             use_rslora=rslora,
             seed=i,
             scale=0.3,
+            **patterns,
         )
-        for i, (rank, targets, rslora) in enumerate(ADAPTERS)
+        for i, (rank, targets, rslora, patterns) in enumerate(ADAPTERS)
     ]
     return model_dir, sources
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from loraplex.registry.adapter_source import AdapterMetadata
+
 PROJECTIONS = {  # module -> (in features, out features) as functions of (hidden, intermediate, kv dim)
     "q_proj": lambda h, i, kv: (h, h),
     "k_proj": lambda h, i, kv: (h, kv),
@@ -31,9 +33,15 @@ def write_peft_adapter(
     scale: float = 0.01,
     use_rslora: bool = False,
     dtype: torch.dtype = torch.float32,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
 ) -> Path:
     """Random A and B for the model in model_dir (PEFT zero-initialises B; a random B makes the adapter
-    change the output, so a wrong or missing delta shows)."""
+    change the output, so a wrong or missing delta shows). rank_pattern / alpha_pattern: PEFT's per-module
+    overrides, written to the config (each module's tensors get the rank its pattern gives)."""
+    ranks = AdapterMetadata(
+        rank, alpha, use_rslora, targets, "", "", rank_pattern=tuple((rank_pattern or {}).items())
+    )
     config = json.loads((model_dir / "config.json").read_text())
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
@@ -44,9 +52,11 @@ def write_peft_adapter(
         for target in targets:
             fan_in, fan_out = PROJECTIONS[target](hidden, inter, kv_dim)
             group = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{group}.{target}"
-            a = torch.randn(rank, fan_in, generator=generator) * scale
-            b = torch.randn(fan_out, rank, generator=generator) * scale
+            module = f"model.layers.{layer}.{group}.{target}"
+            prefix = f"base_model.model.{module}"
+            module_rank = ranks.module_rank(module)
+            a = torch.randn(module_rank, fan_in, generator=generator) * scale
+            b = torch.randn(fan_out, module_rank, generator=generator) * scale
             tensors[f"{prefix}.lora_A.weight"] = a.to(dtype)
             tensors[f"{prefix}.lora_B.weight"] = b.to(dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -60,6 +70,8 @@ def write_peft_adapter(
                 "target_modules": list(targets),
                 "use_rslora": use_rslora,
                 "base_model_name_or_path": model_dir.name,
+                "rank_pattern": rank_pattern or {},
+                "alpha_pattern": alpha_pattern or {},
             }
         )
     )
