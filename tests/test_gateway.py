@@ -295,6 +295,11 @@ def test_tgi_generate_route_in_tgi_shape(mesh):
         ),
         ("/v1/completions", {"prompt": "hi"}, 400, "model"),
         ("/v1/completions", {"model": BASE, "prompt": "hi", "n": 0}, 400, "n"),
+        # past the gRPC fields' 32 bits: named, not a 500
+        ("/v1/completions", {"model": BASE, "prompt": [-1]}, 400, "prompt"),
+        ("/v1/completions", {"model": BASE, "prompt": [[2**40]]}, 400, "prompt"),
+        ("/v1/completions", {"model": BASE, "prompt": "hi", "max_tokens": 2**40}, 400, "max_tokens"),
+        ("/v1/completions", {"model": BASE, "prompt": "hi", "top_k": 2**40}, 400, "top_k"),
     ],
 )
 def test_bad_input_gets_a_4xx_in_openai_shape(mesh, path, body, status, hint):
@@ -310,6 +315,10 @@ def test_tgi_bad_input_gets_422_in_tgi_shape(mesh):
     )
     assert status == 422
     assert body["error_type"] == "validation" and "max_new_tokens" in body["error"]
+    status, body = _post(
+        mesh, "/generate", json.dumps({"inputs": "hi", "parameters": {"max_new_tokens": 2**40}})
+    )
+    assert status == 422 and "max_new_tokens" in body["error"]
     status, body = _post(
         mesh, "/generate", json.dumps({"inputs": "hi", "parameters": {"adapter_id": "nope"}})
     )

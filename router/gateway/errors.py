@@ -112,6 +112,12 @@ def install_error_handlers(app) -> None:
     async def on_http_error(request: Request, error: HTTPException) -> JSONResponse:
         return error_response(request, APIError(error.status_code, str(error.detail)))
 
+    async def on_unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        """A bug, still answered in the shape the caller's client parses (the server logs the traceback)."""
+        message = f"internal error ({type(error).__name__}); the gateway's log has the details"
+        return error_response(request, APIError(500, message, code="internal_error"))
+
     app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(Exception, on_unexpected_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)

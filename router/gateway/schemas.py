@@ -11,6 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_N = 16
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
+UINT32_MAX = 2**32 - 1  # the gRPC fields' width: a count or token id past it is a 400, not a 500
+
+Count = Annotated[int, Field(ge=1, le=UINT32_MAX)]  # max_tokens and its kin
+TokenId = Annotated[int, Field(ge=0, le=UINT32_MAX)]
 
 
 class StreamOptions(BaseModel):
@@ -24,7 +28,7 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Count | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
@@ -36,7 +40,7 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = None
     user: str | None = None
     # vLLM's extensions
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=UINT32_MAX)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     ignore_eos: bool = False
 
@@ -47,7 +51,7 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: bool = False
     suffix: str | None = None
@@ -75,7 +79,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     tools: list[dict] | None = None
@@ -86,11 +90,11 @@ class TGIParameters(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     adapter_id: str | None = None
-    max_new_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_new_tokens: Count | None = None
     do_sample: bool = False
     temperature: Annotated[float, Field(ge=0)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=UINT32_MAX)] | None = None
     seed: int | None = None
     stop: Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0)] | None = None
