@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import transformers
 
 from loraplex.tools.report_files import pyplot, write_json_and_png
 
@@ -129,6 +127,9 @@ def build_report(
 
 
 def machine_info(device: str) -> dict:
+    import torch  # here, not at the top: the CLI imports the reports for its flags, and torch takes seconds
+    import transformers
+
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

@@ -46,7 +46,6 @@ from loraplex.tools.bench_serve_report import (
 )
 from loraplex.tools.local_mesh import Mesh, start_mesh
 from loraplex.tools.processes import start_private_redis, stop_all
-from loraplex.tools.synthetic_adapters import write_peft_adapter
 from loraplex.tools.workload import ARRIVALS, MIXES, PlannedRequest, WorkloadSpec, base_only, plan
 
 ADAPTER_PREFIX = "bench-serve-"  # names of the adapters a private mesh registers
@@ -280,6 +279,8 @@ def _private_mesh(mesh: PrivateMesh, num_adapters: int) -> Iterator[tuple[Mesh, 
 
 
 def _register_random_adapters(router: str, mesh: PrivateMesh, count: int, directory: Path) -> tuple[str, ...]:
+    from loraplex.tools.synthetic_adapters import write_peft_adapter  # torch: only where adapters are made
+
     names = []
     with grpc.insecure_channel(router) as channel:
         adapters = adapters_pb2_grpc.AdaptersStub(channel)

@@ -18,14 +18,15 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from loraplex.shard.engine import Engine, EngineConfig, EngineRequest
-from loraplex.shard.outputs import TokenOutput
-from loraplex.shard.sampling import SamplingParams
 from loraplex.tools.report_files import pyplot, write_json_and_png
-from loraplex.tools.synthetic_adapters import write_peft_adapter
+
+if TYPE_CHECKING:
+    from loraplex.shard.engine import Engine
+
+# torch and the engine are imported where the bench runs: the CLI imports this module for its flags,
+# and every `loraplex` command would otherwise pay seconds of imports
 
 log = logging.getLogger("loraplex.bench")
 
@@ -46,6 +47,8 @@ class TPBenchConfig:
 
 
 def run_tp_bench(config: TPBenchConfig) -> tuple[dict, Path, Path]:
+    from loraplex.tools.synthetic_adapters import write_peft_adapter
+
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-tp-") as work:
         sources = [
             write_peft_adapter(
@@ -81,6 +84,8 @@ _TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 
 
 def _engine(config: TPBenchConfig, tp: int) -> Engine:
+    from loraplex.shard.engine import Engine, EngineConfig
+
     return Engine(
         config.model_dir,
         EngineConfig(
@@ -136,6 +141,12 @@ def _timed_batch(
 ) -> tuple[float, list[list[int]]]:
     """One batch (adapters loaded fresh, so both engines pay the same slot loads); wall seconds and
     the greedy tokens."""
+    import torch
+
+    from loraplex.shard.engine import EngineRequest
+    from loraplex.shard.outputs import TokenOutput
+    from loraplex.shard.sampling import SamplingParams
+
     adapters = [engine.load_adapter(str(source), f"a{i}", round_ + 1) for i, source in enumerate(sources)]
     params = SamplingParams(max_new_tokens=config.max_new_tokens, ignore_eos=True)
     requests = [
