@@ -12,6 +12,7 @@ from loraplex.protos.v1 import (
     shard_pb2_grpc,
 )
 from loraplex.tools.cli import build_parser, parse_adapter_list
+from loraplex.tools.env_defaults import parse_args
 from loraplex.tools.local_mesh import start_mesh
 
 from peft_fixtures import write_peft_adapter
@@ -27,14 +28,14 @@ def test_tgi_and_lmi_environment_aliases_are_honoured(monkeypatch):
     monkeypatch.setenv("LORA_ADAPTERS", "support=/adapters/support")
     monkeypatch.setenv("OPTION_MAX_LORAS", "6")
     monkeypatch.setenv("OPTION_MAX_CPU_LORAS", "24")
-    args = build_parser().parse_args(["shard"])
+    args = parse_args(build_parser(), ["shard"])
     assert (args.adapters, args.max_gpu_adapters, args.max_cpu_adapters) == (
         (("support", "/adapters/support"),),
         6,
         24,
     )
     monkeypatch.setenv("LORAPLEX_MAX_GPU_ADAPTERS", "3")  # our own name wins over the alias
-    assert build_parser().parse_args(["shard"]).max_gpu_adapters == 3
+    assert parse_args(build_parser(), ["shard"]).max_gpu_adapters == 3
 
 
 def test_preloaded_adapters_are_registered_warm_and_served(tiny_model_dir, redis_url, namespace, tmp_path):

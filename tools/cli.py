@@ -1,5 +1,5 @@
-"""The `loraplex` command. Every flag has a LORAPLEX_* environment equivalent; this module is the only
-place that reads them, and it hands each component a frozen config."""
+"""The `loraplex` command. Every flag has a LORAPLEX_* environment equivalent (`env_defaults`, read for
+the chosen command only); this module hands each component a frozen config."""
 
 from __future__ import annotations
 
@@ -16,30 +16,22 @@ import socket
 import sys
 from pathlib import Path
 
+from loraplex.tools.env_defaults import parse_args
 from loraplex.tools.model_store import DEFAULT_MODEL, default_cache_dir, prepare_model
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_ROUTER = "127.0.0.1:50051"
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"LORAPLEX_{name}", default)
-
-
-def _env_flag(name: str) -> bool:
-    """A LORAPLEX_* switch: 1, true or yes turns it on."""
-    return _env(name, "") in ("1", "true", "yes")
-
-
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        default=_env("MODEL", DEFAULT_MODEL),
+        default=DEFAULT_MODEL,
         help="embedded model id or a directory with config.json + safetensors",
     )
-    parser.add_argument("--cache-dir", type=Path, default=Path(_env("CACHE_DIR", str(default_cache_dir()))))
-    parser.add_argument("--namespace", default=_env("NAMESPACE", "loraplex"), help="Redis key prefix")
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    parser.add_argument("--namespace", default="loraplex", help="Redis key prefix")
+    parser.add_argument("--log-level", default="INFO")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,197 +44,188 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(up)
     up.add_argument(
         "--redis-url",
-        default=_env("REDIS_URL", ""),
+        default="",
         help="use this Redis instead of starting a private redis-server",
     )
-    up.add_argument("--num-shards", type=int, default=int(_env("NUM_SHARDS", "2")))
-    up.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    up.add_argument("--router-port", type=int, default=int(_env("ROUTER_PORT", "50051")))
-    up.add_argument("--shard-base-port", type=int, default=int(_env("SHARD_BASE_PORT", "50061")))
-    up.add_argument("--gateway-port", type=int, default=int(_env("GATEWAY_PORT", "8080")))
+    up.add_argument("--num-shards", type=int, default=2)
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--router-port", type=int, default=50051)
+    up.add_argument("--shard-base-port", type=int, default=50061)
+    up.add_argument("--gateway-port", type=int, default=8080)
 
     shard = commands.add_parser("shard", help="run one shard server")
     _add_common(shard)
-    shard.add_argument("--shard-id", default=_env("SHARD_ID", socket.gethostname()))
-    shard.add_argument("--redis-url", default=_env("REDIS_URL", DEFAULT_REDIS_URL))
-    shard.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="address to bind")
-    shard.add_argument("--port", type=int, default=int(_env("PORT", "50061")))
-    shard.add_argument(
-        "--advertise-host", default=_env("ADVERTISE_HOST", ""), help="host the router dials (default: --host)"
-    )
-    shard.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+    shard.add_argument("--shard-id", default=socket.gethostname())
+    shard.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    shard.add_argument("--host", default="127.0.0.1", help="address to bind")
+    shard.add_argument("--port", type=int, default=50061)
+    shard.add_argument("--advertise-host", default="", help="host the router dials (default: --host)")
+    shard.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     shard.add_argument(
         "--tp",
         type=int,
-        default=int(_env("TP", "1")),
+        default=1,
         help="tensor-parallel ranks: one process per rank (on CUDA, GPUs N, N+1, ... from --device cuda:N)",
     )
     shard.add_argument(
         "--tp-timeout",
         type=float,
-        default=float(_env("TP_TIMEOUT", "120")),
+        default=120.0,
         help="seconds a tensor-parallel rank may keep the others waiting in a step before the shard goes down",
     )
     shard.add_argument(
         "--dtype",
-        default=_env("DTYPE", "auto"),
+        default="auto",
         choices=("auto", "float32", "bfloat16", "float16"),
         help="weights and KV cache (auto: float32 on CPU, bfloat16 on GPU)",
     )
     shard.add_argument(
         "--kv-cache-bytes",
         type=parse_bytes,
-        default=parse_bytes(_env("KV_CACHE_BYTES", "0")),
+        default=0,
         help="KV cache budget, e.g. 512MiB or 8GiB (0: 1 GiB on CPU, a share of free memory on GPU)",
     )
     shard.add_argument(
         "--gpu-memory-fraction",
         type=float,
-        default=float(_env("GPU_MEMORY_FRACTION", "0.9")),
+        default=0.9,
         help="share of GPU memory weights plus KV cache may fill when --kv-cache-bytes is 0",
     )
-    shard.add_argument(
-        "--block-size", type=int, default=int(_env("BLOCK_SIZE", "16")), help="tokens per KV block"
-    )
+    shard.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     shard.add_argument(
         "--max-batch-tokens",
         type=int,
-        default=int(_env("MAX_BATCH_TOKENS", "0")),
+        default=0,
         help="tokens per engine step, prefill and decode together (0: 512 on CPU, 8192 on GPU)",
     )
     shard.add_argument(
         "--max-running-requests",
         type=int,
-        default=int(_env("MAX_RUNNING_REQUESTS", "0")),
+        default=0,
         help="sequences batched at once (0: 64 on CPU, 256 on GPU)",
     )
     shard.add_argument(
         "--no-prefix-caching",
         action="store_true",
-        default=_env_flag("NO_PREFIX_CACHING"),
         help="recompute every prompt instead of sharing the KV blocks of identical prefixes",
     )
-    shard.add_argument("--heartbeat-ttl", type=float, default=float(_env("HEARTBEAT_TTL", "5")))
+    shard.add_argument("--heartbeat-ttl", type=float, default=5.0)
     _add_metrics_options(shard)
     shard.add_argument(
         "--adapters",
         type=parse_adapter_list,
-        default=parse_adapter_list(_env("ADAPTERS", os.environ.get("LORA_ADAPTERS", ""))),
+        default=(),
         help="preload adapters: name=path,... (registered if new); LORA_ADAPTERS is accepted as an alias",
     )
     shard.add_argument(
         "--lora-backend",
-        default=_env("LORA_BACKEND", "auto"),
+        default="auto",
         choices=("auto", "torch", "triton"),
         help="how adapters are applied: Triton SGMV kernels or plain torch (auto: triton on GPU)",
     )
     shard.add_argument(
         "--max-gpu-adapters",
         type=int,
-        default=int(_env("MAX_GPU_ADAPTERS", os.environ.get("OPTION_MAX_LORAS", "16"))),
+        default=16,
         help="adapters active in the batch at once (slots); OPTION_MAX_LORAS is accepted as an alias",
     )
     shard.add_argument(
         "--adapter-cycle-s",
         type=float,
-        default=float(_env("ADAPTER_CYCLE_S", "2")),
+        default=2.0,
         help="a request that has found every adapter slot busy this long gets the next slot to drain",
     )
     shard.add_argument(
         "--max-cpu-adapters",
         type=int,
-        default=int(_env("MAX_CPU_ADAPTERS", os.environ.get("OPTION_MAX_CPU_LORAS", "32"))),
+        default=32,
         help="adapters kept loaded in host memory; OPTION_MAX_CPU_LORAS is accepted as an alias",
     )
     shard.add_argument(
         "--disk-cache-dir",
         type=Path,
-        default=Path(_env("DISK_CACHE_DIR", "")) if _env("DISK_CACHE_DIR", "") else None,
+        default=None,
         help="where adapter files are cached (default: <cache-dir>/adapters/<shard-id>)",
     )
     shard.add_argument(
         "--disk-cache-bytes",
         type=parse_bytes,
-        default=parse_bytes(_env("DISK_CACHE_BYTES", "10GiB")),
+        default=parse_bytes("10GiB"),
         help="size cap of the adapter disk cache",
     )
-    shard.add_argument("--max-lora-rank", type=int, default=int(_env("MAX_LORA_RANK", "64")))
+    shard.add_argument("--max-lora-rank", type=int, default=64)
 
     router = commands.add_parser("router", help="run one router")
     _add_common(router)
-    router.add_argument("--redis-url", default=_env("REDIS_URL", DEFAULT_REDIS_URL))
-    router.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    router.add_argument("--port", type=int, default=int(_env("PORT", "50051")))
+    router.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    router.add_argument("--host", default="127.0.0.1")
+    router.add_argument("--port", type=int, default=50051)
     router.add_argument(
         "--refresh-interval",
         type=float,
-        default=float(_env("REFRESH_INTERVAL", "1.0")),
+        default=1.0,
         help="seconds between re-reads of the registry (catalogue and shard loads)",
     )
     router.add_argument(
         "--capacity-factor",
         type=float,
-        default=float(_env("CAPACITY_FACTOR", "1.25")),
+        default=1.25,
         help="bounded loads: a shard takes a request only while its load stays within this x the mean",
     )
     router.add_argument(
         "--saturation-factor",
         type=float,
-        default=float(_env("SATURATION_FACTOR", "2.0")),
+        default=2.0,
         help="RESOURCE_EXHAUSTED once every shard has this x its max running requests outstanding",
     )
     _add_metrics_options(router)
 
     gateway = commands.add_parser("gateway", help="run the REST gateway (OpenAI and TGI APIs) over a router")
     _add_common(gateway)
-    gateway.add_argument("--router", default=_env("ROUTER", DEFAULT_ROUTER), help="router gRPC address")
-    gateway.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    gateway.add_argument("--port", type=int, default=int(_env("PORT", "8080")))
+    gateway.add_argument("--router", default=DEFAULT_ROUTER, help="router gRPC address")
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, default=8080)
     gateway.add_argument(
         "--request-timeout",
         type=float,
-        default=float(_env("REQUEST_TIMEOUT", "600")),
+        default=600.0,
         help="deadline in seconds for one generation through the router",
     )
 
     worker = commands.add_parser("worker", help="run async jobs from the Redis queue through a router")
-    worker.add_argument("--router", default=_env("ROUTER", DEFAULT_ROUTER), help="router gRPC address")
-    worker.add_argument("--redis-url", default=_env("REDIS_URL", DEFAULT_REDIS_URL))
-    worker.add_argument("--namespace", default=_env("NAMESPACE", "loraplex"), help="Redis key prefix")
-    worker.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
-    worker.add_argument(
-        "--concurrency", type=int, default=int(_env("CONCURRENCY", "8")), help="jobs run at once"
-    )
+    worker.add_argument("--router", default=DEFAULT_ROUTER, help="router gRPC address")
+    worker.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    worker.add_argument("--namespace", default="loraplex", help="Redis key prefix")
+    worker.add_argument("--log-level", default="INFO")
+    worker.add_argument("--concurrency", type=int, default=8, help="jobs run at once")
     worker.add_argument(
         "--claim-idle",
         type=float,
-        default=float(_env("CLAIM_IDLE", "30")),
+        default=30.0,
         help="seconds a job may sit unacknowledged before a live worker takes it from a dead one",
     )
     worker.add_argument(
         "--metrics-port",
         type=int,
-        default=int(_env("METRICS_PORT", "9400")),
+        default=9400,
         help="port of the Prometheus /metrics endpoint (0: off)",
     )
     worker.add_argument(
         "--job-ttl",
         type=float,
-        default=float(_env("JOB_TTL", "86400")),
+        default=86400.0,
         help="seconds a finished job's result or error is kept",
     )
     worker.add_argument(
         "--request-timeout",
         type=float,
-        default=float(_env("REQUEST_TIMEOUT", "600")),
+        default=600.0,
         help="deadline in seconds for one generation through the router",
     )
-    worker.add_argument(
-        "--consumer", default=_env("CONSUMER", ""), help="name in the consumer group (default: hostname-pid)"
-    )
+    worker.add_argument("--consumer", default="", help="name in the consumer group (default: hostname-pid)")
 
     adapters = commands.add_parser("adapters", help="manage the adapter catalogue through a router")
-    adapters.add_argument("--router", default=_env("ROUTER", DEFAULT_ROUTER))
+    adapters.add_argument("--router", default=DEFAULT_ROUTER)
     actions = adapters.add_subparsers(dest="action", required=True)
     for action in ("add", "update"):
         sub = actions.add_parser(action)
@@ -255,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = commands.add_parser("model", help="manage the local model cache")
     model_actions = model.add_subparsers(dest="action", required=True)
     prepare = model_actions.add_parser("prepare", help="convert the embedded model to safetensors")
-    prepare.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL))
-    prepare.add_argument("--cache-dir", type=Path, default=Path(_env("CACHE_DIR", str(default_cache_dir()))))
+    prepare.add_argument("--model", default=DEFAULT_MODEL)
+    prepare.add_argument("--cache-dir", type=Path, default=default_cache_dir())
 
     bench = commands.add_parser("bench", help="measure throughput and latency")
     bench_actions = bench.add_subparsers(dest="action", required=True)
@@ -267,38 +250,36 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument(
         "--concurrency",
         type=_parse_counts,
-        default=_parse_counts(_env("BENCH_CONCURRENCY", "1,8,32")),
+        default=(1, 8, 32),
         help="engine requests kept in flight, one level after another, e.g. 1,8,32",
     )
     engine.add_argument(
         "--num-requests",
         type=int,
-        default=int(_env("BENCH_NUM_REQUESTS", "32")),
+        default=32,
         help="requests per engine level and for the static-batching baseline",
     )
-    engine.add_argument("--max-new-tokens", type=int, default=int(_env("BENCH_MAX_NEW_TOKENS", "64")))
+    engine.add_argument("--max-new-tokens", type=int, default=64)
     engine.add_argument(
         "--baseline-requests",
         type=int,
-        default=int(_env("BENCH_BASELINE_REQUESTS", "8")),
+        default=8,
         help="requests for transformers generate one at a time (slow)",
     )
     engine.add_argument(
         "--max-batch-tokens",
         type=int,
-        default=int(_env("MAX_BATCH_TOKENS", "0")),
+        default=0,
         help="tokens per engine step (0: the engine's default)",
     )
     engine.add_argument(
         "--skip-baselines",
         action="store_true",
-        default=_env_flag("BENCH_SKIP_BASELINES"),
         help="run our engine only",
     )
     engine.add_argument(
         "--skip-prefix-cache-comparison",
         action="store_true",
-        default=_env_flag("BENCH_SKIP_PREFIX_CACHE_COMPARISON"),
         help="do not rerun the top concurrency level with prefix caching off",
     )
     _add_adapter_bench(bench_actions)
@@ -347,28 +328,28 @@ def _add_metrics_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port",
         type=int,
-        default=int(_env("METRICS_PORT", "0")),
+        default=0,
         help="serve Prometheus /metrics on this port (0: off)",
     )
     parser.add_argument(
         "--metrics-adapter-labels",
         type=int,
-        default=int(_env("METRICS_ADAPTER_LABELS", "32")),
+        default=32,
         help="adapters that get their own metric label value; later ones share 'other'",
     )
 
 
 def _add_model_bench_options(parser: argparse.ArgumentParser) -> None:
     """What every benchmark that runs the model takes: which model, where, and where results go."""
-    parser.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL))
-    parser.add_argument("--cache-dir", type=Path, default=Path(_env("CACHE_DIR", str(default_cache_dir()))))
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
-    parser.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
-    parser.add_argument("--output-dir", type=Path, default=Path(_env("BENCH_OUTPUT_DIR", "bench/results")))
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--output-dir", type=Path, default=Path("bench/results"))
     parser.add_argument(
         "--kv-cache-bytes",
         type=parse_bytes,
-        default=parse_bytes(_env("KV_CACHE_BYTES", "0")),
+        default=0,
         help="KV cache budget, e.g. 512MiB (0: the engine's default)",
     )
 
@@ -382,52 +363,45 @@ def _add_adapter_bench(bench_actions) -> None:
     adapters.add_argument(
         "--adapter-counts",
         type=_parse_counts,
-        default=_parse_counts(_env("BENCH_ADAPTER_COUNTS", "1,10,100,1000")),
+        default=(1, 10, 100, 1000),
         help="distinct adapters per level, e.g. 1,10,100,1000",
     )
-    adapters.add_argument("--zipf-alpha", type=float, default=float(_env("BENCH_ZIPF_ALPHA", "1.0")))
+    adapters.add_argument("--zipf-alpha", type=float, default=1.0)
     adapters.add_argument(
         "--num-requests",
         type=int,
-        default=int(_env("BENCH_NUM_REQUESTS", "192")),
+        default=192,
         help="per level, over all rounds",
     )
     adapters.add_argument(
         "--rounds",
         type=int,
-        default=int(_env("BENCH_ROUNDS", "3")),
+        default=3,
         help="base-only and the levels take turns",
     )
-    adapters.add_argument(
-        "--pairs", type=int, default=int(_env("BENCH_PAIRS", "3")), help="back-to-back base/level batch pairs"
-    )
+    adapters.add_argument("--pairs", type=int, default=3, help="back-to-back base/level batch pairs")
     adapters.add_argument(
         "--prefix-caching",
         action="store_true",
-        default=_env_flag("BENCH_PREFIX_CACHING"),
         help="on for every system (off by default: it favours base-only, whose requests all share K/V)",
     )
-    adapters.add_argument("--concurrency", type=int, default=int(_env("BENCH_CONCURRENCY", "32")))
-    adapters.add_argument("--max-new-tokens", type=int, default=int(_env("BENCH_MAX_NEW_TOKENS", "64")))
-    adapters.add_argument(
-        "--ranks", type=_parse_counts, default=_parse_counts(_env("BENCH_ADAPTER_RANKS", "8,16"))
-    )
+    adapters.add_argument("--concurrency", type=int, default=32)
+    adapters.add_argument("--max-new-tokens", type=int, default=64)
+    adapters.add_argument("--ranks", type=_parse_counts, default=(8, 16))
     adapters.add_argument(
         "--targets",
-        default=_env("BENCH_ADAPTER_TARGETS", "q_proj,k_proj,v_proj,o_proj"),
+        default="q_proj,k_proj,v_proj,o_proj",
         help="modules every adapter targets, comma-separated",
     )
-    adapters.add_argument("--max-gpu-adapters", type=int, default=int(_env("OPTION_MAX_LORAS", "32")))
-    adapters.add_argument("--max-cpu-adapters", type=int, default=int(_env("OPTION_MAX_CPU_LORAS", "64")))
+    adapters.add_argument("--max-gpu-adapters", type=int, default=32)
+    adapters.add_argument("--max-cpu-adapters", type=int, default=64)
     adapters.add_argument(
         "--baseline-requests",
         type=int,
-        default=int(_env("BENCH_BASELINE_REQUESTS", "8")),
+        default=8,
         help="requests for transformers + peft one at a time (slow), from the 100-adapter level",
     )
-    adapters.add_argument(
-        "--skip-baselines", action="store_true", default=_env_flag("BENCH_SKIP_BASELINES"), help="no peft run"
-    )
+    adapters.add_argument("--skip-baselines", action="store_true", help="no peft run")
 
 
 def _parse_counts(text: str) -> tuple[int, ...]:
@@ -467,7 +441,7 @@ def parse_adapter_list(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
@@ -604,13 +578,12 @@ def _run_adapters(args: argparse.Namespace) -> int:
 
     from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc
 
+    source = _source_for_router(args.source) if args.action in ("add", "update") else ""
     with grpc.insecure_channel(args.router) as channel:
         stub = adapters_pb2_grpc.AdaptersStub(channel)
         calls = {
-            "add": lambda: stub.Create(adapters_pb2.CreateAdapterRequest(name=args.name, source=args.source)),
-            "update": lambda: stub.Update(
-                adapters_pb2.UpdateAdapterRequest(name=args.name, source=args.source)
-            ),
+            "add": lambda: stub.Create(adapters_pb2.CreateAdapterRequest(name=args.name, source=source)),
+            "update": lambda: stub.Update(adapters_pb2.UpdateAdapterRequest(name=args.name, source=source)),
             "rm": lambda: stub.Delete(adapters_pb2.DeleteAdapterRequest(name=args.name)),
             "show": lambda: stub.Get(adapters_pb2.GetAdapterRequest(name=args.name)),
             "ls": lambda: stub.List(adapters_pb2.ListAdaptersRequest()),
@@ -622,6 +595,16 @@ def _run_adapters(args: argparse.Namespace) -> int:
             return 1
     print(json.dumps(MessageToDict(reply), indent=2))
     return 0
+
+
+def _source_for_router(source: str) -> str:
+    """A relative path that exists here, made absolute: the router and shards resolve sources from
+    their own working directories, not the caller's. Anything else (absolute, file://, a path only the
+    servers see) goes as typed."""
+    path = Path(source).expanduser()
+    if "://" not in source and not path.is_absolute() and path.exists():
+        return str(path.resolve())
+    return source
 
 
 def _run_model(args: argparse.Namespace) -> int:
