@@ -1,17 +1,27 @@
 """Reading an adapter's metadata from its source, without loading weights.
 
 A source is a local path or a file:// URI naming a PEFT directory (adapter_config.json +
-adapter_model.safetensors) or a .tar.gz holding those two files at its root.
+adapter_model.safetensors) or a .tar.gz holding those two files at its root. Besides the config, the
+weights' safetensors header is read and checked against it (`lora_modules`): which modules carry LoRA
+A/B pairs, at which ranks. The router runs this before an adapter enters the catalogue, no tensor read;
+the shard runs the same check on the loaded tensors, then checks the shapes against its own model.
+
+The header layout (the safetensors format): an 8-byte little-endian length N, N bytes of JSON mapping
+each tensor to {dtype, shape, data_offsets}, then the data, which the offsets tile exactly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+import struct
 import tarfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 from loraplex.registry.records import AdapterRecord
@@ -22,6 +32,12 @@ MAX_WEIGHTS_BYTES = 2 << 30  # an adapter's weights past 2 GiB are refused befor
 MAX_CONFIG_BYTES = 1 << 20  # so is an adapter_config.json past 1 MiB (PEFT writes about 1 KiB)
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])(?:\.[^.]+)?\.weight$")
+MAX_HEADER_BYTES = 100 << 20  # what the safetensors library itself accepts
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
 
 
 class InvalidAdapter(ValueError):
@@ -99,14 +115,21 @@ def local_path(source: str) -> Path:
 
 
 def read_metadata(source: str) -> AdapterMetadata:
-    """The adapter's config and weights checksum, streaming the weights rather than holding them."""
+    """The adapter's config and weights checksum, streaming the weights rather than holding them; the
+    weights' header is checked against the config."""
     path = _adapter_path(source)
     if path.is_dir():
         config_bytes = _read_config(path / CONFIG_FILE)
-        weights_digest = _sha256_file(path / WEIGHTS_FILE)
+        weights = _require_file(path / WEIGHTS_FILE)
+        _check_size(weights.stat().st_size)
+        with open(weights, "rb") as handle:
+            shapes = header_shapes(handle, weights.stat().st_size)
+        weights_digest = _sha256_file(weights)
     else:
-        config_bytes, weights_digest = _read_archive(path)
-    return _parse_config(config_bytes, weights_digest)
+        config_bytes, shapes, weights_digest = _read_archive(path)
+    metadata = _parse_config(config_bytes, weights_digest)
+    lora_modules(shapes, metadata)
+    return metadata
 
 
 def read_adapter(source: str) -> tuple[AdapterMetadata, bytes]:
@@ -201,15 +224,19 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_archive(path: Path) -> tuple[bytes, str]:
+def _read_archive(path: Path) -> tuple[bytes, dict[str, tuple[int, ...]], str]:
+    """The config, the weights' tensor shapes and their checksum, streamed out of the archive."""
     with tarfile.open(path, "r:gz") as archive:
         members = _archive_members(archive, path)
         config_bytes = _read_archived_config(archive, members[CONFIG_FILE])
+        weights_member = members[WEIGHTS_FILE]
+        _check_size(weights_member.size)
+        shapes = header_shapes(archive.extractfile(weights_member), weights_member.size)
         digest = hashlib.sha256()
-        weights = archive.extractfile(members[WEIGHTS_FILE])
+        weights = archive.extractfile(weights_member)
         for block in iter(lambda: weights.read(1 << 20), b""):
             digest.update(block)
-    return config_bytes, digest.hexdigest()
+    return config_bytes, shapes, digest.hexdigest()
 
 
 def _parse_config(config_bytes: bytes, checksum: str) -> AdapterMetadata:
@@ -260,3 +287,69 @@ def _patterns(config: dict, key: str, kind: type) -> tuple[tuple[str, float], ..
             ) from error
         checked.append((pattern, kind(value)))
     return tuple(checked)
+
+
+def header_shapes(stream: BinaryIO, num_bytes: int) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape from a safetensors file of num_bytes read from stream, once the header
+    parses and its offsets tile the rest of the file exactly (what a truncated or foreign file fails)."""
+    bad = f"{WEIGHTS_FILE} is not a valid safetensors file"
+    prefix = stream.read(8)
+    if len(prefix) < 8:
+        raise InvalidAdapter(f"{bad}: {num_bytes} bytes is shorter than its header")
+    (header_bytes,) = struct.unpack("<Q", prefix)
+    if header_bytes > min(MAX_HEADER_BYTES, num_bytes - 8):
+        raise InvalidAdapter(f"{bad}: its header claims {header_bytes} bytes of a {num_bytes}-byte file")
+    try:
+        header = json.loads(stream.read(header_bytes))
+        entries = {key: value for key, value in header.items() if key != "__metadata__"}
+        spans, shapes = [], {}
+        for key, entry in entries.items():
+            shape = tuple(int(size) for size in entry["shape"])
+            begin, end = (int(offset) for offset in entry["data_offsets"])
+            if end - begin != math.prod(shape) * DTYPE_BYTES[entry["dtype"]]:
+                raise InvalidAdapter(f"{bad}: {key} spans {end - begin} bytes, not its shape's")
+            spans.append((begin, end))
+            shapes[key] = shape
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise InvalidAdapter(f"{bad}: its header does not parse ({error!r})") from error
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise InvalidAdapter(f"{bad}: its tensors overlap or leave gaps")
+        position = end
+    if 8 + header_bytes + position != num_bytes:
+        raise InvalidAdapter(
+            f"{bad}: the header accounts for {8 + header_bytes + position} of {num_bytes} bytes"
+        )
+    return shapes
+
+
+def lora_modules(
+    shapes: Mapping[str, Sequence[int]], metadata: AdapterMetadata
+) -> dict[str, tuple[str, str]]:
+    """Module path -> the keys of its (A, B) tensors, given every tensor's shape: each module one of the
+    config's targets with both halves, 2-D, at the rank the config gives it (r, or its rank_pattern)."""
+    halves: dict[str, dict[str, str]] = {}
+    for key in shapes:
+        match = PEFT_KEY.match(key)
+        if not match:
+            raise InvalidAdapter(f"unexpected tensor {key!r}; only LoRA A/B weights are supported")
+        halves.setdefault(match["module"], {})[match["half"]] = key
+    if not halves:
+        raise InvalidAdapter("the adapter holds no LoRA weights")
+    modules = {}
+    for path, pair in halves.items():
+        if set(pair) != {"A", "B"}:
+            raise InvalidAdapter(f"{path} needs both lora_A and lora_B weights")
+        if path.rsplit(".", 1)[-1] not in metadata.target_modules:
+            raise InvalidAdapter(
+                f"{path} is not among the adapter's target_modules {list(metadata.target_modules)}"
+            )
+        a, b = tuple(shapes[pair["A"]]), tuple(shapes[pair["B"]])
+        rank = metadata.module_rank(path)
+        if len(a) != 2 or len(b) != 2 or a[0] != rank or b[1] != rank:
+            raise InvalidAdapter(
+                f"{path}: lora_A {a} / lora_B {b} are not of rank {rank}, which adapter_config.json gives it"
+            )
+        modules[path] = (pair["A"], pair["B"])
+    return modules

@@ -21,9 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from loraplex.registry.adapter_source import InvalidAdapter, read_adapter
+from loraplex.registry.adapter_source import InvalidAdapter, lora_modules, read_adapter
 
-_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])(?:\.[^.]+)?\.weight$")
 _LAYER_MODULE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<name>\w+)$")
 
 
@@ -70,20 +69,13 @@ def load_adapter(
         tensors = load_safetensors(weights_bytes)
     except SafetensorError as error:
         raise InvalidAdapter(f"adapter_model.safetensors is not a valid safetensors file: {error}") from error
-    halves: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _PEFT_KEY.match(key)
-        if not match:
-            raise IncompatibleAdapter(f"unexpected tensor {key!r}; only LoRA A/B weights are supported")
-        halves.setdefault(match["module"], {})[match["half"]] = tensor
-    if not halves:
-        raise IncompatibleAdapter("the adapter holds no LoRA weights")
-    scalings = {path: metadata.module_scaling(path) for path in halves}
+    modules = lora_modules({key: tensor.shape for key, tensor in tensors.items()}, metadata)
+    scalings = {path: metadata.module_scaling(path) for path in modules}
     uniform = len(set(scalings.values())) == 1
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(num_layers)]
-    for module_path, pair in halves.items():
-        rank = metadata.module_rank(module_path)
-        a, b = _checked_pair(module_path, pair, rank, metadata.target_modules, targets)
+    for module_path, (a_key, b_key) in modules.items():
+        a, b = tensors[a_key], tensors[b_key]
+        _check_fit(module_path, a, b, targets)
         if not uniform:
             b = b.to(torch.float32) * scalings[module_path]
         where = _LAYER_MODULE.match(module_path)
@@ -103,27 +95,17 @@ def _host(tensor: torch.Tensor, dtype: torch.dtype, pin_memory: bool) -> torch.T
     return tensor.pin_memory() if pin_memory else tensor
 
 
-def _checked_pair(
-    module_path: str,
-    pair: dict[str, torch.Tensor],
-    rank: int,
-    declared_targets: tuple[str, ...],
-    targets: Mapping[str, tuple[int, int]],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if set(pair) != {"A", "B"}:
-        raise IncompatibleAdapter(f"{module_path} needs both lora_A and lora_B weights")
-    if module_path.rsplit(".", 1)[-1] not in declared_targets:
-        raise IncompatibleAdapter(
-            f"{module_path} is not among the adapter's target_modules {list(declared_targets)}"
-        )
+def _check_fit(
+    module_path: str, a: torch.Tensor, b: torch.Tensor, targets: Mapping[str, tuple[int, int]]
+) -> None:
+    """The module (whose ranks lora_modules checked) exists in this base model, at its features."""
     if module_path not in targets:
         raise IncompatibleAdapter(f"the base model has no LoRA-targetable projection {module_path}")
     in_features, out_features = targets[module_path]
-    a, b = pair["A"], pair["B"]
+    rank = a.shape[0]
     expected_a, expected_b = (rank, in_features), (out_features, rank)
     if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
         raise IncompatibleAdapter(
             f"{module_path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base model, "
             f"which needs {expected_a} / {expected_b}"
         )
-    return a, b

@@ -1,6 +1,8 @@
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from loraplex.registry.adapter_source import InvalidAdapter, read_metadata, validate_name
 
@@ -97,4 +99,48 @@ def test_a_config_over_the_size_cap_is_refused_before_being_read(tmp_path, tiny_
     archive = pack_adapter(adapter, tmp_path / "a.tar.gz")
     for source in (str(adapter), str(archive)):
         with pytest.raises(InvalidAdapter, match=r"adapter_config\.json is \d+ bytes; the limit is 4096"):
+            read_metadata(source)
+
+
+def _rewrite_weights(adapter, edit) -> None:
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    edit(tensors)
+    save_file(tensors, weights)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda a: (a / "adapter_model.safetensors").write_bytes(b"\x00" * 64),
+            "not a valid safetensors file",
+        ),
+        (
+            lambda a: (a / "adapter_model.safetensors").write_bytes(
+                (a / "adapter_model.safetensors").read_bytes()[:-10]
+            ),
+            "the header accounts for",
+        ),
+        (lambda a: _with_config(a, r=16), r"are not of rank 16, which adapter_config\.json gives it"),
+        (
+            lambda a: _rewrite_weights(a, lambda t: t.pop(next(k for k in t if k.endswith("lora_B.weight")))),
+            "needs both lora_A and lora_B",
+        ),
+        (
+            lambda a: _rewrite_weights(a, lambda t: t.update(extra=torch.zeros(2))),
+            "unexpected tensor 'extra'",
+        ),
+    ],
+    ids=["zeros", "truncated", "rank-differs-from-config", "missing-b", "extra-tensor"],
+)
+def test_weights_that_do_not_match_their_config_are_refused_from_the_header(
+    tmp_path, tiny_model_dir, damage, message
+):
+    """What the router checks before registering, without reading a tensor: directory and archive alike."""
+    adapter = write_peft_adapter(tmp_path / "a", tiny_model_dir, rank=8)
+    damage(adapter)
+    archive = pack_adapter(adapter, tmp_path / "a.tar.gz")
+    for source in (str(adapter), str(archive)):
+        with pytest.raises(InvalidAdapter, match=message):
             read_metadata(source)

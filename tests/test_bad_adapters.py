@@ -115,6 +115,9 @@ CASES = [
     "absolute-archive",
     "symlink-archive",
 ]
+# The router reads the config and the weights' header before an adapter enters the catalogue; fitting
+# the base model's shapes and the shard's rank limit is the shard's check, at load.
+CAUGHT_BY_THE_SHARD = {"wrong-shapes", "rank-above-limit"}
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +147,20 @@ def test_a_bad_adapter_gets_a_clear_error_and_the_shard_keeps_serving(
     good = write_peft_adapter(tmp_path / "good", tiny_model_dir, scale=0.3)
     admin.Create(adapters_pb2.CreateAdapterRequest(name=f"good-{case}", source=str(good)))
     try:
-        try:  # refused at registration if the router can tell, else when the shard loads it
+        refused_at = "registration"
+        try:
             admin.Create(adapters_pb2.CreateAdapterRequest(name=case, source=str(source)))
+            refused_at = "load"
             _generate(generation, case)
         except grpc.RpcError as error:
             assert (error.code(), hint in error.details()) == (code, True), error.details()
         else:
             pytest.fail(f"{case} was accepted")
+        assert refused_at == ("load" if case in CAUGHT_BY_THE_SHARD else "registration")
+        if refused_at == "registration":
+            with pytest.raises(grpc.RpcError) as lookup:  # and nothing was written
+                admin.Get(adapters_pb2.GetAdapterRequest(name=case))
+            assert lookup.value.code() == grpc.StatusCode.NOT_FOUND
         assert _generate(generation).usage.completion_tokens == 3
         assert _generate(generation, f"good-{case}").served_by.adapter == f"good-{case}"
     finally:
