@@ -19,7 +19,7 @@ import re
 import struct
 import tarfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlparse
@@ -44,6 +44,10 @@ class InvalidAdapter(ValueError):
     """The source is missing, malformed or uses something we do not serve; the message says which."""
 
 
+class IncompatibleAdapter(ValueError):
+    """A well-formed adapter whose shapes or rank do not fit the base model or the shards' limits."""
+
+
 @dataclass(frozen=True)
 class AdapterMetadata:
     rank: int  # the config's r; rank_pattern may give modules others
@@ -56,6 +60,8 @@ class AdapterMetadata:
     # path such as model.layers.3.self_attn.q_proj when the path ends in it at a "." boundary
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
+    # (module path, A shape, B shape) per adapted module, from the weights' header (read_metadata)
+    module_shapes: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
 
     @property
     def max_rank(self) -> int:
@@ -80,11 +86,51 @@ def _pattern_value(patterns: tuple[tuple[str, float], ...], module_path: str, de
     return default
 
 
-def catalogue_record(name: str, source: str, base_model: str) -> AdapterRecord:
-    """The catalogue entry for a new adapter: its name checked and its source read (blocking I/O).
-    InvalidAdapter names what is wrong with either."""
+@dataclass(frozen=True)
+class ModelFit:
+    """What an adapter must fit: every targetable module path -> (in, out) features of the full layer,
+    and the largest rank a slot takes (0: unknown, not checked)."""
+
+    targets: Mapping[str, tuple[int, int]]
+    max_rank: int = 0
+    limit_name: str = "this shard's max_lora_rank"  # how messages name max_rank
+
+    @classmethod
+    def per_layer(cls, features: Mapping[str, tuple[int, int]], num_layers: int, **limits) -> ModelFit:
+        """From one layer's features ("self_attn.q_proj" -> (in, out)), the same in every layer."""
+        targets = {
+            f"model.layers.{layer}.{name}": shape
+            for layer in range(num_layers)
+            for name, shape in features.items()
+        }
+        return cls(targets, **limits)
+
+
+def check_fit(module_shapes: Mapping[str, tuple[Sequence[int], Sequence[int]]], fit: ModelFit) -> None:
+    """IncompatibleAdapter unless every module (path -> A shape, B shape, ranks already checked against
+    the config by lora_modules) exists in the model at its features, within the rank limit."""
+    largest = max((a[0] for a, _ in module_shapes.values()), default=0)
+    if fit.max_rank and largest > fit.max_rank:
+        raise IncompatibleAdapter(f"adapter rank {largest} exceeds {fit.limit_name} {fit.max_rank}")
+    for path, (a, b) in module_shapes.items():
+        if path not in fit.targets:
+            raise IncompatibleAdapter(f"the base model has no LoRA-targetable projection {path}")
+        in_features, out_features = fit.targets[path]
+        expected_a, expected_b = (a[0], in_features), (out_features, a[0])
+        if tuple(a) != expected_a or tuple(b) != expected_b:
+            raise IncompatibleAdapter(
+                f"{path}: lora_A {tuple(a)} / lora_B {tuple(b)} do not fit the base model, "
+                f"which needs {expected_a} / {expected_b}"
+            )
+
+
+def catalogue_record(name: str, source: str, base_model: str, fit: ModelFit | None = None) -> AdapterRecord:
+    """The catalogue entry for a new adapter: its name checked, its source read (blocking I/O) and, given
+    the model it is for, its shapes fitted to it. InvalidAdapter or IncompatibleAdapter name the problem."""
     validate_name(name)
     metadata = read_metadata(source)
+    if fit is not None:
+        check_fit({path: (a, b) for path, a, b in metadata.module_shapes}, fit)
     return AdapterRecord(
         name=name,
         base_model=base_model,
@@ -128,8 +174,10 @@ def read_metadata(source: str) -> AdapterMetadata:
     else:
         config_bytes, shapes, weights_digest = _read_archive(path)
     metadata = _parse_config(config_bytes, weights_digest)
-    lora_modules(shapes, metadata)
-    return metadata
+    modules = lora_modules(shapes, metadata)
+    return replace(
+        metadata, module_shapes=tuple((path, shapes[a], shapes[b]) for path, (a, b) in modules.items())
+    )
 
 
 def read_adapter(source: str) -> tuple[AdapterMetadata, bytes]:

@@ -67,6 +67,11 @@ class ShardRecord:
     queued_tokens: int = 0
     adapters: tuple[HeldAdapter, ...] = field(default_factory=tuple)
     reported_at: float = 0.0  # time.time() when the figures were taken (0: unknown)
+    # what an adapter must fit here, so routers can refuse one no shard could load before registering
+    # it: the largest rank (0: unknown), layers, and one layer's (module, in, out) features
+    max_lora_rank: int = 0
+    num_layers: int = 0
+    lora_features: tuple[tuple[str, int, int], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -75,6 +80,7 @@ class ShardRecord:
     def from_json(cls, text: str) -> ShardRecord:
         fields = json.loads(text)
         fields["adapters"] = tuple(HeldAdapter(**held) for held in fields.get("adapters", ()))
+        fields["lora_features"] = tuple(tuple(feature) for feature in fields.get("lora_features", ()))
         return cls(**fields)
 
     def tier_of(self, adapter: str) -> str | None:

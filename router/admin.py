@@ -9,7 +9,7 @@ import redis.exceptions
 
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2
-from loraplex.registry.adapter_source import InvalidAdapter, catalogue_record
+from loraplex.registry.adapter_source import IncompatibleAdapter, InvalidAdapter, ModelFit, catalogue_record
 from loraplex.registry.records import AdapterRecord
 from loraplex.registry.store import AdapterExists, AdapterNotFound, Registry
 from loraplex.router.convert import adapter_to_pb
@@ -61,16 +61,36 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
         if not source:
             raise ServiceError.invalid("`source` is required: a local path or file:// URI of a PEFT adapter")
         base_model = base_model or self._base_model
-        try:
-            record = await asyncio.to_thread(catalogue_record, name, source, base_model)
-        except InvalidAdapter as error:
-            raise ServiceError.invalid(str(error)) from error
         if base_model != self._base_model:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"adapter base model {base_model!r} differs from the mesh's base model {self._base_model!r}",
             )
-        return record
+        try:
+            return await asyncio.to_thread(catalogue_record, name, source, base_model, self._live_model_fit())
+        except InvalidAdapter as error:
+            raise ServiceError.invalid(str(error)) from error
+        except IncompatibleAdapter as error:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(error)) from error
+
+    def _live_model_fit(self) -> ModelFit | None:
+        """What the live shards publish of their model and rank limit (None while none has): an adapter
+        no shard could load is refused here rather than on its first request."""
+        shards = [
+            s for s in self._snapshots.current.shards if s.base_model == self._base_model and s.lora_features
+        ]
+        if not shards:
+            return None
+        limits = [shard.max_lora_rank for shard in shards]
+        return ModelFit.per_layer(
+            {
+                name: (in_features, out_features)
+                for name, in_features, out_features in shards[0].lora_features
+            },
+            shards[0].num_layers,
+            max_rank=max(limits) if all(limits) else 0,
+            limit_name="the live shards' largest max_lora_rank",
+        )
 
     @staticmethod
     async def _call(operation):

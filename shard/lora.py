@@ -21,13 +21,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from loraplex.registry.adapter_source import InvalidAdapter, lora_modules, read_adapter
+from loraplex.registry.adapter_source import (
+    IncompatibleAdapter,
+    InvalidAdapter,
+    ModelFit,
+    check_fit,
+    lora_modules,
+    read_adapter,
+)
+
+__all__ = ["IncompatibleAdapter", "LoraAdapter", "load_adapter"]
 
 _LAYER_MODULE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<name>\w+)$")
-
-
-class IncompatibleAdapter(ValueError):
-    """The adapter's shapes, rank or modules do not fit the loaded base model."""
 
 
 @dataclass(frozen=True)
@@ -61,21 +66,20 @@ def load_adapter(
     (module path -> (in, out) features); its tensors are in host memory, page-locked with pin_memory.
     InvalidAdapter: bad source or config; IncompatibleAdapter: it does not fit this base model."""
     metadata, weights_bytes = read_adapter(source)
-    if metadata.max_rank > max_rank:
-        raise IncompatibleAdapter(
-            f"adapter rank {metadata.max_rank} exceeds this shard's max_lora_rank {max_rank}"
-        )
     try:
         tensors = load_safetensors(weights_bytes)
     except SafetensorError as error:
         raise InvalidAdapter(f"adapter_model.safetensors is not a valid safetensors file: {error}") from error
     modules = lora_modules({key: tensor.shape for key, tensor in tensors.items()}, metadata)
+    check_fit(
+        {path: (tensors[a].shape, tensors[b].shape) for path, (a, b) in modules.items()},
+        ModelFit(targets, max_rank),
+    )
     scalings = {path: metadata.module_scaling(path) for path in modules}
     uniform = len(set(scalings.values())) == 1
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(num_layers)]
     for module_path, (a_key, b_key) in modules.items():
         a, b = tensors[a_key], tensors[b_key]
-        _check_fit(module_path, a, b, targets)
         if not uniform:
             b = b.to(torch.float32) * scalings[module_path]
         where = _LAYER_MODULE.match(module_path)
@@ -93,19 +97,3 @@ def load_adapter(
 def _host(tensor: torch.Tensor, dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
     tensor = tensor.to(dtype).contiguous()
     return tensor.pin_memory() if pin_memory else tensor
-
-
-def _check_fit(
-    module_path: str, a: torch.Tensor, b: torch.Tensor, targets: Mapping[str, tuple[int, int]]
-) -> None:
-    """The module (whose ranks lora_modules checked) exists in this base model, at its features."""
-    if module_path not in targets:
-        raise IncompatibleAdapter(f"the base model has no LoRA-targetable projection {module_path}")
-    in_features, out_features = targets[module_path]
-    rank = a.shape[0]
-    expected_a, expected_b = (rank, in_features), (out_features, rank)
-    if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
-        raise IncompatibleAdapter(
-            f"{module_path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base model, "
-            f"which needs {expected_a} / {expected_b}"
-        )

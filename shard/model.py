@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from loraplex.registry.adapter_source import ModelFit
 from loraplex.shard.attention import AttentionMetadata, paged_attention
 from loraplex.shard.lora import LoraAdapter
 from loraplex.shard.model_config import ModelConfig
@@ -246,9 +247,14 @@ class LlamaModel(nn.Module):
     def lora_targets(self) -> dict[str, tuple[int, int]]:
         """Every projection an adapter may target, by its Hugging Face module path -> (in, out) features
         of the full (unsplit) layer; adapters are validated against these shapes."""
+        return ModelFit.per_layer(self.lora_features(), self.config.num_layers).targets
+
+    def lora_features(self) -> dict[str, tuple[int, int]]:
+        """One layer's targetable projections ("self_attn.q_proj") -> (in, out) features, the same in
+        every layer: what the shard publishes so that routers can fit adapters before registering them."""
         config = self.config
         q_out, kv_out = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        shapes = {
+        return {
             "self_attn.q_proj": (config.hidden_size, q_out),
             "self_attn.k_proj": (config.hidden_size, kv_out),
             "self_attn.v_proj": (config.hidden_size, kv_out),
@@ -256,9 +262,4 @@ class LlamaModel(nn.Module):
             "mlp.gate_proj": (config.hidden_size, config.intermediate_size),
             "mlp.up_proj": (config.hidden_size, config.intermediate_size),
             "mlp.down_proj": (config.intermediate_size, config.hidden_size),
-        }
-        return {
-            f"model.layers.{layer}.{name}": shape
-            for layer in range(config.num_layers)
-            for name, shape in shapes.items()
         }

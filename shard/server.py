@@ -139,6 +139,9 @@ def _record(service: ShardService, engine: Engine) -> ShardRecord:
         queued_tokens=stats.queued_tokens,
         adapters=tuple(HeldAdapter(name, version, tier) for name, version, tier in service.held_adapters()),
         reported_at=stats.taken_at,
+        max_lora_rank=engine.config.max_lora_rank,
+        num_layers=engine.model_config.num_layers,
+        lora_features=tuple((name, *features) for name, features in engine.model.lora_features().items()),
     )
 
 

@@ -117,6 +117,22 @@ def test_shards_leave_the_membership_when_heartbeats_stop(redis_url, namespace):
 
 
 def test_shard_record_round_trips_through_json():
-    record = ShardRecord("s0", "h:1", "m", 8192, 4, 1, 2, 300, (HeldAdapter("a", 3, "cpu"),))
+    record = ShardRecord(
+        "s0",
+        "h:1",
+        "m",
+        8192,
+        4,
+        1,
+        2,
+        300,
+        (HeldAdapter("a", 3, "cpu"),),
+        max_lora_rank=64,
+        num_layers=30,
+        lora_features=(("self_attn.q_proj", 576, 576), ("mlp.down_proj", 1536, 576)),
+    )
     assert ShardRecord.from_json(record.to_json()) == record
+    assert (
+        ShardRecord.from_json('{"shard_id": "old", "address": "h:2", "base_model": "m"}').lora_features == ()
+    )
     assert json.loads(record.to_json())["adapters"] == [{"name": "a", "version": 3, "tier": "cpu"}]
