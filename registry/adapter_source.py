@@ -358,6 +358,8 @@ def header_shapes(stream: BinaryIO, num_bytes: int) -> dict[str, tuple[int, ...]
                 raise InvalidAdapter(f"{bad}: {key} spans {end - begin} bytes, not its shape's")
             spans.append((begin, end))
             shapes[key] = shape
+    except InvalidAdapter:
+        raise
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise InvalidAdapter(f"{bad}: its header does not parse ({error!r})") from error
     position = 0
