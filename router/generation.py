@@ -113,10 +113,11 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         try:
             snapshot = self._snapshots.current
             adapter = resolve_adapter(request.adapter, snapshot.adapters)
+            too_small = _below_rank(adapter, snapshot.shards)
             placement = place(
                 request.adapter,
                 snapshot.shards,
-                excluded=self._snapshots.suspects(),
+                excluded=self._snapshots.suspects() | too_small,
                 inflight=self._snapshots.inflight.corrections,
                 capacity_factor=self._capacity_factor,
             )
@@ -125,6 +126,12 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             if self._metrics is not None:
                 self._metrics.decisions.labels(placement.reason).inc()
             candidates = placement.shards
+            if adapter is not None and too_small and len(too_small) == len(snapshot.shards):
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"adapter {adapter.name!r} has rank {adapter.rank}, above every live shard's "
+                    "max_lora_rank; start a shard with a larger --max-lora-rank",
+                )
             if not candidates:
                 raise ServiceError.unavailable(
                     "no live shard is registered; start a shard or wait for one to join"
@@ -232,6 +239,14 @@ def _served_attributes(chunk: common_pb2.GenerateStreamResponse) -> dict:
         telemetry.COMPLETION_TOKENS: chunk.usage.completion_tokens,
         telemetry.FINISH_REASONS: [FINISH_REASONS.get(chunk.finish_reason, "unknown")],
     }
+
+
+def _below_rank(adapter: AdapterRecord | None, shards: tuple[ShardRecord, ...]) -> set[str]:
+    """The shards whose published rank limit the adapter exceeds: they would refuse to load it, so
+    placement leaves them out (shards that publish no limit are kept)."""
+    if adapter is None:
+        return set()
+    return {shard.shard_id for shard in shards if 0 < shard.max_lora_rank < adapter.rank}
 
 
 def resolve_adapter(name: str, adapters: dict[str, AdapterRecord]) -> AdapterRecord | None:

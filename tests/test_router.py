@@ -12,7 +12,7 @@ import pytest
 
 from loraplex.protos.rpc import create_server
 from loraplex.protos.v1 import common_pb2, generation_pb2_grpc, shard_pb2_grpc
-from loraplex.registry.records import ShardRecord
+from loraplex.registry.records import AdapterRecord, ShardRecord
 from loraplex.registry.store import Registry
 from loraplex.router.server import RouterConfig, serve
 from loraplex.tools.processes import free_port
@@ -107,6 +107,48 @@ def test_every_shard_saturated_is_resource_exhausted(redis_url, namespace):
         await _with_router(redis_url, namespace, rejected)
         for _, server in shards:
             await server.stop(None)
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_adapter_goes_only_to_shards_whose_rank_limit_holds_it(redis_url, namespace):
+    """A rank-16 adapter skips the shard that publishes max_lora_rank 8 (it would refuse the load);
+    with only such shards live the caller gets FAILED_PRECONDITION saying what to start."""
+
+    async def scenario() -> None:
+        registry = Registry(redis_url, namespace)
+        small, small_server = await _start_shard(registry, "small", max_running_requests=8, max_lora_rank=8)
+        large, large_server = await _start_shard(registry, "large", max_running_requests=8, max_lora_rank=64)
+        await registry.create_adapter(
+            AdapterRecord("r16", "m", "/adapters/r16", 16, 32.0, ("q_proj",), "sum")
+        )
+        small.release.set()
+        large.release.set()
+
+        async def routed(generation) -> None:
+            for _ in range(6):
+                reply = await generation.Generate(
+                    common_pb2.GenerateRequest(adapter="r16", prompt="hi"), timeout=30
+                )
+                assert reply.text == "ok"
+            assert (small.calls, large.calls) == (0, 6)
+            for _ in range(6):  # the base model goes anywhere
+                await generation.Generate(common_pb2.GenerateRequest(prompt="hi"), timeout=30)
+            assert small.calls > 0
+
+        await _with_router(redis_url, namespace, routed)
+        await large_server.stop(None)
+        await registry.remove_shard("large")
+
+        async def refused(generation) -> None:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await generation.Generate(common_pb2.GenerateRequest(adapter="r16", prompt="hi"), timeout=30)
+            assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "rank 16" in raised.value.details() and "--max-lora-rank" in raised.value.details()
+
+        await _with_router(redis_url, namespace, refused)
+        await small_server.stop(None)
         await registry.close()
 
     asyncio.run(scenario())
