@@ -114,6 +114,12 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             snapshot = self._snapshots.current
             adapter = resolve_adapter(request.adapter, snapshot.adapters)
             too_small = _below_rank(adapter, snapshot.shards)
+            if too_small and len(too_small) == len(snapshot.shards):
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"adapter {request.adapter!r} has rank {adapter.rank}, above every live shard's "
+                    "max_lora_rank; start a shard with a larger --max-lora-rank",
+                )
             placement = place(
                 request.adapter,
                 snapshot.shards,
@@ -126,12 +132,6 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             if self._metrics is not None:
                 self._metrics.decisions.labels(placement.reason).inc()
             candidates = placement.shards
-            if adapter is not None and too_small and len(too_small) == len(snapshot.shards):
-                raise ServiceError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"adapter {adapter.name!r} has rank {adapter.rank}, above every live shard's "
-                    "max_lora_rank; start a shard with a larger --max-lora-rank",
-                )
             if not candidates:
                 raise ServiceError.unavailable(
                     "no live shard is registered; start a shard or wait for one to join"
