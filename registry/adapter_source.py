@@ -69,16 +69,16 @@ class AdapterMetadata:
         return max([self.rank, *(rank for _, rank in self.rank_pattern)])
 
     def module_rank(self, module_path: str) -> int:
-        return int(_pattern_value(self.rank_pattern, module_path, self.rank))
+        return int(pattern_value(self.rank_pattern, module_path, self.rank))
 
     def module_scaling(self, module_path: str) -> float:
         """PEFT's scaling for the module: alpha / r, or alpha / sqrt(r) with rslora, each from its pattern."""
         rank = self.module_rank(module_path)
-        alpha = _pattern_value(self.alpha_pattern, module_path, self.alpha)
+        alpha = pattern_value(self.alpha_pattern, module_path, self.alpha)
         return alpha / (rank**0.5 if self.use_rslora else rank)
 
 
-def _pattern_value(patterns: tuple[tuple[str, float], ...], module_path: str, default: float) -> float:
+def pattern_value(patterns: tuple[tuple[str, float], ...], module_path: str, default: float) -> float:
     """The value of the first pattern matching module_path, as PEFT's get_pattern_key picks it."""
     for pattern, value in patterns:
         if re.match(rf"(.*\.)?({pattern})$", module_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from loraplex.registry.adapter_source import AdapterMetadata
+from loraplex.registry.adapter_source import pattern_value
 
 PROJECTIONS = {  # module -> (in features, out features) as functions of (hidden, intermediate, kv dim)
     "q_proj": lambda h, i, kv: (h, h),
@@ -39,9 +39,7 @@ def write_peft_adapter(
     """Random A and B for the model in model_dir (PEFT zero-initialises B; a random B makes the adapter
     change the output, so a wrong or missing delta shows). rank_pattern / alpha_pattern: PEFT's per-module
     overrides, written to the config (each module's tensors get the rank its pattern gives)."""
-    ranks = AdapterMetadata(
-        rank, alpha, use_rslora, targets, "", "", rank_pattern=tuple((rank_pattern or {}).items())
-    )
+    ranks = tuple((rank_pattern or {}).items())
     config = json.loads((model_dir / "config.json").read_text())
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
@@ -54,7 +52,7 @@ def write_peft_adapter(
             group = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             module = f"model.layers.{layer}.{group}.{target}"
             prefix = f"base_model.model.{module}"
-            module_rank = ranks.module_rank(module)
+            module_rank = int(pattern_value(ranks, module, rank))
             a = torch.randn(module_rank, fan_in, generator=generator) * scale
             b = torch.randn(fan_out, module_rank, generator=generator) * scale
             tensors[f"{prefix}.lora_A.weight"] = a.to(dtype)
