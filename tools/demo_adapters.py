@@ -21,7 +21,7 @@ from loraplex.tools.model_store import DEFAULT_MODEL, default_cache_dir, prepare
 if TYPE_CHECKING:
     import torch
 
-DEMO_ADAPTERS_DIR = Path(__file__).parent / "demo_adapters"
+DEMO_ADAPTERS_DIR = Path(__file__).parent / "demo-adapters"  # a hyphen: data, not an importable package
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Short questions with short, plain answers; each style below rewrites the answer.

@@ -1,5 +1,5 @@
 """Random-weight LoRA adapters in PEFT's on-disk format, for benchmarks and tests that need many real
-adapter sources (the trained demo adapters in demo_adapters/ are few and slow to make)."""
+adapter sources (the trained demo adapters in demo-adapters/ are few and slow to make)."""
 
 from __future__ import annotations
 
