@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
 from loraplex.protos import telemetry
-from loraplex.protos.load_report import outstanding_requests
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.v1 import common_pb2, generation_pb2_grpc, shard_pb2
 from loraplex.registry.records import AdapterRecord, ShardRecord
@@ -167,48 +167,46 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                         "loraplex.attempt": attempt,
                     }
                 )
-            call = self._channels.stub(shard.address).Generate(
-                shard_request, timeout=context.time_remaining(), metadata=telemetry.metadata_for(span)
+            call = self._channels.stream(shard.address).generate(
+                shard_request, context.time_remaining(), telemetry.metadata_for(span)
             )
             streamed = 0
             started_at = inflight.started(shard.shard_id)
-            load: int | None = None  # the shard's outstanding requests, sent back as the call ends
             try:
-                async for chunk in call:
-                    streamed += 1
-                    if chunk.finish_reason:
-                        chunk.served_by.shard = shard.shard_id
-                        if adapter is not None:
-                            chunk.served_by.adapter = adapter.name
-                            chunk.served_by.adapter_version = adapter.version
-                        if parent.is_recording():
-                            parent.set_attributes(_served_attributes(chunk))
-                    yield chunk
-                load = outstanding_requests(await call.trailing_metadata())
+                async with aclosing(call.chunks()) as chunks:
+                    async for chunk in chunks:
+                        streamed += 1
+                        if chunk.finish_reason:
+                            chunk.served_by.shard = shard.shard_id
+                            if adapter is not None:
+                                chunk.served_by.adapter = adapter.name
+                                chunk.served_by.adapter_version = adapter.version
+                            if parent.is_recording():
+                                parent.set_attributes(_served_attributes(chunk))
+                        yield chunk
                 return
-            except grpc.aio.AioRpcError as error:
-                telemetry.set_error(span, f"{error.code().name}: {error.details()}")
-                if error.code() not in RETRYABLE:
-                    raise ServiceError.from_rpc_error(error) from error
+            except ServiceError as error:
+                telemetry.set_error(span, f"{error.code.name}: {error.message}")
+                if error.code not in RETRYABLE:
+                    raise
                 self._snapshots.mark_suspect(shard.shard_id, self._suspect_for_s)
                 if streamed:
                     raise ServiceError.unavailable(
                         f"shard {shard.shard_id} failed after {streamed} chunks had streamed: "
-                        f"{error.details()}; retry the request"
+                        f"{error.message}; retry the request"
                     ) from error
                 log.warning(
                     "shard %s failed before its first token, trying the next: %s",
                     shard.shard_id,
-                    error.details(),
+                    error.message,
                 )
-                failures.append(f"{shard.shard_id}: {error.details()}")
+                failures.append(f"{shard.shard_id}: {error.message}")
                 if self._metrics is not None:
                     self._metrics.failovers.inc()
             finally:
-                call.cancel()
                 inflight.finished(shard.shard_id, started_at)
-                if load is not None:
-                    inflight.reported(shard.shard_id, load)
+                if call.outstanding_requests is not None:
+                    inflight.reported(shard.shard_id, call.outstanding_requests)
                 span.end()
         raise ServiceError.unavailable(f"every candidate shard failed: {'; '.join(failures)}")
 

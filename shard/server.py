@@ -95,6 +95,7 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
             log.error("shard %s going down: %s", config.shard_id, engine.failure)
         log.info("shard %s draining", config.shard_id)
         await set_not_serving(health, [SERVICE_NAME])
+        service.draining.set()
         heartbeats.cancel()
         follower.cancel()
         try:

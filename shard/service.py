@@ -12,8 +12,10 @@ from contextlib import aclosing
 import grpc
 from opentelemetry import trace
 
+from loraplex.protos.generate_many import serve_generate_many
 from loraplex.protos.load_report import load_metadata
 from loraplex.protos.rpc import ServiceError
+from loraplex.protos.telemetry import Metadata
 from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 from loraplex.registry.adapter_source import InvalidAdapter
 from loraplex.shard.adapter_store import AdapterStore
@@ -56,13 +58,35 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self.base_model = base_model
         self._tracer = trace.get_tracer("loraplex.shard")
         self._awaiting_adapters = 0  # calls waiting for their adapter's load, not yet in the engine
+        self.draining = asyncio.Event()  # set when the shard stops: GenerateMany takes no new requests
 
     async def Generate(
         self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
+        generation = self._serve(request, context.time_remaining(), context.invocation_metadata())
+        async with aclosing(generation) as chunks:
+            async for chunk in chunks:
+                yield chunk
+        context.set_trailing_metadata(load_metadata(self.outstanding_requests()))
+
+    async def GenerateMany(
+        self, requests: AsyncIterator[shard_pb2.ShardStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[shard_pb2.ShardStreamResponse]:
+        streams = serve_generate_many(requests, self._serve, self.outstanding_requests, self.draining)
+        async with aclosing(streams) as responses:
+            async for response in responses:
+                yield response
+
+    async def _serve(
+        self,
+        request: shard_pb2.ShardGenerateRequest,
+        time_remaining: float | None,
+        metadata: Metadata | None,
+    ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
+        """One request's chunks, for Generate and GenerateMany alike."""
         inner = request.request
         timer = self._metrics.request(request.adapter.name) if self._metrics else None
-        spans = RequestSpans(self._tracer, context.invocation_metadata(), self.shard_id)
+        spans = RequestSpans(self._tracer, metadata, self.shard_id)
         outcome = "cancelled"  # unless it finishes or fails: the caller left or its deadline passed
         adapter = failure = None
         try:
@@ -82,17 +106,13 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                     self._awaiting_adapters -= 1
                     self._count_awaiting_adapters()
                 spans.adapter_acquired(adapter, tier, started_ns)
-            generation = self._generate(inner, prompt_ids, params, adapter, context, spans)
+            generation = self._generate(inner, prompt_ids, params, adapter, time_remaining, spans)
             async with aclosing(generation) as chunks:
                 async for chunk in chunks:
                     if timer is not None:
                         timer.token()
                     yield chunk
             outcome = "ok"
-            stats = self._engine.stats  # published before the last chunk: this request is not in it
-            context.set_trailing_metadata(
-                load_metadata(stats.running_requests + self.waiting_requests(stats))
-            )
         except Exception as error:
             outcome, failure = "error", error
             raise
@@ -109,12 +129,11 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         prompt_ids: list[int],
         params: SamplingParams,
         adapter: LoraAdapter | None,
-        context: grpc.aio.ServicerContext,
+        remaining: float | None,
         spans: RequestSpans,
     ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
         request_id = inner.request_id or uuid.uuid4().hex
         with_tokens = inner.details or inner.parameters.logprobs or params.top_logprobs > 0
-        remaining = context.time_remaining()
         engine_request = EngineRequest(
             request_id=uuid.uuid4().hex,  # the client's id need not be unique; the engine's must
             prompt_ids=prompt_ids,
@@ -273,6 +292,12 @@ class ShardService(shard_pb2_grpc.ShardServicer):
     def _count_awaiting_adapters(self) -> None:
         if self._metrics is not None:
             self._metrics.awaiting_adapter_load.set(self._awaiting_adapters)
+
+    def outstanding_requests(self) -> int:
+        """The load report sent as each request ends. The engine's stats were published before the
+        request's last chunk, so the request itself is not in it."""
+        stats = self._engine.stats
+        return stats.running_requests + self.waiting_requests(stats)
 
     def waiting_requests(self, stats: EngineStats) -> int:
         """The engine's waiting requests and the calls still waiting for their adapter to load: both

@@ -10,6 +10,7 @@ from collections import Counter
 import grpc
 import pytest
 
+from loraplex.protos.generate_many import serve_generate_many
 from loraplex.protos.rpc import create_server
 from loraplex.protos.v1 import common_pb2, generation_pb2_grpc, shard_pb2_grpc
 from loraplex.registry.records import AdapterRecord, ShardRecord
@@ -19,14 +20,19 @@ from loraplex.tools.processes import free_port
 
 
 class HeldShard(shard_pb2_grpc.ShardServicer):
-    """Answers every Generate with one final chunk, once `release` is set."""
+    """Answers every request (on the GenerateMany stream routers use) with one final chunk, once
+    `release` is set."""
 
     def __init__(self, shard_id: str) -> None:
         self.shard_id = shard_id
         self.release = asyncio.Event()
         self.calls = 0
 
-    async def Generate(self, request, context):
+    async def GenerateMany(self, requests, context):
+        async for response in serve_generate_many(requests, self._generate):
+            yield response
+
+    async def _generate(self, request, time_remaining, metadata):
         self.calls += 1
         await self.release.wait()
         yield common_pb2.GenerateStreamResponse(text="ok", finish_reason=common_pb2.FINISH_REASON_LENGTH)

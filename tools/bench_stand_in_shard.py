@@ -11,11 +11,14 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 
 import grpc
 
+from loraplex.protos.generate_many import serve_generate_many
 from loraplex.protos.load_report import load_metadata
 from loraplex.protos.rpc import create_server, run_server, set_serving, stop_on_signals
+from loraplex.protos.telemetry import Metadata
 from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 from loraplex.registry.records import ShardRecord
 from loraplex.registry.store import Registry
@@ -45,13 +48,28 @@ class StandInShard(shard_pb2_grpc.ShardServicer):
     async def Generate(
         self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
+        async for chunk in self._generate(request, None, ()):
+            yield chunk
+        context.set_trailing_metadata(load_metadata(self._outstanding))
+
+    async def GenerateMany(
+        self, requests: AsyncIterator[shard_pb2.ShardStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[shard_pb2.ShardStreamResponse]:
+        """What routers call, through the same multiplexing code as a real shard."""
+        streams = serve_generate_many(requests, self._generate, lambda: self._outstanding)
+        async with aclosing(streams) as responses:
+            async for response in responses:
+                yield response
+
+    async def _generate(
+        self, request: shard_pb2.ShardGenerateRequest, time_remaining: float | None, metadata: Metadata
+    ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
         self._outstanding += 1
         try:
             for chunk in self._chunks:
                 yield chunk
         finally:
             self._outstanding -= 1
-        context.set_trailing_metadata(load_metadata(self._outstanding))
 
 
 async def serve_stand_in_shard(

@@ -15,6 +15,49 @@ class ShardGenerateRequest(_message.Message):
     adapter: _common_pb2.Adapter
     def __init__(self, request: _Optional[_Union[_common_pb2.GenerateRequest, _Mapping]] = ..., adapter: _Optional[_Union[_common_pb2.Adapter, _Mapping]] = ...) -> None: ...
 
+class ShardStreamRequest(_message.Message):
+    __slots__ = ("id", "start", "cancel", "timeout_s", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    start: ShardGenerateRequest
+    cancel: bool
+    timeout_s: float
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[int] = ..., start: _Optional[_Union[ShardGenerateRequest, _Mapping]] = ..., cancel: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ShardStreamEvent(_message.Message):
+    __slots__ = ("id", "chunk", "end", "status_code", "status_message", "outstanding_requests")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    OUTSTANDING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    chunk: _common_pb2.GenerateStreamResponse
+    end: bool
+    status_code: int
+    status_message: str
+    outstanding_requests: int
+    def __init__(self, id: _Optional[int] = ..., chunk: _Optional[_Union[_common_pb2.GenerateStreamResponse, _Mapping]] = ..., end: _Optional[bool] = ..., status_code: _Optional[int] = ..., status_message: _Optional[str] = ..., outstanding_requests: _Optional[int] = ...) -> None: ...
+
+class ShardStreamResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[ShardStreamEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[ShardStreamEvent, _Mapping]]] = ...) -> None: ...
+
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("adapter", "tier")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]

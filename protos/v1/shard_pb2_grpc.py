@@ -40,6 +40,11 @@ class ShardStub:
                 request_serializer=loraplex_dot_protos_dot_v1_dot_shard__pb2.ShardGenerateRequest.SerializeToString,
                 response_deserializer=loraplex_dot_protos_dot_v1_dot_common__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/loraplex.v1.Shard/GenerateMany',
+                request_serializer=loraplex_dot_protos_dot_v1_dot_shard__pb2.ShardStreamRequest.SerializeToString,
+                response_deserializer=loraplex_dot_protos_dot_v1_dot_shard__pb2.ShardStreamResponse.FromString,
+                _registered_method=True)
         self.LoadAdapter = channel.unary_unary(
                 '/loraplex.v1.Shard/LoadAdapter',
                 request_serializer=loraplex_dot_protos_dot_v1_dot_shard__pb2.LoadAdapterRequest.SerializeToString,
@@ -62,6 +67,15 @@ class ShardServicer:
 
     def Generate(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateMany(self, request_iterator, context):
+        """Many Generate requests over one long-lived stream, which is how routers call a shard: a call per
+        request costs a router about as much CPU as the client's own call to it. Requests start and
+        cancel by id; each one's events arrive in order and its last has `end` set.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -91,6 +105,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=loraplex_dot_protos_dot_v1_dot_shard__pb2.ShardGenerateRequest.FromString,
                     response_serializer=loraplex_dot_protos_dot_v1_dot_common__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=loraplex_dot_protos_dot_v1_dot_shard__pb2.ShardStreamRequest.FromString,
+                    response_serializer=loraplex_dot_protos_dot_v1_dot_shard__pb2.ShardStreamResponse.SerializeToString,
             ),
             'LoadAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadAdapter,
@@ -135,6 +154,33 @@ class Shard:
             '/loraplex.v1.Shard/Generate',
             loraplex_dot_protos_dot_v1_dot_shard__pb2.ShardGenerateRequest.SerializeToString,
             loraplex_dot_protos_dot_v1_dot_common__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/loraplex.v1.Shard/GenerateMany',
+            loraplex_dot_protos_dot_v1_dot_shard__pb2.ShardStreamRequest.SerializeToString,
+            loraplex_dot_protos_dot_v1_dot_shard__pb2.ShardStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,144 @@
+"""The shard side of Shard/GenerateMany: many Generate requests over one long-lived stream.
+
+A router that opened a gRPC call per request spent about as much CPU on its call to the shard as on
+its client's call to it; over one stream per shard, a request costs it one message out and its chunks
+in, which arrive batched (everything ready when the shard writes goes in one message). Each request
+runs as its own task through the same generator that serves Generate, so the two RPCs behave alike:
+same errors, same deadlines, same load report at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+
+import grpc
+
+from loraplex.protos.rpc import ServiceError
+from loraplex.protos.v1 import common_pb2, shard_pb2
+
+log = logging.getLogger("loraplex.generate_many")
+
+# (request, seconds left until its deadline or None, call metadata) -> its chunks
+GenerateFn = Callable[
+    [shard_pb2.ShardGenerateRequest, float | None, tuple[tuple[str, str], ...]],
+    AsyncIterator[common_pb2.GenerateStreamResponse],
+]
+DRAINING_MESSAGE = "the shard is draining and takes no new requests; retry on another shard"
+
+
+async def serve_generate_many(
+    requests: AsyncIterator[shard_pb2.ShardStreamRequest],
+    generate: GenerateFn,
+    outstanding_requests: Callable[[], int] | None = None,
+    draining: asyncio.Event | None = None,
+) -> AsyncIterator[shard_pb2.ShardStreamResponse]:
+    """The responses for one GenerateMany stream. Ends when the caller has closed its side and every
+    request is over, or once `draining` is set and every request is over (a request started after
+    that is refused with UNAVAILABLE, which routers retry elsewhere)."""
+    stream = _Multiplexer(generate, outstanding_requests)
+    reader = asyncio.create_task(stream.read(requests))
+    watcher = asyncio.create_task(stream.drain_on(draining)) if draining is not None else None
+    try:
+        async for response in stream.responses():
+            yield response
+    finally:
+        reader.cancel()
+        if watcher is not None:
+            watcher.cancel()
+        stream.cancel_all()
+
+
+class _Multiplexer:
+    def __init__(self, generate: GenerateFn, outstanding_requests: Callable[[], int] | None) -> None:
+        self._generate = generate
+        self._outstanding_requests = outstanding_requests
+        self._events: asyncio.Queue[shard_pb2.ShardStreamEvent | None] = asyncio.Queue()
+        self._running: dict[int, asyncio.Task] = {}
+        self._caller_done = False
+        self._draining = False
+
+    async def responses(self) -> AsyncIterator[shard_pb2.ShardStreamResponse]:
+        """Everything queued when the writer gets to run goes in one message."""
+        while True:
+            event = await self._events.get()
+            if event is None:
+                return
+            events = [event]
+            while not self._events.empty():
+                event = self._events.get_nowait()
+                if event is None:
+                    yield shard_pb2.ShardStreamResponse(events=events)
+                    return
+                events.append(event)
+            yield shard_pb2.ShardStreamResponse(events=events)
+
+    async def read(self, requests: AsyncIterator[shard_pb2.ShardStreamRequest]) -> None:
+        try:
+            async for request in requests:
+                if request.cancel:
+                    task = self._running.get(request.id)
+                    if task is not None:
+                        task.cancel()
+                elif self._draining:
+                    self._end(request.id, grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+                elif request.id in self._running:
+                    self._end(request.id, grpc.StatusCode.INVALID_ARGUMENT, "request id already running")
+                else:
+                    task = asyncio.create_task(self._run(request))
+                    self._running[request.id] = task
+                    task.add_done_callback(lambda _, request_id=request.id: self._finished(request_id))
+        except grpc.RpcError:
+            pass  # the caller's side broke: close as if it had ended cleanly
+        self._caller_done = True
+        self._close_when_idle()
+
+    async def drain_on(self, draining: asyncio.Event) -> None:
+        await draining.wait()
+        self._draining = True
+        self._close_when_idle()
+
+    async def _run(self, request: shard_pb2.ShardStreamRequest) -> None:
+        timeout = request.timeout_s if request.timeout_s > 0 else None
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            generation = self._generate(request.start, timeout, tuple(request.metadata.items()))
+            async with aclosing(generation) as chunks:
+                async for chunk in chunks:
+                    self._events.put_nowait(shard_pb2.ShardStreamEvent(id=request.id, chunk=chunk))
+        except ServiceError as error:
+            code, message = error.code, error.message
+        except Exception as error:  # as the ErrorInterceptor does for Generate: never a bare failure
+            log.exception("request %d on a GenerateMany stream failed", request.id)
+            code, message = grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
+        self._end(request.id, code, message)
+
+    def _end(self, request_id: int, code: grpc.StatusCode, message: str) -> None:
+        load = -1
+        if code == grpc.StatusCode.OK and self._outstanding_requests is not None:
+            load = self._outstanding_requests()
+        self._events.put_nowait(
+            shard_pb2.ShardStreamEvent(
+                id=request_id,
+                end=True,
+                status_code=code.value[0],
+                status_message=message,
+                outstanding_requests=load,
+            )
+        )
+
+    def _finished(self, request_id: int) -> None:
+        del self._running[request_id]
+        self._close_when_idle()
+
+    def _close_when_idle(self) -> None:
+        if (self._caller_done or self._draining) and not self._running:
+            self._events.put_nowait(None)
+
+    def cancel_all(self) -> None:
+        """The stream is going away (the caller left, or the server is stopping): stop its requests,
+        which aborts them in the engine and frees their KV blocks."""
+        for task in list(self._running.values()):
+            task.cancel()

@@ -1,0 +1,192 @@
+"""The router side of Shard/GenerateMany: one long-lived stream per shard carries all of this router's
+requests to it (protos/generate_many.py says why).
+
+A request is an id on the stream: a start message out, its chunks back as events, a cancel message if
+its caller leaves first. When the stream breaks (the shard died or is draining) every request still
+on it fails with UNAVAILABLE, which the router retries elsewhere if no chunk had streamed, as it
+would a failed call; the next request opens a new stream. A shard too old to have GenerateMany
+(mid-way through a rolling upgrade) is called with Generate, a call per request, and asked again
+after UNSUPPORTED_RECHECK_S.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+
+import grpc
+
+from loraplex.protos.load_report import outstanding_requests
+from loraplex.protos.rpc import ServiceError
+from loraplex.protos.telemetry import Metadata
+from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
+
+STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+UNSUPPORTED_RECHECK_S = 60.0
+UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED.value[0]  # only a stream the shard has no method for
+
+
+class ShardStream:
+    def __init__(self, stub: shard_pb2_grpc.ShardStub, address: str) -> None:
+        self._stub = stub
+        self._address = address
+        self._outbox: asyncio.Queue[shard_pb2.ShardStreamRequest | None] = asyncio.Queue()
+        self._requests: dict[int, _Inbox] = {}
+        self._ids = itertools.count(1)
+        self.closed = False
+        self.unsupported_until = 0.0  # the shard has no GenerateMany: call Generate until then
+        self._call = stub.GenerateMany(self._messages())
+        self._reader = asyncio.create_task(self._read())
+
+    def generate(
+        self, request: shard_pb2.ShardGenerateRequest, timeout: float | None, metadata: Metadata | None
+    ) -> ShardCall:
+        """Start a request; read its chunks from the returned call's `chunks()`."""
+        if self.unsupported:
+            return ShardCall(self, 0, None, _UnaryCall(self._stub, request, timeout, metadata))
+        request_id = next(self._ids)
+        inbox = self._requests[request_id] = _Inbox()
+        start = shard_pb2.ShardStreamRequest(id=request_id, start=request, timeout_s=timeout or 0.0)
+        if metadata:
+            start.metadata.update(metadata)
+        self._outbox.put_nowait(start)
+        return ShardCall(self, request_id, inbox, _UnaryCall(self._stub, request, timeout, metadata))
+
+    @property
+    def unsupported(self) -> bool:
+        return time.monotonic() < self.unsupported_until
+
+    def forget(self, request_id: int, cancel: bool) -> None:
+        del self._requests[request_id]
+        if cancel and not self.closed:
+            self._outbox.put_nowait(shard_pb2.ShardStreamRequest(id=request_id, cancel=True))
+
+    async def close(self) -> None:
+        self._outbox.put_nowait(None)
+        self._call.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def _messages(self) -> AsyncIterator[shard_pb2.ShardStreamRequest]:
+        while (message := await self._outbox.get()) is not None:
+            yield message
+
+    async def _read(self) -> None:
+        try:
+            async for response in self._call:
+                for event in response.events:
+                    inbox = self._requests.get(event.id)
+                    if inbox is not None:  # else a request this router has already let go of
+                        inbox.put(event)
+            reason = "the shard closed the stream (it is draining)"
+        except grpc.aio.AioRpcError as error:
+            reason = f"{error.code().name}: {error.details()}"
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self.unsupported_until = time.monotonic() + UNSUPPORTED_RECHECK_S
+        self.closed = True
+        failed = shard_pb2.ShardStreamEvent(
+            end=True,
+            status_code=(
+                grpc.StatusCode.UNIMPLEMENTED if self.unsupported else grpc.StatusCode.UNAVAILABLE
+            ).value[0],
+            status_message=f"the stream to shard {self._address} ended: {reason}",
+        )
+        for inbox in self._requests.values():
+            inbox.put(failed)
+
+
+class ShardCall:
+    """One request on a ShardStream: its chunks, then `outstanding_requests`, the shard's load report
+    (None when it sent none). A failure raises ServiceError with the shard's status."""
+
+    def __init__(self, stream: ShardStream, request_id: int, inbox: _Inbox | None, unary: _UnaryCall) -> None:
+        self._stream = stream
+        self._request_id = request_id
+        self._inbox = inbox
+        self._unary = unary
+        self.outstanding_requests: int | None = None
+
+    async def chunks(self) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
+        """Close it (`contextlib.aclosing`) when leaving early: that cancels the request on the shard."""
+        if self._inbox is None:
+            async for chunk in self._by_generate():
+                yield chunk
+            return
+        ended = False
+        try:
+            while True:
+                for event in await self._inbox.take():
+                    if not event.end:
+                        yield event.chunk
+                        continue
+                    ended = True
+                    if event.status_code == UNIMPLEMENTED:  # the stream never worked: no chunk came
+                        async for chunk in self._by_generate():
+                            yield chunk
+                        return
+                    if event.status_code:
+                        code = STATUS_CODES.get(event.status_code, grpc.StatusCode.UNKNOWN)
+                        raise ServiceError(code, event.status_message or code.name)
+                    if event.outstanding_requests >= 0:
+                        self.outstanding_requests = event.outstanding_requests
+                    return
+        finally:
+            self._stream.forget(self._request_id, cancel=not ended)
+
+    async def _by_generate(self) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
+        async for chunk in self._unary.chunks():
+            yield chunk
+        self.outstanding_requests = self._unary.outstanding_requests
+
+
+class _UnaryCall:
+    """The request as a Generate call of its own, for shards without GenerateMany."""
+
+    def __init__(
+        self,
+        stub: shard_pb2_grpc.ShardStub,
+        request: shard_pb2.ShardGenerateRequest,
+        timeout: float | None,
+        metadata: Metadata | None,
+    ) -> None:
+        self._stub = stub
+        self._request = request
+        self._timeout = timeout
+        self._metadata = metadata
+        self.outstanding_requests: int | None = None
+
+    async def chunks(self) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
+        call = self._stub.Generate(self._request, timeout=self._timeout, metadata=self._metadata)
+        try:
+            async for chunk in call:
+                yield chunk
+            self.outstanding_requests = outstanding_requests(await call.trailing_metadata())
+        except grpc.aio.AioRpcError as error:
+            raise ServiceError.from_rpc_error(error) from error
+        finally:
+            call.cancel()
+
+
+class _Inbox:
+    """A request's events as the stream's reader hands them over; one waiter, woken once per batch."""
+
+    __slots__ = ("_events", "_waiter")
+
+    def __init__(self) -> None:
+        self._events: deque[shard_pb2.ShardStreamEvent] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, event: shard_pb2.ShardStreamEvent) -> None:
+        self._events.append(event)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def take(self) -> list[shard_pb2.ShardStreamEvent]:
+        while not self._events:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        events = list(self._events)
+        self._events.clear()
+        return events
