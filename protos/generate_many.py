@@ -77,43 +77,47 @@ class _Multiplexer:
 
     async def read(self, requests: AsyncIterator[shard_pb2.ShardStreamRequest]) -> None:
         try:
-            async for request in requests:
-                if request.cancel:
-                    task = self._running.get(request.id)
-                    if task is not None:
-                        task.cancel()
-                elif self._draining:
-                    self._end(request.id, grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
-                elif request.id in self._running:
-                    self._end(request.id, grpc.StatusCode.INVALID_ARGUMENT, "request id already running")
-                else:
-                    task = asyncio.create_task(self._run(request))
-                    self._running[request.id] = task
-                    task.add_done_callback(lambda _, request_id=request.id: self._finished(request_id))
+            async for message in requests:
+                for action in message.actions:
+                    self._act(action)
         except grpc.RpcError:
             pass  # the caller's side broke: close as if it had ended cleanly
         self._caller_done = True
         self._close_when_idle()
+
+    def _act(self, action: shard_pb2.ShardStreamAction) -> None:
+        if action.cancel:
+            task = self._running.get(action.id)
+            if task is not None:
+                task.cancel()
+        elif self._draining:
+            self._end(action.id, grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+        elif action.id in self._running:
+            self._end(action.id, grpc.StatusCode.INVALID_ARGUMENT, "request id already running")
+        else:
+            task = asyncio.create_task(self._run(action))
+            self._running[action.id] = task
+            task.add_done_callback(lambda _, request_id=action.id: self._finished(request_id))
 
     async def drain_on(self, draining: asyncio.Event) -> None:
         await draining.wait()
         self._draining = True
         self._close_when_idle()
 
-    async def _run(self, request: shard_pb2.ShardStreamRequest) -> None:
-        timeout = request.timeout_s if request.timeout_s > 0 else None
+    async def _run(self, action: shard_pb2.ShardStreamAction) -> None:
+        timeout = action.timeout_s if action.timeout_s > 0 else None
         code, message = grpc.StatusCode.OK, ""
         try:
-            generation = self._generate(request.start, timeout, tuple(request.metadata.items()))
+            generation = self._generate(action.start, timeout, tuple(action.metadata.items()))
             async with aclosing(generation) as chunks:
                 async for chunk in chunks:
-                    self._events.put_nowait(shard_pb2.ShardStreamEvent(id=request.id, chunk=chunk))
+                    self._events.put_nowait(shard_pb2.ShardStreamEvent(id=action.id, chunk=chunk))
         except ServiceError as error:
             code, message = error.code, error.message
         except Exception as error:  # as the ErrorInterceptor does for Generate: never a bare failure
-            log.exception("request %d on a GenerateMany stream failed", request.id)
+            log.exception("request %d on a GenerateMany stream failed", action.id)
             code, message = grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
-        self._end(request.id, code, message)
+        self._end(action.id, code, message)
 
     def _end(self, request_id: int, code: grpc.StatusCode, message: str) -> None:
         load = -1

@@ -33,7 +33,7 @@ class ShardStream:
     def __init__(self, stub: shard_pb2_grpc.ShardStub, address: str) -> None:
         self._stub = stub
         self._address = address
-        self._outbox: asyncio.Queue[shard_pb2.ShardStreamRequest | None] = asyncio.Queue()
+        self._outbox: asyncio.Queue[shard_pb2.ShardStreamAction | None] = asyncio.Queue()
         self._requests: dict[int, _Inbox] = {}
         self._ids = itertools.count(1)
         self.closed = False
@@ -49,7 +49,7 @@ class ShardStream:
             return ShardCall(self, 0, None, _UnaryCall(self._stub, request, timeout, metadata))
         request_id = next(self._ids)
         inbox = self._requests[request_id] = _Inbox()
-        start = shard_pb2.ShardStreamRequest(id=request_id, start=request, timeout_s=timeout or 0.0)
+        start = shard_pb2.ShardStreamAction(id=request_id, start=request, timeout_s=timeout or 0.0)
         if metadata:
             start.metadata.update(metadata)
         self._outbox.put_nowait(start)
@@ -62,7 +62,7 @@ class ShardStream:
     def forget(self, request_id: int, cancel: bool) -> None:
         del self._requests[request_id]
         if cancel and not self.closed:
-            self._outbox.put_nowait(shard_pb2.ShardStreamRequest(id=request_id, cancel=True))
+            self._outbox.put_nowait(shard_pb2.ShardStreamAction(id=request_id, cancel=True))
 
     async def close(self) -> None:
         self._outbox.put_nowait(None)
@@ -70,8 +70,16 @@ class ShardStream:
         await asyncio.gather(self._reader, return_exceptions=True)
 
     async def _messages(self) -> AsyncIterator[shard_pb2.ShardStreamRequest]:
-        while (message := await self._outbox.get()) is not None:
-            yield message
+        """Everything queued when gRPC asks for the next message goes in it: each message written
+        costs the router about as much as a request's routing."""
+        while (action := await self._outbox.get()) is not None:
+            actions = [action]
+            while not self._outbox.empty():
+                if (action := self._outbox.get_nowait()) is None:
+                    yield shard_pb2.ShardStreamRequest(actions=actions)
+                    return
+                actions.append(action)
+            yield shard_pb2.ShardStreamRequest(actions=actions)
 
     async def _read(self) -> None:
         try:

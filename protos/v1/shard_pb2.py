@@ -25,37 +25,39 @@ _sym_db = _symbol_database.Default()
 from loraplex.protos.v1 import common_pb2 as loraplex_dot_protos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eloraplex/protos/v1/shard.proto\x12\x0bloraplex.v1\x1a\x1floraplex/protos/v1/common.proto\"l\n\x14ShardGenerateRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.loraplex.v1.GenerateRequest\x12%\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x14.loraplex.v1.Adapter\"\xe7\x01\n\x12ShardStreamRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x30\n\x05start\x18\x02 \x01(\x0b\x32!.loraplex.v1.ShardGenerateRequest\x12\x0e\n\x06\x63\x61ncel\x18\x03 \x01(\x08\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12?\n\x08metadata\x18\x05 \x03(\x0b\x32-.loraplex.v1.ShardStreamRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xaa\x01\n\x10ShardStreamEvent\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x32\n\x05\x63hunk\x18\x02 \x01(\x0b\x32#.loraplex.v1.GenerateStreamResponse\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x08\x12\x13\n\x0bstatus_code\x18\x04 \x01(\r\x12\x16\n\x0estatus_message\x18\x05 \x01(\t\x12\x1c\n\x14outstanding_requests\x18\x06 \x01(\x03\"D\n\x13ShardStreamResponse\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.loraplex.v1.ShardStreamEvent\"\\\n\x12LoadAdapterRequest\x12%\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x14.loraplex.v1.Adapter\x12\x1f\n\x04tier\x18\x02 \x01(\x0e\x32\x11.loraplex.v1.Tier\"G\n\x13LoadAdapterResponse\x12\x1f\n\x04tier\x18\x01 \x01(\x0e\x32\x11.loraplex.v1.Tier\x12\x0f\n\x07load_ms\x18\x02 \x01(\x02\"5\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x17\n\x15UnloadAdapterResponse\"\x14\n\x12ShardStatusRequest\"\xd7\x02\n\x0bShardStatus\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x18\n\x10running_requests\x18\x05 \x01(\r\x12\x18\n\x10waiting_requests\x18\x06 \x01(\r\x12\x15\n\rqueued_tokens\x18\x07 \x01(\x04\x12\x1c\n\x14max_running_requests\x18\x08 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\t \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\n \x01(\r\x12\x18\n\x10max_gpu_adapters\x18\x0b \x01(\r\x12\x18\n\x10max_cpu_adapters\x18\x0c \x01(\r\x12/\n\x08\x61\x64\x61pters\x18\r \x03(\x0b\x32\x1d.loraplex.v1.AdapterPlacement2\xa3\x03\n\x05Shard\x12T\n\x08Generate\x12!.loraplex.v1.ShardGenerateRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x12U\n\x0cGenerateMany\x12\x1f.loraplex.v1.ShardStreamRequest\x1a .loraplex.v1.ShardStreamResponse(\x01\x30\x01\x12P\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a .loraplex.v1.LoadAdapterResponse\x12V\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponse\x12\x43\n\x06Status\x12\x1f.loraplex.v1.ShardStatusRequest\x1a\x18.loraplex.v1.ShardStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eloraplex/protos/v1/shard.proto\x12\x0bloraplex.v1\x1a\x1floraplex/protos/v1/common.proto\"l\n\x14ShardGenerateRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.loraplex.v1.GenerateRequest\x12%\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x14.loraplex.v1.Adapter\"E\n\x12ShardStreamRequest\x12/\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x1e.loraplex.v1.ShardStreamAction\"\xe5\x01\n\x11ShardStreamAction\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x30\n\x05start\x18\x02 \x01(\x0b\x32!.loraplex.v1.ShardGenerateRequest\x12\x0e\n\x06\x63\x61ncel\x18\x03 \x01(\x08\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12>\n\x08metadata\x18\x05 \x03(\x0b\x32,.loraplex.v1.ShardStreamAction.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xaa\x01\n\x10ShardStreamEvent\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x32\n\x05\x63hunk\x18\x02 \x01(\x0b\x32#.loraplex.v1.GenerateStreamResponse\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x08\x12\x13\n\x0bstatus_code\x18\x04 \x01(\r\x12\x16\n\x0estatus_message\x18\x05 \x01(\t\x12\x1c\n\x14outstanding_requests\x18\x06 \x01(\x03\"D\n\x13ShardStreamResponse\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.loraplex.v1.ShardStreamEvent\"\\\n\x12LoadAdapterRequest\x12%\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x14.loraplex.v1.Adapter\x12\x1f\n\x04tier\x18\x02 \x01(\x0e\x32\x11.loraplex.v1.Tier\"G\n\x13LoadAdapterResponse\x12\x1f\n\x04tier\x18\x01 \x01(\x0e\x32\x11.loraplex.v1.Tier\x12\x0f\n\x07load_ms\x18\x02 \x01(\x02\"5\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x17\n\x15UnloadAdapterResponse\"\x14\n\x12ShardStatusRequest\"\xd7\x02\n\x0bShardStatus\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x18\n\x10running_requests\x18\x05 \x01(\r\x12\x18\n\x10waiting_requests\x18\x06 \x01(\r\x12\x15\n\rqueued_tokens\x18\x07 \x01(\x04\x12\x1c\n\x14max_running_requests\x18\x08 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\t \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\n \x01(\r\x12\x18\n\x10max_gpu_adapters\x18\x0b \x01(\r\x12\x18\n\x10max_cpu_adapters\x18\x0c \x01(\r\x12/\n\x08\x61\x64\x61pters\x18\r \x03(\x0b\x32\x1d.loraplex.v1.AdapterPlacement2\xa3\x03\n\x05Shard\x12T\n\x08Generate\x12!.loraplex.v1.ShardGenerateRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x12U\n\x0cGenerateMany\x12\x1f.loraplex.v1.ShardStreamRequest\x1a .loraplex.v1.ShardStreamResponse(\x01\x30\x01\x12P\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a .loraplex.v1.LoadAdapterResponse\x12V\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponse\x12\x43\n\x06Status\x12\x1f.loraplex.v1.ShardStatusRequest\x1a\x18.loraplex.v1.ShardStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.protos.v1.shard_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SHARDSTREAMREQUEST_METADATAENTRY']._loaded_options = None
-  _globals['_SHARDSTREAMREQUEST_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_SHARDSTREAMACTION_METADATAENTRY']._loaded_options = None
+  _globals['_SHARDSTREAMACTION_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_SHARDGENERATEREQUEST']._serialized_start=80
   _globals['_SHARDGENERATEREQUEST']._serialized_end=188
-  _globals['_SHARDSTREAMREQUEST']._serialized_start=191
-  _globals['_SHARDSTREAMREQUEST']._serialized_end=422
-  _globals['_SHARDSTREAMREQUEST_METADATAENTRY']._serialized_start=375
-  _globals['_SHARDSTREAMREQUEST_METADATAENTRY']._serialized_end=422
-  _globals['_SHARDSTREAMEVENT']._serialized_start=425
-  _globals['_SHARDSTREAMEVENT']._serialized_end=595
-  _globals['_SHARDSTREAMRESPONSE']._serialized_start=597
-  _globals['_SHARDSTREAMRESPONSE']._serialized_end=665
-  _globals['_LOADADAPTERREQUEST']._serialized_start=667
-  _globals['_LOADADAPTERREQUEST']._serialized_end=759
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=761
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=832
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=834
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=887
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=889
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=912
-  _globals['_SHARDSTATUSREQUEST']._serialized_start=914
-  _globals['_SHARDSTATUSREQUEST']._serialized_end=934
-  _globals['_SHARDSTATUS']._serialized_start=937
-  _globals['_SHARDSTATUS']._serialized_end=1280
-  _globals['_SHARD']._serialized_start=1283
-  _globals['_SHARD']._serialized_end=1702
+  _globals['_SHARDSTREAMREQUEST']._serialized_start=190
+  _globals['_SHARDSTREAMREQUEST']._serialized_end=259
+  _globals['_SHARDSTREAMACTION']._serialized_start=262
+  _globals['_SHARDSTREAMACTION']._serialized_end=491
+  _globals['_SHARDSTREAMACTION_METADATAENTRY']._serialized_start=444
+  _globals['_SHARDSTREAMACTION_METADATAENTRY']._serialized_end=491
+  _globals['_SHARDSTREAMEVENT']._serialized_start=494
+  _globals['_SHARDSTREAMEVENT']._serialized_end=664
+  _globals['_SHARDSTREAMRESPONSE']._serialized_start=666
+  _globals['_SHARDSTREAMRESPONSE']._serialized_end=734
+  _globals['_LOADADAPTERREQUEST']._serialized_start=736
+  _globals['_LOADADAPTERREQUEST']._serialized_end=828
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=830
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=901
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=903
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=956
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=958
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=981
+  _globals['_SHARDSTATUSREQUEST']._serialized_start=983
+  _globals['_SHARDSTATUSREQUEST']._serialized_end=1003
+  _globals['_SHARDSTATUS']._serialized_start=1006
+  _globals['_SHARDSTATUS']._serialized_end=1349
+  _globals['_SHARD']._serialized_start=1352
+  _globals['_SHARD']._serialized_end=1771
 # @@protoc_insertion_point(module_scope)

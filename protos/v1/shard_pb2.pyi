@@ -16,6 +16,12 @@ class ShardGenerateRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[_common_pb2.GenerateRequest, _Mapping]] = ..., adapter: _Optional[_Union[_common_pb2.Adapter, _Mapping]] = ...) -> None: ...
 
 class ShardStreamRequest(_message.Message):
+    __slots__ = ("actions",)
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    actions: _containers.RepeatedCompositeFieldContainer[ShardStreamAction]
+    def __init__(self, actions: _Optional[_Iterable[_Union[ShardStreamAction, _Mapping]]] = ...) -> None: ...
+
+class ShardStreamAction(_message.Message):
     __slots__ = ("id", "start", "cancel", "timeout_s", "metadata")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
