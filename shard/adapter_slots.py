@@ -44,6 +44,11 @@ class TierCounters:
         self.load_bucket_counts[bisect.bisect_left(LOAD_BUCKETS, seconds)] += 1
 
 
+# Dropped uids remembered (a shard runs for months): a request holding a copy dropped this many drops
+# ago is implausible, and if one did, its stale slot would only idle until the LRU reuses it.
+MAX_REMEMBERED_DROPS = 1 << 16
+
+
 class AdapterSlots:
     def __init__(self, num_slots: int, write_slot: Callable[[int, LoraAdapter], None] | None = None) -> None:
         """write_slot(slot, adapter) copies the weights where the kernels read them (stacked GPU buffers);
@@ -56,7 +61,10 @@ class AdapterSlots:
         self._refs = [0] * num_slots
         self._slot_of: dict[int, int] = {}  # adapter uid -> slot
         self._idle: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_slots))  # LRU first
-        self._doomed: set[int] = set()  # uids to drop as soon as their slot is idle
+        # uids dropped from the CPU tier (deleted, updated or evicted there), oldest first: a uid names
+        # one loaded copy and is never handed out again, so its slot is freed whenever it goes idle,
+        # even after a request that still held the old copy took a slot for it again
+        self._dropped: OrderedDict[int, None] = OrderedDict()
         self.counters = TierCounters()
 
     def acquire(self, adapter: LoraAdapter) -> int:
@@ -86,18 +94,18 @@ class AdapterSlots:
         if self._refs[slot] == 0:
             self._idle[slot] = None  # most recently used goes last
             adapter = self._adapters[slot]
-            if adapter is not None and adapter.uid in self._doomed:
+            if adapter is not None and adapter.uid in self._dropped:
                 self._evict(slot)
 
     def drop(self, adapter_uid: int) -> None:
-        """Free the adapter's slot now if idle, else as soon as its last sequence finishes."""
+        """Free the adapter's slot now if idle, else as soon as its last sequence finishes; and free it
+        again whenever a sequence still waiting with this copy takes a slot for it and finishes."""
+        self._dropped[adapter_uid] = None
+        if len(self._dropped) > MAX_REMEMBERED_DROPS:
+            self._dropped.popitem(last=False)
         slot = self._slot_of.get(adapter_uid)
-        if slot is None:
-            return
-        if self._refs[slot] == 0:
+        if slot is not None and self._refs[slot] == 0:
             self._evict(slot)
-        else:
-            self._doomed.add(adapter_uid)
 
     def adapter(self, slot: int) -> LoraAdapter:
         adapter = self._adapters[slot]
@@ -126,6 +134,5 @@ class AdapterSlots:
         if adapter is None:
             return
         del self._slot_of[adapter.uid]
-        self._doomed.discard(adapter.uid)
         self._adapters[slot] = None
         self.counters.evictions += 1

@@ -291,7 +291,7 @@ class Engine:
                 if self.peers is not None:  # the ranks may be out of step: this shard cannot go on
                     log.exception("tensor-parallel step failed; the shard goes down")
                     message = self.peers.explain(error)
-                    self.peers.fail(message)
+                    _call_safely(self.peers.fail, message)
                     self._die(message)
                     return
                 # keep serving: fail what was in flight, not the shard
@@ -300,7 +300,7 @@ class Engine:
 
     def _die(self, message: str) -> None:
         """Fail every request held or queued with "unavailable", stop taking new ones, and tell the
-        listeners."""
+        listeners. Never raises: the listeners (the server going down) are told whatever else fails."""
         with self._submit_lock:
             self.failure = message
         self._fail_all(self._failure_message(), reason="unavailable")
@@ -311,10 +311,10 @@ class Engine:
                 break
             if kind == "submit":
                 _, callback = payload  # type: ignore[misc]
-                callback(RequestFailed("unavailable", self._failure_message()))
-        self._publish_stats()
+                _call_safely(callback, RequestFailed("unavailable", self._failure_message()))
+        _call_safely(self._publish_stats)
         for listener in self._failure_listeners:
-            listener(message)
+            _call_safely(listener, message)
 
     def _failure_message(self) -> str:
         return f"this shard lost a tensor-parallel rank ({self.failure}); retry on another shard"
@@ -383,13 +383,24 @@ class Engine:
             _deliver(request, output)
 
     def _postprocess(self, result: ChunkResult) -> tuple[_Request, EngineOutput] | None:
-        """The sequence's next token and the output to deliver for it (None while prefill goes on)."""
+        """The sequence's next token and the output to deliver for it (None while prefill goes on).
+
+        Each sequence samples on its own (one `choose` per row, not one batched call), so a row whose
+        sampling fails (say, NaN logits) fails only its own request; SamplingParams' checks keep
+        valid parameters from getting there. The try costs nothing while nothing raises."""
         seq = result.chunk.seq
         request = self._requests[seq.request_id]
         request.outputs.prompt_logprobs.extend(result.prompt_logprobs)
+        seq.num_prompt_logprobs += len(result.prompt_logprobs)
         if result.next_token_logits is None:
             return None
-        token = request.outputs.sampler.choose(result.next_token_logits, seq.token_ids)
+        try:
+            token = request.outputs.sampler.choose(result.next_token_logits, seq.token_ids)
+        except Exception:
+            log.exception("choosing the next token of request %s failed", seq.request_id)
+            failed = RequestFailed("error", "the shard could not choose this request's next token")
+            self._finish(seq.request_id)
+            return request, replace(failed, times=seq.times(time.time_ns()))
         seq.token_ids.append(token.token_id)
         seq.first_token_ns = seq.first_token_ns or time.time_ns()
         output = request.outputs.process(token, seq.token_ids, seq.num_prompt_tokens)
@@ -408,13 +419,17 @@ class Engine:
         request = self._requests.pop(request_id, None)
         if request is None:
             return
-        self.scheduler.finish(request.seq)
-        if failure is not None:
-            _deliver(request, replace(failure, times=request.seq.times(time.time_ns())))
+        try:
+            self.scheduler.finish(request.seq)
+        finally:  # the caller hears of its failure even if freeing the request's resources failed
+            if failure is not None:
+                _deliver(request, replace(failure, times=request.seq.times(time.time_ns())))
 
     def _fail_all(self, message: str, reason: str = "error") -> None:
+        """Fail every request held. Never raises, so that each request is told and the engine thread
+        (or `_die`) goes on even if one request's bookkeeping is broken."""
         for request_id in list(self._requests):
-            self._finish(request_id, RequestFailed(reason, message))
+            _call_safely(self._finish, request_id, RequestFailed(reason, message))
 
     def _publish_stats(self) -> None:
         sequences = self.scheduler.sequences()
@@ -429,6 +444,17 @@ class Engine:
             adapters_in_slots=tuple((a.name, a.version) for a in self.slots.held()),
             slot_hits=self.slots.counters.hits,
             slot_misses=self.slots.counters.misses,
+        )
+
+
+def _call_safely(function: Callable[..., object], *args: object) -> None:
+    """Run function, logging rather than raising what it raises: for the failure paths, which must
+    reach every request and listener."""
+    try:
+        function(*args)
+    except Exception:
+        log.exception(
+            "%s failed while the engine was failing requests", getattr(function, "__name__", function)
         )
 
 

@@ -43,7 +43,7 @@ class StepPeers(Protocol):
 class ChunkResult:
     chunk: ScheduledChunk
     next_token_logits: torch.Tensor | None  # [vocab] fp32 on CPU, when the chunk samples
-    prompt_logprobs: list[float]  # log-probs of prompt tokens start+1 .. covered by this chunk
+    prompt_logprobs: list[float]  # log-probs of the prompt tokens this chunk covers that had none yet
 
 
 class ModelRunner:
@@ -106,8 +106,8 @@ class ModelRunner:
         return tensor
 
 
-# (first logits row, prompt rows, sample row or -1) per chunk
-_Wanted = list[tuple[int, int, int]]
+# (first logits row, position of the first prompt row, prompt rows, sample row or -1) per chunk
+_Wanted = list[tuple[int, int, int, int]]
 
 
 def _logit_rows(ordered: list[ScheduledChunk], layouts: list[ChunkLayout]) -> tuple[list[int], _Wanted]:
@@ -117,17 +117,20 @@ def _logit_rows(ordered: list[ScheduledChunk], layouts: list[ChunkLayout]) -> tu
     for chunk, layout in zip(ordered, layouts, strict=True):
         seq = chunk.seq
         first = len(rows)
+        # A recompute after preemption starts again at 0: skip the positions whose log-probs are in.
+        first_position = max(chunk.start, seq.num_prompt_logprobs)
         num_prompt_rows = 0
         if seq.wants_all_prompt_logits:
             # Row at position p predicts token p + 1; only rows whose next token is a prompt token.
             last = min(chunk.start + chunk.num_new_tokens, seq.num_prompt_tokens - 1)
-            num_prompt_rows = max(0, last - chunk.start)
-            rows.extend(range(layout.row, layout.row + num_prompt_rows))
+            num_prompt_rows = max(0, last - first_position)
+            row = layout.row + first_position - chunk.start
+            rows.extend(range(row, row + num_prompt_rows))
         sample_row = -1
         if chunk.samples:
             sample_row = len(rows)
             rows.append(layout.row + chunk.num_new_tokens - 1)
-        wanted.append((first, num_prompt_rows, sample_row))
+        wanted.append((first, first_position, num_prompt_rows, sample_row))
     return rows, wanted
 
 
@@ -137,10 +140,12 @@ def _results(
     if logits is None:
         return [ChunkResult(chunk, None, []) for chunk in ordered]
     results = []
-    for chunk, (first, num_prompt_rows, sample_row) in zip(ordered, wanted, strict=True):
+    for chunk, (first, first_position, num_prompt_rows, sample_row) in zip(ordered, wanted, strict=True):
         prompt_logprobs: list[float] = []
         if num_prompt_rows:
-            targets = torch.tensor(chunk.seq.token_ids[chunk.start + 1 : chunk.start + 1 + num_prompt_rows])
+            targets = torch.tensor(
+                chunk.seq.token_ids[first_position + 1 : first_position + 1 + num_prompt_rows]
+            )
             picked = torch.log_softmax(logits[first : first + num_prompt_rows], dim=-1)
             prompt_logprobs = picked.gather(1, targets[:, None]).squeeze(1).tolist()
         results.append(ChunkResult(chunk, logits[sample_row] if sample_row >= 0 else None, prompt_logprobs))

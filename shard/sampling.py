@@ -2,16 +2,26 @@
 
 Log-probs are those of the model's raw distribution (before temperature, top-k/p and penalties), as
 vLLM and OpenAI report them.
+
+The parameters are checked so that finite logits always give finite scores: a NaN or infinite score
+would make `torch.multinomial` raise in the middle of an engine step.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
 import torch
 
 MAX_TOP_LOGPROBS = 20
+# Temperatures below this sample greedily, as in vLLM (_SAMPLING_EPS): dividing logits by a tinier
+# one overflows fp32 to inf, and the distribution is a point mass on the argmax anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# A repetition penalty outside this range could overflow the penalised scores (a logit divided by
+# 1e-40 is inf); values used in practice lie between 1 and 2.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 @dataclass(frozen=True)
@@ -30,14 +40,17 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not self.repetition_penalty > 0.0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(
+                f"repetition_penalty must be in [{low}, {high}] (1 = off), got {self.repetition_penalty}"
+            )
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
         if any(not stop for stop in self.stop):
@@ -45,7 +58,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass(frozen=True)

@@ -73,11 +73,12 @@ class Scheduler:
         return [*self.running, *self.waiting]
 
     def finish(self, seq: Sequence) -> None:
-        """Drop seq (done, cancelled or expired) and free its blocks at once."""
-        if seq.status is SequenceStatus.RUNNING:
-            self.running.remove(seq)
-        elif seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
+        """Drop seq (done, cancelled or expired) and free its blocks at once. seq may be in neither
+        queue (a step that failed half way): failing what is in flight must not fail on it."""
+        for queue in (self.running, self.waiting):
+            if seq in queue:  # by identity: sequences compare by id
+                queue.remove(seq)
+                break
         seq.status = SequenceStatus.FINISHED
         self.blocks.free(seq)
         self._release_slot(seq)
@@ -112,31 +113,35 @@ class Scheduler:
         return Schedule(chunks, preempted)
 
     def _admit(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+        """Admit waiting sequences into the step. If taking a slot raises (writing the adapter failed,
+        a tensor-parallel rank was lost), every sequence is still in `waiting`, in order."""
         waiting_for_slot: list[Sequence] = []
         now = time.monotonic()
         draining = self._slots_to_drain(now)
-        while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
-            seq = self.waiting[0]
-            prefix = self.blocks.cached_prefix(seq)
-            num_new = min(seq.num_uncomputed - len(prefix) * self.blocks.block_size, budget)
-            if not self.blocks.can_reserve(seq, num_new, prefix):
-                break  # first come, first served: nobody overtakes the head of the queue for blocks
-            self.waiting.popleft()
-            if seq.adapter is not None and seq.adapter.uid in draining:
-                waiting_for_slot.append(seq)  # held back so its adapter's slot drains
-                continue
-            if not self._acquire_slot(seq):  # every slot busy: the adapter cycle's clock starts
-                self._slot_wait_since.setdefault(seq.request_id, (seq.adapter.uid, now))
-                waiting_for_slot.append(seq)
-                continue
-            self._slot_wait_since.pop(seq.request_id, None)
-            seq.status = SequenceStatus.RUNNING
-            seq.scheduled_ns = seq.scheduled_ns or time.time_ns()  # the first admission ends its queue wait
-            self.blocks.reserve(seq, num_new, prefix)
-            self.running.append(seq)
-            chunks.append(ScheduledChunk.of(seq, num_new))
-            budget -= num_new
-        self.waiting.extendleft(reversed(waiting_for_slot))
+        try:
+            while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
+                seq = self.waiting[0]
+                prefix = self.blocks.cached_prefix(seq)
+                num_new = min(seq.num_uncomputed - len(prefix) * self.blocks.block_size, budget)
+                if not self.blocks.can_reserve(seq, num_new, prefix):
+                    break  # first come, first served: nobody overtakes the head of the queue for blocks
+                if seq.adapter is not None and seq.adapter.uid in draining:
+                    waiting_for_slot.append(self.waiting.popleft())  # held back so its slot drains
+                    continue
+                if not self._acquire_slot(seq):  # every slot busy: the adapter cycle's clock starts
+                    self._slot_wait_since.setdefault(seq.request_id, (seq.adapter.uid, now))
+                    waiting_for_slot.append(self.waiting.popleft())
+                    continue
+                self.blocks.reserve(seq, num_new, prefix)
+                self.running.append(self.waiting.popleft())
+                self._slot_wait_since.pop(seq.request_id, None)
+                seq.status = SequenceStatus.RUNNING
+                # the first admission ends its queue wait
+                seq.scheduled_ns = seq.scheduled_ns or time.time_ns()
+                chunks.append(ScheduledChunk.of(seq, num_new))
+                budget -= num_new
+        finally:
+            self.waiting.extendleft(reversed(waiting_for_slot))
         return budget
 
     def _slots_to_drain(self, now: float) -> set[int]:

@@ -41,6 +41,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # content hashes of the full computed blocks
     cache_salt: int = 0  # separates prefix-cache entries whose K/V differ: set from the adapter
     num_preemptions: int = 0
+    num_prompt_logprobs: int = 0  # prompt log-probs computed so far; a recompute after preemption skips them
     lora_slot: int = -1  # the adapter's slot while the sequence runs; -1: none (base model or waiting)
     scheduled_ns: int = 0  # see SequenceTimes
     first_token_ns: int = 0
@@ -67,8 +68,9 @@ class Sequence:
 
     @property
     def wants_all_prompt_logits(self) -> bool:
-        """Prompt log-probs need every prompt position computed here, not taken from the cache."""
-        return self.want_prompt_logprobs and self.num_preemptions == 0
+        """Prompt log-probs need every prompt position computed here, not taken from the cache, until
+        each prompt token but the first has its log-prob (also across a preemption mid-prefill)."""
+        return self.want_prompt_logprobs and self.num_prompt_logprobs < self.num_prompt_tokens - 1
 
     @property
     def num_remaining_tokens(self) -> int:

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from loraplex.shard.detokenizer import IncrementalDetokenizer
 from loraplex.shard.engine import Engine, EngineConfig, EngineRequest
+from loraplex.shard.model_config import ModelConfig
 from loraplex.shard.outputs import RequestFailed
 from loraplex.shard.sampling import SamplingParams
 
@@ -148,6 +149,41 @@ def test_prompt_and_token_logprobs_match_the_reference_forward(engine, reference
     assert first.token.token_id == top_ids[0] and first.token.logprob == pytest.approx(
         top_values[0].item(), abs=1e-4
     )
+
+
+def test_prompt_logprobs_survive_a_preemption_in_the_middle_of_prefill(tiny_model_dir):
+    """A 40-token prompt prefilled 16 tokens a step beside a growing decode in an 11-block cache is
+    preempted mid-prefill and recomputed: it still gets one log-prob per prompt token, the same ones."""
+    block_size = 4
+    bytes_per_block = ModelConfig.from_dir(tiny_model_dir).kv_bytes_per_token(torch.float32, 1) * block_size
+
+    def run(num_blocks: int) -> tuple[Engine, list]:
+        config = EngineConfig(
+            block_size=block_size,
+            kv_cache_bytes=num_blocks * bytes_per_block,
+            max_batch_tokens=16,
+            enable_prefix_caching=False,
+        )
+        engine = Engine(tiny_model_dir, config)
+        decode = EngineRequest(
+            "decode", list(range(100, 104)), SamplingParams(max_new_tokens=40, ignore_eos=True)
+        )
+        prompt = EngineRequest(
+            "prompt",
+            list(range(200, 240)),
+            SamplingParams(max_new_tokens=4, ignore_eos=True),
+            want_prompt_logprobs=True,
+        )
+        return engine, engine.generate([decode, prompt])["prompt"]
+
+    contended, outputs = run(11)
+    uncontended, expected = run(64)
+    assert contended.stats.num_preemptions > 0 and uncontended.stats.num_preemptions == 0
+    assert len(outputs[0].prompt_logprobs) == 40 and outputs[0].prompt_logprobs[0] is None
+    torch.testing.assert_close(
+        torch.tensor(outputs[0].prompt_logprobs[1:]), torch.tensor(expected[0].prompt_logprobs[1:])
+    )
+    assert tokens(outputs) == tokens(expected)
 
 
 def test_max_new_tokens_is_respected_with_finish_reason_length(engine):

@@ -1,10 +1,13 @@
 """The engine thread under failure: a broken step fails only the requests in flight."""
 
+import queue
+
 from loraplex.shard.engine import Engine, EngineConfig, EngineRequest
 from loraplex.shard.outputs import RequestFailed, TokenOutput
-from loraplex.shard.sampling import SamplingParams
+from loraplex.shard.sampling import SamplingParams, TokenSampler
 
-from engine_helpers import collect_outputs
+from engine_helpers import collect_outputs, tokens
+from peft_fixtures import write_peft_adapter
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_model_dir, monkeypatch):
@@ -30,5 +33,102 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_mod
         assert all(isinstance(output, TokenOutput) for output in served)
         assert served[-1].finish_reason == "length" and len(served) == 4
         assert engine.stats.kv_blocks_used == 0
+    finally:
+        engine.stop()
+
+
+def test_a_tiny_temperature_decodes_greedily_beside_other_requests(tiny_model_dir):
+    """1e-40 is a valid OpenAI temperature; dividing logits by it overflowed and failed the request (and,
+    before sampling was isolated per request, the whole batch)."""
+    engine = Engine(tiny_model_dir, EngineConfig(kv_cache_bytes=8 << 20))
+    prompt = [5, 6, 7, 8]
+    greedy = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    tiny = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=1e-40)
+    outputs = engine.generate([EngineRequest("greedy", prompt, greedy), EngineRequest("tiny", prompt, tiny)])
+    assert tokens(outputs["tiny"]) == tokens(outputs["greedy"])
+
+
+def test_a_request_whose_sampling_fails_fails_alone(tiny_model_dir, monkeypatch):
+    engine = Engine(tiny_model_dir, EngineConfig(kv_cache_bytes=8 << 20))
+    choose = TokenSampler.choose
+
+    def fails_for_seed_13(sampler, logits, context_ids):
+        if sampler.params.seed == 13:
+            raise RuntimeError("simulated: probability tensor contains nan")
+        return choose(sampler, logits, context_ids)
+
+    monkeypatch.setattr(TokenSampler, "choose", fails_for_seed_13)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True, temperature=1.0)
+    outputs = engine.generate(
+        [
+            EngineRequest("ok", [5, 6, 7], params),
+            EngineRequest("bad", [5, 6, 7], SamplingParams(max_new_tokens=4, temperature=1.0, seed=13)),
+        ]
+    )
+    assert outputs["bad"] == [RequestFailed("error", "the shard could not choose this request's next token")]
+    assert len(tokens(outputs["ok"])) == 4 and outputs["ok"][-1].finish_reason == "length"
+    assert engine.stats.kv_blocks_used == 0 and not engine.scheduler.has_work
+
+
+def test_a_slot_write_failing_at_admission_fails_its_requests_and_the_engine_keeps_serving(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """The sequence was taken off the waiting queue before its slot write raised: failing it then broke
+    the engine thread and every later request hung."""
+    engine = Engine(tiny_model_dir, EngineConfig(kv_cache_bytes=8 << 20))
+    source = write_peft_adapter(tmp_path / "a", tiny_model_dir, rank=4, targets=("q_proj",), seed=0)
+    adapter = engine.load_adapter(str(source), "a", 1)
+    write = engine.rank_adapters.write
+    calls = []
+
+    def fails_once(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("simulated: copying the adapter into its slot failed")
+        return write(*args)
+
+    monkeypatch.setattr(engine.rank_adapters, "write", fails_once)
+    engine.start()
+    try:
+        params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        failed = collect_outputs(
+            engine, EngineRequest("lora", [5, 6, 7], params, adapter=adapter), timeout=10
+        )
+        assert [output.reason for output in failed] == ["error"]  # type: ignore[union-attr]
+        for request in (
+            EngineRequest("base", [5, 6, 7], params),
+            EngineRequest("again", [5, 6, 7], params, adapter=adapter),
+        ):
+            served = collect_outputs(engine, request, timeout=10)
+            assert len(tokens(served)) == 3
+        assert engine.stats.kv_blocks_used == 0
+    finally:
+        engine.stop()
+
+
+def test_the_failure_listeners_are_told_even_if_failing_a_request_breaks(tiny_model_dir, monkeypatch):
+    engine = Engine(tiny_model_dir, EngineConfig(kv_cache_bytes=8 << 20))
+    failures: list[str] = []
+    engine.on_failure(failures.append)
+    outputs: queue.SimpleQueue = queue.SimpleQueue()
+    engine.start()
+    try:
+        engine.submit(
+            EngineRequest("long", [5, 6, 7], SamplingParams(max_new_tokens=10_000, ignore_eos=True)),
+            outputs.put,
+        )
+        assert isinstance(outputs.get(timeout=10), TokenOutput)
+
+        def broken_finish(seq):
+            raise RuntimeError("simulated: freeing the request's blocks failed")
+
+        monkeypatch.setattr(engine.scheduler, "finish", broken_finish)
+        engine._inbox.put(("fatal", "rank 1 exited"))  # how TensorParallelPeers.watch reports a lost rank
+        last = outputs.get(timeout=10)
+        while isinstance(last, TokenOutput):
+            last = outputs.get(timeout=10)
+        assert last.reason == "unavailable"
+        engine._thread.join(timeout=10)
+        assert failures == ["rank 1 exited"]
     finally:
         engine.stop()

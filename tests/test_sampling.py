@@ -9,10 +9,16 @@ from loraplex.shard.sampling import SamplingParams, TokenSampler
     [
         ("max_new_tokens", 0, "max_new_tokens"),
         ("temperature", -0.5, "temperature"),
+        ("temperature", float("nan"), "temperature"),
+        ("temperature", float("inf"), "temperature"),
         ("top_p", 0.0, "top_p"),
         ("top_p", 1.5, "top_p"),
         ("top_k", -1, "top_k"),
         ("repetition_penalty", 0.0, "repetition_penalty"),
+        ("repetition_penalty", 1e-40, "repetition_penalty"),  # a logit divided by it overflows to inf
+        ("repetition_penalty", float("inf"), "repetition_penalty"),
+        ("repetition_penalty", float("nan"), "repetition_penalty"),
+        ("top_p", float("nan"), "top_p"),
         ("top_logprobs", 21, "top_logprobs"),
         ("stop", ("",), "stop"),
     ],
@@ -29,6 +35,14 @@ def test_greedy_picks_the_argmax_and_reports_its_logprob():
     assert token.token_id == 1
     assert token.logprob == pytest.approx(float(torch.log_softmax(logits, -1)[1]))
     assert [token_id for token_id, _ in token.top] == [1, 3]
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-40, 1e-6])
+def test_a_tiny_temperature_is_greedy_instead_of_overflowing(temperature):
+    logits = torch.tensor([30.0, 1.0, -2.0, 29.9])
+    sampler = TokenSampler(SamplingParams(max_new_tokens=1, temperature=temperature, seed=0))
+    assert sampler.params.greedy
+    assert [sampler.choose(logits, [1, 3]).token_id for _ in range(5)] == [0] * 5
 
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ():

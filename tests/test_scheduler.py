@@ -169,6 +169,27 @@ def test_prompt_logprob_requests_compute_every_position():
     assert _run_step(scheduler)["wanting"] == 9
 
 
+def test_a_slot_write_that_raises_leaves_the_sequence_waiting_and_finishable():
+    failures = [RuntimeError("simulated: the slot write failed")]
+
+    def write_slot(slot, adapter):
+        if failures:
+            raise failures.pop()
+
+    scheduler = Scheduler(BlockManager(16, 4), 64, 8, AdapterSlots(1, write_slot))
+    stray = _seq("stray", 3)  # in neither queue, as a step that failed half way can leave one
+    adapted = _add_adapter_request(scheduler, "adapted", SimpleNamespace(uid=1))
+    behind = _seq("behind", 3)
+    scheduler.add(behind)
+    with pytest.raises(RuntimeError, match="slot write failed"):
+        scheduler.schedule()
+    assert list(scheduler.waiting) == [adapted, behind]
+    scheduler.finish(stray)
+    scheduler.finish(adapted)
+    assert _run_step(scheduler) == {"behind": 3}
+    assert scheduler.blocks.num_free_blocks == 15 and adapted.status is SequenceStatus.FINISHED
+
+
 def _add_adapter_request(scheduler: Scheduler, name: str, adapter: SimpleNamespace) -> Sequence:
     """A long-running request for adapter (anything with a uid stands in for a LoraAdapter here)."""
     seq = Sequence(name, [7, 8, 9], 3, SamplingParams(max_new_tokens=100), adapter=adapter)  # type: ignore[arg-type]
