@@ -30,7 +30,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_WEIGHTS_BYTES = 2 << 30  # an adapter's weights past 2 GiB are refused before being read
 MAX_CONFIG_BYTES = 1 << 20  # so is an adapter_config.json past 1 MiB (PEFT writes about 1 KiB)
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])(?:\.[^.]+)?\.weight$")
 MAX_HEADER_BYTES = 100 << 20  # what the safetensors library itself accepts
@@ -143,7 +143,7 @@ def catalogue_record(name: str, source: str, base_model: str, fit: ModelFit | No
 
 
 def validate_name(name: str) -> None:
-    if not ADAPTER_NAME.match(name):
+    if not ADAPTER_NAME.fullmatch(name):  # match's $ would let a trailing newline through
         raise InvalidAdapter(
             f"adapter name {name!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"

@@ -61,7 +61,7 @@ if not state or state == 'succeeded' or state == 'failed' then
 end
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[3])
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-return {redis.call('HGET', KEYS[1], 'request'), attempts}
+return {redis.call('HGET', KEYS[1], 'request'), attempts, redis.call('HGET', KEYS[1], 'callback_url') or ''}
 """
 
 # KEYS: record, stream. ARGV: group, entry id, ttl ms, then the outcome's field/value pairs.
@@ -102,6 +102,7 @@ class Delivery:
     job_id: str
     request: common_pb2.GenerateRequest
     attempts: int  # deliveries so far, this one included
+    callback_url: str = ""  # where the worker POSTs the outcome once stored ("": nowhere)
 
 
 class JobQueue:
@@ -222,14 +223,14 @@ class JobQueue:
         )
         if reply is None:
             return None
-        payload, attempts = reply
+        payload, attempts, callback_url = reply
         request = common_pb2.GenerateRequest()
         try:
             request.ParseFromString(payload)
         except DecodeError:
             await self.fail(job_id, entry_id, "INTERNAL", "the stored request is not a GenerateRequest")
             return None
-        return Delivery(entry_id, job_id, request, int(attempts))
+        return Delivery(entry_id, job_id, request, int(attempts), callback_url.decode())
 
     async def touch(self, consumer: str, entry_ids: list[str]) -> int:
         """Reset the idle time of entries still owned by consumer; returns how many it still owns."""

@@ -1,6 +1,11 @@
 """The registry on Redis. This module owns the whole key schema:
 
-    {ns}:adapter:{name}   hash    AdapterRecord fields (target_modules as JSON); `version` starts at 1
+    {ns}:adapter:{name}   hash    AdapterRecord fields (target_modules as JSON)
+    {ns}:adapter-version:{name}
+                          string  the last version issued under name: create INCRs it (so the
+                                  first is 1), update and delete set it to the record's version. It
+                                  outlives a delete, so a name created again goes on past its old
+                                  versions, which shards may still hold
     {ns}:adapters         set     names of every adapter in the catalogue
     {ns}:shard:{id}       string  ShardRecord JSON, written by each heartbeat with EX = ttl
     {ns}:shards           zset    shard id -> expiry time of its last heartbeat (an index; the
@@ -23,25 +28,34 @@ import redis.asyncio as redis
 
 from loraplex.registry.records import AdapterRecord, ShardRecord
 
+# KEYS: record, index, version counter. ARGV: channel, name, then the record's field/value pairs.
+# Each script returns the record as it wrote it (or found it, for delete), so callers never re-read
+# a record another change may have replaced since; an empty reply means nothing was changed.
 _CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {} end
+local version = redis.call('INCR', KEYS[3])
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], 'version', version)
 redis.call('SADD', KEYS[2], ARGV[2])
-redis.call('PUBLISH', ARGV[1], cjson.encode({op='create', name=ARGV[2], version=1}))
-return 1
+redis.call('PUBLISH', ARGV[1], cjson.encode({op='create', name=ARGV[2], version=version}))
+return redis.call('HGETALL', KEYS[1])
 """
 
+# Update and delete set the counter to the record's version: the same number, unless the record
+# predates the counter, which then catches up.
 _UPDATE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
 local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('SET', KEYS[3], version)
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('PUBLISH', ARGV[1], cjson.encode({op='update', name=ARGV[2], version=version}))
-return version
+return redis.call('HGETALL', KEYS[1])
 """
 
 _DELETE = """
 local fields = redis.call('HGETALL', KEYS[1])
 if #fields == 0 then return fields end
+redis.call('SET', KEYS[3], redis.call('HGET', KEYS[1], 'version'))
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[2])
 redis.call('PUBLISH', ARGV[1], cjson.encode({op='delete', name=ARGV[2]}))
@@ -94,15 +108,15 @@ class Registry:
     # --- catalogue -------------------------------------------------------------------------------
 
     async def create_adapter(self, record: AdapterRecord) -> AdapterRecord:
+        """Add a new adapter; its version is one past any earlier adapter of the same name."""
         now = time.time()
-        record = replace(record, version=1, created_at=now, updated_at=now)
-        created = await self._create(
-            keys=[self._adapter_key(record.name), self._adapters_key],
-            args=[self.events_channel, record.name, *_flatten(record.to_hash())],
+        record = replace(record, created_at=now, updated_at=now)
+        written = await self._create(
+            keys=self._catalogue_keys(record.name), args=self._args(record.name, record.to_hash())
         )
-        if not created:
+        if not written:
             raise AdapterExists(f"adapter {record.name!r} already exists; use update to change its source")
-        return record
+        return _from_reply(written)
 
     async def update_adapter(self, record: AdapterRecord) -> AdapterRecord:
         """Replace the adapter's source and metadata; the version goes up by one."""
@@ -110,21 +124,25 @@ class Registry:
         for kept in ("name", "version", "created_at"):
             fields.pop(kept)
         fields["updated_at"] = str(time.time())
-        version = await self._update(
-            keys=[self._adapter_key(record.name), self._adapters_key],
-            args=[self.events_channel, record.name, *_flatten(fields)],
+        written = await self._update(
+            keys=self._catalogue_keys(record.name), args=self._args(record.name, fields)
         )
-        if not version:
+        if not written:
             raise AdapterNotFound(f"adapter {record.name!r} is not registered; create it first")
-        return await self.get_adapter(record.name)
+        return _from_reply(written)
 
     async def delete_adapter(self, name: str) -> AdapterRecord:
-        fields = await self._delete(
-            keys=[self._adapter_key(name), self._adapters_key], args=[self.events_channel, name]
-        )
-        if not fields:
+        deleted = await self._delete(keys=self._catalogue_keys(name), args=[self.events_channel, name])
+        if not deleted:
             raise AdapterNotFound(f"adapter {name!r} is not registered")
-        return AdapterRecord.from_hash(dict(zip(fields[::2], fields[1::2], strict=True)))
+        return _from_reply(deleted)
+
+    def _catalogue_keys(self, name: str) -> list[str]:
+        """The KEYS of the create, update and delete scripts."""
+        return [self._adapter_key(name), self._adapters_key, f"{self._ns}:adapter-version:{name}"]
+
+    def _args(self, name: str, fields: dict[str, str]) -> list[str]:
+        return [self.events_channel, name, *_flatten(fields)]
 
     async def get_adapter(self, name: str) -> AdapterRecord:
         fields = await self._redis.hgetall(self._adapter_key(name))
@@ -180,3 +198,8 @@ class Registry:
 
 def _flatten(fields: dict[str, str]) -> list[str]:
     return [item for pair in fields.items() for item in pair]
+
+
+def _from_reply(fields: list[str]) -> AdapterRecord:
+    """The record from a script's HGETALL reply (a flat field, value list)."""
+    return AdapterRecord.from_hash(dict(zip(fields[::2], fields[1::2], strict=True)))

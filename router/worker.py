@@ -6,14 +6,21 @@ an entry left idle longer than `claim_idle_s` belongs to a dead worker and is re
 Results are stored exactly once (registry/jobs.py), so a job run twice after a reclaim is harmless.
 SIGTERM drains: no new reads, in-flight jobs finish (up to `drain_timeout_s`), then exit; whatever is
 left unfinished stays pending and another worker reclaims it.
+A job submitted with a callback_url has its outcome POSTed there by the worker that stored it, once,
+best-effort: a few tries, each with a short timeout; a callback that fails is logged, and the stored
+outcome stands either way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
+import json
 import logging
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -27,10 +34,12 @@ from loraplex.protos.rpc import stop_on_signals
 from loraplex.protos.telemetry import configure_tracing, metadata_for
 from loraplex.protos.v1 import common_pb2, generation_pb2_grpc
 from loraplex.registry.jobs import DEFAULT_TTL_S, Delivery, JobQueue
+from loraplex.router.gateway.jobs_api import job_to_dict
 
 log = logging.getLogger("loraplex.worker")
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 STORE_ERRORS = (redis.exceptions.RedisError, OSError)
+CALLBACK_ERRORS = (OSError, http.client.HTTPException, ValueError)  # urllib's HTTPError is an OSError
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,8 @@ class WorkerConfig:
     read_block_ms: int = 1000  # also bounds how long SIGTERM waits for the read loop
     backlog_interval_s: float = 1.0
     drain_timeout_s: float = 30.0
+    callback_timeout_s: float = 5.0  # per POST to a job's callback_url
+    callback_attempts: int = 3  # POSTs at most, backing off as Generate retries do
 
 
 class Failure(NamedTuple):
@@ -177,6 +188,8 @@ class Worker:
             return
         if stored:
             counter.inc()
+            if delivery.callback_url:
+                await self._call_back(delivery)
         else:
             log.info(
                 "job %s had already finished (or expired); this run's outcome is dropped", delivery.job_id
@@ -199,6 +212,30 @@ class Worker:
             await asyncio.sleep(config.retry_backoff_s * 2**attempt)
         raise AssertionError("unreachable")
 
+    async def _call_back(self, delivery: Delivery) -> None:
+        """POST the stored outcome, as GET /v1/async/jobs/{id} shows it, to the job's callback_url;
+        retried on connection errors and 5xx answers, never on 4xx."""
+        config, url = self._config, delivery.callback_url
+        try:
+            job = await self._queue.get(delivery.job_id)
+        except STORE_ERRORS as error:
+            log.warning("job %s: could not read its outcome for the callback: %s", delivery.job_id, error)
+            return
+        if job is None:
+            return
+        body = json.dumps(job_to_dict(job)).encode()
+        for attempt in range(config.callback_attempts):
+            if attempt:
+                await asyncio.sleep(config.retry_backoff_s * 2 ** (attempt - 1))
+            try:
+                await asyncio.to_thread(_post_json, url, body, config.callback_timeout_s)
+                return
+            except CALLBACK_ERRORS as error:
+                tries = f"try {attempt + 1} of {config.callback_attempts}"
+                log.warning("job %s: callback to %s failed (%s): %s", delivery.job_id, url, tries, error)
+                if isinstance(error, urllib.error.HTTPError) and error.code < 500:
+                    return
+
     async def _keep_entries_fresh(self) -> None:
         """Reset the idle time of running jobs, so a long generation is not reclaimed while alive."""
         while True:
@@ -216,6 +253,14 @@ class Worker:
             except STORE_ERRORS as error:
                 log.warning("could not read the job backlog: %s", error)
             await asyncio.sleep(self._config.backlog_interval_s)
+
+
+def _post_json(url: str, body: bytes, timeout_s: float) -> None:
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+        reply.read()
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

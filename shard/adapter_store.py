@@ -111,6 +111,7 @@ class AdapterStore:
         self.max_cpu_adapters = max_cpu_adapters
         self.disk = disk
         self._adapters: OrderedDict[Key, LoraAdapter] = OrderedDict()  # least recently used first
+        self._checksums: dict[Key, str] = {}  # of the weights each held adapter was loaded from
         self._refs: dict[Key, int] = {}
         self._loading: dict[Key, asyncio.Task[tuple[LoraAdapter, str]]] = {}
         self._dropped_while_loading: set[Key] = set()
@@ -126,6 +127,10 @@ class AdapterStore:
         """acquire, and the tier the adapter came from: "cpu" (already in memory), "disk" (the disk
         cache) or "source" (a request that waited on another's load gets that load's tier)."""
         key = (name, version)
+        if checksum and key in self._adapters and self._checksums[key] != checksum:
+            # other weights under this (name, version): a registry that was reset, or one from before
+            # versions outlived a delete, issued it again; never serve the old ones for the new record
+            self.drop(name, version)
         adapter = self._adapters.get(key)
         tier = "cpu"
         if adapter is not None:
@@ -152,6 +157,7 @@ class AdapterStore:
             if key[0] == name and version in (0, key[1])
         ]
         for adapter in dropped:
+            del self._checksums[(adapter.name, adapter.version)]
             self._on_evict(adapter)
             if self.disk is not None:
                 self.disk.drop(adapter.name, adapter.version)
@@ -184,6 +190,7 @@ class AdapterStore:
                 self.disk.drop(*key)
             return adapter, tier
         self._adapters[key] = adapter
+        self._checksums[key] = checksum
         return adapter, tier
 
     def _load_from_tiers(self, source: str, key: Key, checksum: str) -> tuple[LoraAdapter, str]:
@@ -203,5 +210,6 @@ class AdapterStore:
             if len(self._adapters) <= self.max_cpu_adapters:
                 return
             if key not in self._refs:
+                del self._checksums[key]
                 self._on_evict(self._adapters.pop(key))
                 self.counters.evictions += 1

@@ -14,8 +14,8 @@ from loraplex.protos.metrics import DEFAULT_ADAPTER_LABELS, AdapterLabels, serve
 from loraplex.protos.rpc import create_server, set_not_serving, set_serving, stop_on_signals
 from loraplex.protos.telemetry import configure_tracing
 from loraplex.protos.v1 import shard_pb2, shard_pb2_grpc
-from loraplex.registry.adapter_source import catalogue_record
-from loraplex.registry.records import HeldAdapter, ShardRecord
+from loraplex.registry.adapter_source import IncompatibleAdapter, InvalidAdapter, ModelFit, catalogue_record
+from loraplex.registry.records import AdapterRecord, HeldAdapter, ShardRecord
 from loraplex.registry.store import AdapterExists, Registry
 from loraplex.shard.adapter_store import AdapterStore, DiskCache
 from loraplex.shard.catalogue_follower import CatalogueFollower
@@ -52,12 +52,14 @@ class ShardConfig:
 
 
 class ShardFailed(RuntimeError):
-    """The shard could not go on (it lost a tensor-parallel rank); it went down cleanly."""
+    """The shard could not start (a preloaded adapter is bad) or go on (it lost a tensor-parallel rank);
+    it went down cleanly."""
 
 
 async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set (or SIGINT/SIGTERM when stop is None). ShardFailed: the engine
-    failed for good (a tensor-parallel rank died); the shard has deregistered and stopped."""
+    """Serve until `stop` is set (or SIGINT/SIGTERM when stop is None). ShardFailed: a preloaded
+    adapter is bad and the shard never started, or the engine failed for good (a tensor-parallel rank
+    died) and the shard has deregistered and stopped."""
     stop = stop or stop_on_signals()
     configure_tracing("loraplex-shard", instance_id=config.shard_id)
     model_dir = await asyncio.to_thread(resolve_model, config.model, config.cache_dir)
@@ -80,7 +82,13 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
     serve_metrics(config.metrics_port, metrics.registry)
     service = ShardService(engine, adapters, config.shard_id, address, model_dir.name, metrics)
     registry = Registry(config.redis_url, config.namespace)
-    await _preload(registry, adapters, config.preload, model_dir.name)
+    fit = ModelFit(engine.model.lora_targets(), engine.config.max_lora_rank)
+    try:
+        await _preload(registry, adapters, config.preload, model_dir.name, fit)
+    except BaseException:
+        await asyncio.to_thread(engine.stop)
+        await registry.close()
+        raise
     shard_pb2_grpc.add_ShardServicer_to_server(service, server)
     await server.start()
     await set_serving(health, [SERVICE_NAME])
@@ -111,20 +119,39 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
 
 
 async def _preload(
-    registry: Registry, adapters: AdapterStore, preload: tuple[tuple[str, str], ...], base_model: str
+    registry: Registry,
+    adapters: AdapterStore,
+    preload: tuple[tuple[str, str], ...],
+    base_model: str,
+    fit: ModelFit,
 ) -> None:
     """Register each (name, source) unless the catalogue has it already, then load it into memory, so
-    the first request finds it warm (TGI's LORA_ADAPTERS). A bad adapter stops the shard from starting."""
+    the first request finds it warm (TGI's LORA_ADAPTERS). ShardFailed: a bad adapter, or one that does
+    not fit this shard's model (checked before it is registered), stops the shard from starting."""
     for name, source in preload:
-        wanted = await asyncio.to_thread(catalogue_record, name, source, base_model)
         try:
-            record = await registry.create_adapter(wanted)
-        except AdapterExists:
-            record = await registry.get_adapter(name)
-            if record.checksum != wanted.checksum:
-                log.warning("adapter %s is registered with other weights; serving the registered ones", name)
-        adapters.release(await adapters.acquire(record.source, record.name, record.version, record.checksum))
+            record = await _register(registry, name, source, base_model, fit)
+            adapters.release(
+                await adapters.acquire(record.source, record.name, record.version, record.checksum)
+            )
+        except (InvalidAdapter, IncompatibleAdapter) as error:
+            raise ShardFailed(f"cannot preload adapter {name!r} from {source}: {error}") from error
         log.info("preloaded adapter %s v%d", record.name, record.version)
+
+
+async def _register(
+    registry: Registry, name: str, source: str, base_model: str, fit: ModelFit
+) -> AdapterRecord:
+    """The catalogue's record for name: the one registered, else one made from source once it is known
+    to fit this shard's model (an adapter that does not is never registered)."""
+    wanted = await asyncio.to_thread(catalogue_record, name, source, base_model, fit)
+    try:
+        return await registry.create_adapter(wanted)
+    except AdapterExists:
+        record = await registry.get_adapter(name)
+        if record.checksum != wanted.checksum:
+            log.warning("adapter %s is registered with other weights; serving the registered ones", name)
+        return record
 
 
 def _record(service: ShardService, engine: Engine) -> ShardRecord:

@@ -43,7 +43,7 @@ def test_missing_or_unconfigured_sources_are_refused(source):
         read_metadata(source)
 
 
-@pytest.mark.parametrize("name", ["", "-x", "a/b", "x" * 129, "spaces no"])
+@pytest.mark.parametrize("name", ["", "-x", "a/b", "x" * 129, "spaces no", "demo\n"])
 def test_bad_names_are_refused(name):
     with pytest.raises(InvalidAdapter, match="name"):
         validate_name(name)

@@ -59,6 +59,30 @@ def test_dropping_a_busy_adapter_frees_its_slot_when_its_last_user_leaves():
     assert slots.held() == []
 
 
+def test_a_dropped_adapter_taken_again_by_a_waiting_request_leaves_its_slot_when_that_ends():
+    """An update drops version 1 while a request for it still waits: it may still run on its copy,
+    but the copy must not stay in a slot (and be advertised at GPU tier) afterwards."""
+    slots = AdapterSlots(2)
+    old = _fake("x")
+    slots.release(slots.acquire(old))
+    slots.drop(old.uid)  # idle: freed at once
+    assert slots.held() == []
+    late = slots.acquire(old)  # the request still waiting for the old version is admitted
+    assert slots.held() == [old]
+    slots.release(late)
+    assert slots.held() == []
+
+
+def test_an_adapter_dropped_while_busy_leaves_its_slot_each_time_it_goes_idle():
+    slots = AdapterSlots(2)
+    old = _fake("x")
+    running = slots.acquire(old)
+    slots.drop(old.uid)
+    slots.release(running)
+    slots.release(slots.acquire(old))
+    assert slots.held() == []
+
+
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_model_dir):
     return Engine(tiny_model_dir, EngineConfig(kv_cache_bytes=16 << 20, max_gpu_adapters=4))
@@ -277,5 +301,23 @@ def test_a_call_waiting_for_its_adapter_load_counts_in_the_shards_load(tiny_engi
         finally:
             release_load.set()
             await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_a_name_and_version_back_with_other_weights_is_reloaded_not_served_stale(tiny_engine, fifty_adapters):
+    """A reset registry may issue (name, version) again for other weights: the record's checksum tells."""
+    old_source, new_source = str(fifty_adapters[10]), str(fifty_adapters[13])  # both adapt o_proj
+    evicted: list[LoraAdapter] = []
+
+    async def scenario() -> None:
+        store = AdapterStore(tiny_engine.load_adapter, 4, on_evict=evicted.append)
+        old = await store.acquire(old_source, "reused", 1, read_metadata(old_source).checksum)
+        store.release(old)
+        new = await store.acquire(new_source, "reused", 1, read_metadata(new_source).checksum)
+        expected = tiny_engine.load_adapter(new_source, "x", 1).layers[0]["o_proj"][0]
+        assert torch.equal(new.layers[0]["o_proj"][0], expected), "the new record's weights are served"
+        assert evicted == [old] and store.held() == [("reused", 1)]
+        store.release(new)
 
     asyncio.run(scenario())

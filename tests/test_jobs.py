@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -24,6 +27,7 @@ from loraplex.protos.v1 import (
     jobs_pb2_grpc,
 )
 from loraplex.registry.jobs import GROUP, JobQueue
+from loraplex.router.gateway.jobs_api import job_to_dict
 from loraplex.tools.local_mesh import start_mesh
 from loraplex.tools.processes import free_port, loraplex_command, spawn, stop_all
 
@@ -279,8 +283,10 @@ def _wait_for_jobs(jobs, job_ids: list[str], timeout_s: float = 60) -> list[jobs
     return [jobs.Get(jobs_pb2.GetJobRequest(job_id=i), timeout=10) for i in job_ids]
 
 
-def _submit(jobs, request: common_pb2.GenerateRequest) -> str:
-    return jobs.Submit(jobs_pb2.SubmitJobRequest(request=request), timeout=10).job_id
+def _submit(jobs, request: common_pb2.GenerateRequest, callback_url: str = "") -> str:
+    return jobs.Submit(
+        jobs_pb2.SubmitJobRequest(request=request, callback_url=callback_url), timeout=10
+    ).job_id
 
 
 def _code(call) -> tuple[grpc.StatusCode, str]:
@@ -392,3 +398,79 @@ def test_sigterm_drains_the_jobs_in_flight_before_the_worker_exits(jobs, workers
 
     workers.start("worker-e")  # the rest is still queued for the next worker
     assert [job.state for job in _wait_for_jobs(jobs, job_ids)] == [SUCCEEDED] * 40
+
+
+class CallbackReceiver:
+    """A local HTTP endpoint recording the JSON POSTed to each path (and the content types sent); the
+    first POST to a path under /flaky/ is answered 503."""
+
+    def __init__(self) -> None:
+        self.posts: dict[str, list[dict]] = {}
+        self.content_types: set[str] = set()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                receiver.content_types.add(self.headers["Content-Type"])
+                posts = receiver.posts.setdefault(self.path, [])
+                posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(503 if self.path.startswith("/flaky/") and len(posts) == 1 else 204)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def wait_for(self, path: str, count: int) -> list[dict]:
+        assert _wait_until(lambda: len(self.posts.get(path, [])) >= count, 15), f"{path}: {self.posts}"
+        return self.posts[path]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    receiver = CallbackReceiver()
+    yield receiver
+    receiver.close()
+
+
+def test_a_finished_job_posts_its_outcome_as_the_gateway_shows_it_to_its_callback_url(
+    jobs, workers, receiver
+):
+    ok_id = _submit(jobs, _request(), f"{receiver.url}/hooks/ok")
+    bad_id = _submit(jobs, _request(max_new_tokens=0), f"{receiver.url}/hooks/bad")
+    workers.start("worker-c")
+    ok_job, bad_job = _wait_for_jobs(jobs, [ok_id, bad_id])
+
+    (ok_post,) = receiver.wait_for("/hooks/ok", 1)
+    assert ok_post == job_to_dict(ok_job) and ok_post["status"] == "succeeded"
+    assert ok_post["result"]["usage"]["completion_tokens"] == 4
+    (bad_post,) = receiver.wait_for("/hooks/bad", 1)
+    assert bad_post == job_to_dict(bad_job) and bad_post["status"] == "failed"
+    assert bad_post["error"]["code"] == "invalid_argument"
+    assert receiver.content_types == {"application/json"}
+
+
+def test_a_failing_callback_is_retried_a_little_and_never_changes_the_stored_outcome(
+    jobs, workers, receiver, tmp_path
+):
+    flaky_id = _submit(jobs, _request(), f"{receiver.url}/flaky/1")
+    nobody_url = f"http://127.0.0.1:{free_port()}/nobody-listens"
+    nobody_id = _submit(jobs, _request(), nobody_url)
+    workers.start("worker-r")
+    flaky_job, nobody_job = _wait_for_jobs(jobs, [flaky_id, nobody_id])
+    first, second = receiver.wait_for("/flaky/1", 2)  # 503, then delivered
+    assert first == second == job_to_dict(flaky_job)
+
+    log = tmp_path / "worker-r.log"
+    assert _wait_until(lambda: "(try 3 of 3)" in log.read_text(), 15), "the unreachable callback gave up"
+    assert log.read_text().count(f"callback to {nobody_url} failed") == 3
+    assert (flaky_job.state, nobody_job.state) == (SUCCEEDED, SUCCEEDED)
+    assert jobs.Get(jobs_pb2.GetJobRequest(job_id=nobody_id), timeout=10) == nobody_job
+    assert len(receiver.posts["/flaky/1"]) == 2, "a delivered callback is not sent again"

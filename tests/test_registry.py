@@ -72,6 +72,42 @@ def test_delete_removes_record_and_index(redis_url, namespace):
     run(scenario())
 
 
+def test_a_name_created_again_after_its_delete_goes_on_past_its_old_versions(redis_url, namespace):
+    """Shards may still hold the old versions: a new adapter under the name must never share one."""
+
+    async def scenario():
+        registry = Registry(redis_url, namespace)
+        await registry.create_adapter(_record())
+        await registry.update_adapter(_record(source="/adapters/v2"))
+        assert (await registry.delete_adapter("support-bot")).version == 2
+        again = await registry.create_adapter(_record(source="/adapters/other"))
+        assert (again.version, again.source) == (3, "/adapters/other")
+        assert await registry.get_adapter("support-bot") == again
+        assert (await registry.create_adapter(_record("fresh"))).version == 1
+        await registry.close()
+
+    run(scenario())
+
+
+def test_each_write_returns_the_record_it_wrote_however_writes_interleave(redis_url, namespace):
+    async def scenario():
+        registry = Registry(redis_url, namespace)
+        await registry.create_adapter(_record())
+        sources = [f"/adapters/u{i}" for i in range(20)]
+        updated = await asyncio.gather(*(registry.update_adapter(_record(source=s)) for s in sources))
+        assert [record.source for record in updated] == sources
+        assert sorted(record.version for record in updated) == list(range(2, 22))
+
+        update, delete = await asyncio.gather(
+            registry.update_adapter(_record(source="/adapters/last")), registry.delete_adapter("support-bot")
+        )
+        assert (update.source, update.version) == ("/adapters/last", 22), "applied, so not NOT_FOUND"
+        assert (delete.source, delete.version) == ("/adapters/last", 22)
+        await registry.close()
+
+    run(scenario())
+
+
 def test_every_change_is_announced_on_the_events_channel(redis_url, namespace):
     async def scenario():
         registry = Registry(redis_url, namespace)

@@ -1,5 +1,7 @@
 """Shard start-up options: preloaded adapters (--adapters / LORA_ADAPTERS) and the SageMaker LMI aliases."""
 
+import asyncio
+
 import grpc
 import pytest
 
@@ -11,6 +13,9 @@ from loraplex.protos.v1 import (
     shard_pb2,
     shard_pb2_grpc,
 )
+from loraplex.registry.store import Registry
+from loraplex.shard.engine import EngineConfig
+from loraplex.shard.server import ShardConfig, ShardFailed, serve
 from loraplex.tools.cli import build_parser, parse_adapter_list
 from loraplex.tools.env_defaults import parse_args
 from loraplex.tools.local_mesh import start_mesh
@@ -68,3 +73,33 @@ def test_preloaded_adapters_are_registered_warm_and_served(tiny_model_dir, redis
         assert (reply.served_by.adapter, reply.usage.completion_tokens) == ("support", 3)
     finally:
         mesh.stop()
+
+
+def test_a_preloaded_adapter_that_does_not_fit_the_model_stops_the_shard_before_it_is_registered(
+    tiny_model_dir, smollm2_dir, redis_url, namespace, tmp_path
+):
+    """Written for SmolLM2 (hidden 576), not the tiny model (hidden 64): no record may outlive the refusal."""
+    source = write_peft_adapter(tmp_path / "wide", smollm2_dir, rank=4, targets=("q_proj",))
+    config = ShardConfig(
+        shard_id="preloading",
+        model=str(tiny_model_dir),
+        cache_dir=tmp_path / "cache",
+        redis_url=redis_url,
+        port=0,
+        namespace=namespace,
+        engine=EngineConfig(kv_cache_bytes=16 << 20),
+        preload=(("wide", str(source)),),
+    )
+
+    async def scenario() -> list:
+        with pytest.raises(
+            ShardFailed, match=r"cannot preload adapter 'wide' from .*do not fit the base model"
+        ):
+            await asyncio.wait_for(serve(config, asyncio.Event()), timeout=120)
+        registry = Registry(redis_url, namespace)
+        try:
+            return await registry.list_adapters()
+        finally:
+            await registry.close()
+
+    assert asyncio.run(scenario()) == []
