@@ -28,7 +28,7 @@ from loraplex.router.channels import ShardChannels
 from loraplex.router.convert import adapter_to_pb, collect_response
 from loraplex.router.metrics import RouterMetrics
 from loraplex.router.placement import DEFAULT_CAPACITY_FACTOR, Placement, place
-from loraplex.router.snapshot import SnapshotKeeper
+from loraplex.router.snapshot import RoutingSnapshot, SnapshotKeeper
 
 log = logging.getLogger("loraplex.router")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
@@ -112,7 +112,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         span = telemetry.start_child(self._tracer, "router.route", parent)
         try:
             snapshot = self._snapshots.current
-            adapter = resolve_adapter(request.adapter, snapshot.adapters)
+            adapter = resolve_adapter(request.adapter, snapshot)
             too_small = _below_rank(adapter, snapshot.shards)
             if too_small and len(too_small) == len(snapshot.shards):
                 raise ServiceError(
@@ -132,6 +132,12 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             if self._metrics is not None:
                 self._metrics.decisions.labels(placement.reason).inc()
             candidates = placement.shards
+            if not candidates and snapshot.shards:
+                raise ServiceError.unavailable(
+                    f"all {len(snapshot.shards)} live shards are left out: calls to them failed in the "
+                    f"last {self._suspect_for_s:g} s, or the adapter's rank is above their limit; "
+                    "retry shortly"
+                )
             if not candidates:
                 raise ServiceError.unavailable(
                     "no live shard is registered; start a shard or wait for one to join"
@@ -247,13 +253,19 @@ def _below_rank(adapter: AdapterRecord | None, shards: tuple[ShardRecord, ...]) 
     return {shard.shard_id for shard in shards if 0 < shard.max_lora_rank < adapter.rank}
 
 
-def resolve_adapter(name: str, adapters: dict[str, AdapterRecord]) -> AdapterRecord | None:
-    """The catalogue record a request names (None for the base model); NOT_FOUND if unregistered."""
+def resolve_adapter(name: str, snapshot: RoutingSnapshot) -> AdapterRecord | None:
+    """The catalogue record a request names (None for the base model); NOT_FOUND if unregistered,
+    UNAVAILABLE while this router has never read the catalogue (Redis was down since it started)."""
     if not name:
         return None
-    if name not in adapters:
-        raise ServiceError.not_found(
-            f"adapter {name!r} is not registered; list adapters with Adapters/List "
-            "(`loraplex adapters ls`) or leave `adapter` empty for the base model"
+    if name in snapshot.adapters:
+        return snapshot.adapters[name]
+    if not snapshot.taken_at:
+        raise ServiceError.unavailable(
+            f"cannot tell whether adapter {name!r} is registered: this router has not yet read the "
+            "registry (is Redis reachable?); retry shortly"
         )
-    return adapters[name]
+    raise ServiceError.not_found(
+        f"adapter {name!r} is not registered; list adapters with Adapters/List "
+        "(`loraplex adapters ls`) or leave `adapter` empty for the base model"
+    )

@@ -28,7 +28,7 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
         self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.SubmitJobResponse:
         _check_input(request.request)
-        resolve_adapter(request.request.adapter, self._snapshots.current.adapters)
+        resolve_adapter(request.request.adapter, self._snapshots.current)
         _check_callback_url(request.callback_url)
         job_id = await _call(self._queue.submit(request.request, request.callback_url))
         return jobs_pb2.SubmitJobResponse(job_id=job_id)

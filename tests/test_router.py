@@ -158,3 +158,44 @@ def test_an_adapter_goes_only_to_shards_whose_rank_limit_holds_it(redis_url, nam
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_router_that_never_read_the_catalogue_answers_unavailable_not_not_found(namespace):
+    """Redis unreachable since the router started: it cannot know the adapter, so it must not say the
+    adapter does not exist (the gateway would answer 404)."""
+
+    async def routed(generation) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await generation.Generate(common_pb2.GenerateRequest(prompt="hi", adapter="support"), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "not yet read the registry" in refused.value.details()
+
+    asyncio.run(_with_router(f"redis://127.0.0.1:{free_port()}/0", namespace, routed))
+
+
+def test_every_live_shard_left_out_after_failures_says_so(redis_url, namespace):
+    """The only live shard refuses connections: the first call fails over to nothing, and the next one
+    is told the shard is being avoided, not that no shard is registered."""
+
+    async def scenario() -> None:
+        registry = Registry(redis_url, namespace)
+        record = ShardRecord(
+            "gone", f"127.0.0.1:{free_port()}", "m", max_context=2048, max_running_requests=8
+        )
+        await registry.heartbeat(record, ttl_s=60)
+
+        async def routed(generation) -> None:
+            request = common_pb2.GenerateRequest(prompt="hi")
+            with pytest.raises(grpc.aio.AioRpcError, match="every candidate shard failed"):
+                await generation.Generate(request, timeout=30)
+            with pytest.raises(grpc.aio.AioRpcError) as avoided:
+                await generation.Generate(request, timeout=30)
+            assert avoided.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "all 1 live shards are left out" in avoided.value.details()
+
+        try:
+            await _with_router(redis_url, namespace, routed)
+        finally:
+            await registry.close()
+
+    asyncio.run(scenario())
