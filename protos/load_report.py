@@ -1,8 +1,8 @@
-"""A shard's load, sent back in the trailing metadata of every Generate call it completes (as gRPC's
-ORCA load reports are): each router then learns a shard's outstanding requests whenever one of its
-own calls to it ends, not only from heartbeats, which are up to a heartbeat interval plus a registry
-refresh old. Routers that do not coordinate see one another's traffic sooner, and keep closer to the
-load bound."""
+"""A shard's load, sent back as each request ends (as gRPC's ORCA load reports are): in the trailing
+metadata of a Generate call, and as `outstanding_requests` on a GenerateMany request's last event.
+Each router then learns a shard's outstanding requests whenever one of its own requests to it ends,
+not only from heartbeats, which are up to a heartbeat interval plus a registry refresh old. Routers
+that do not coordinate see one another's traffic sooner, and keep closer to the load bound."""
 
 from __future__ import annotations
 
