@@ -3,20 +3,25 @@ cache (disk tier). A request for a cold adapter is served from the first tier th
 GPU slot (engine) > CPU > disk > the adapter's source.
 
 CPU tier: least recently used first out past `max_cpu_adapters`, but never an adapter a request in
-flight uses (the tier may run over its limit until that request ends). Disk tier: copies of the
-adapters' two files under `disk_cache_dir`, least recently used first out past `max_bytes`. Disk
-entries are keyed by the weights' checksum as well as name and version, so a cache that outlives the
-process (or a registry) never serves other weights under a reused name.
+flight uses or waits for (the tier may run over its limit until that request ends). Disk tier: copies
+of the adapters' two files under `disk_cache_dir`, least recently used first out past `max_bytes`, but
+never one being fetched or read. Disk entries are keyed by the weights' checksum as well as name and
+version, so a cache that outlives the process (or a registry) never serves other weights under a
+reused name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import secrets
 import shutil
+import tempfile
+import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from loraplex.registry.adapter_source import CONFIG_FILE, WEIGHTS_FILE, InvalidAdapter, read_adapter_files
@@ -28,12 +33,22 @@ Key = tuple[str, int]  # (name, version)
 
 
 class DiskCache:
+    """Thread-safe: loads for several adapters fetch at once from loader threads. The bookkeeping
+    (hit check, publishing an entry, choosing what to evict, sizes) runs under one lock; the slow parts
+    run outside it: the read from the source and the write of the copy (into a staging directory only
+    that fetch uses), and the removal of evicted entries (renamed aside under the lock). An entry being
+    fetched or read (see `pinned_copy`) is never evicted."""
+
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.counters = TierCounters()
         self._seen: set[Key] = set()
+        self._lock = threading.Lock()
+        self._pins: Counter[str] = Counter()  # entry name -> fetches and reads of it in progress
         directory.mkdir(parents=True, exist_ok=True)
+        for leftover in [*directory.glob(".*.partial"), *directory.glob(".*.evicted")]:  # a process died
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def local_copy(self, source: str, name: str, version: int, checksum: str) -> Path:
         """A directory holding the adapter's files, fetched from `source` on a miss."""
@@ -41,57 +56,129 @@ class DiskCache:
 
     def fetch(self, source: str, name: str, version: int, checksum: str) -> tuple[Path, bool]:
         """local_copy, and whether it was already here (a hit) rather than fetched from `source`."""
-        entry = self.directory / f"{name}-v{version}-{checksum}"
-        if (entry / WEIGHTS_FILE).is_file():
-            self._seen.add((name, version))
-            self.counters.hits += 1
-            entry.touch()  # recency for eviction
-            return entry, True
+        with self.pinned_copy(source, name, version, checksum) as found:
+            return found
+
+    @contextlib.contextmanager
+    def pinned_copy(self, source: str, name: str, version: int, checksum: str) -> Iterator[tuple[Path, bool]]:
+        """fetch, the entry kept from eviction until the block ends, so the caller can read it."""
+        entry = self.directory / _entry_name(name, version, checksum)
+        with self._lock:
+            self._pins[entry.name] += 1
+        try:
+            yield self._fetch_pinned(source, entry, (name, version), checksum)
+        finally:
+            with self._lock:
+                self._pins[entry.name] -= 1
+                if not self._pins[entry.name]:
+                    del self._pins[entry.name]
+
+    def drop(self, name: str, version: int) -> None:
+        with self._lock:
+            doomed = [
+                _set_aside(entry) for entry in self._entries() if _key_of(entry.name) == (name, version)
+            ]
+            self._seen.discard((name, version))
+        _remove(doomed)
+
+    def held(self) -> list[Key]:
+        """Adapters asked for since start whose files are here (older entries are not advertised:
+        their names may belong to another registry; they still serve as hits)."""
+        with self._lock:
+            return sorted(self._seen)
+
+    def _fetch_pinned(self, source: str, entry: Path, key: Key, checksum: str) -> tuple[Path, bool]:
+        with self._lock:
+            if (entry / WEIGHTS_FILE).is_file():
+                self._seen.add(key)
+                self.counters.hits += 1
+                entry.touch()  # recency for eviction
+                return entry, True
         started = time.perf_counter()
         config_bytes, weights = read_adapter_files(source)
         if hashlib.sha256(weights).hexdigest() != checksum:
             raise InvalidAdapter(
                 f"the weights at {source} changed since the adapter was registered; update the adapter"
             )
-        staging = self.directory / f".{entry.name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        (staging / CONFIG_FILE).write_bytes(config_bytes)
-        (staging / WEIGHTS_FILE).write_bytes(weights)
-        shutil.rmtree(entry, ignore_errors=True)
-        staging.rename(entry)
-        self._seen.add((name, version))
-        self.counters.record_load(time.perf_counter() - started)
-        self._evict(keep=entry)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".partial", dir=self.directory))
+        try:
+            (staging / CONFIG_FILE).write_bytes(config_bytes)
+            (staging / WEIGHTS_FILE).write_bytes(weights)
+            with self._lock:
+                if not (entry / WEIGHTS_FILE).is_file():  # else another fetch of it published first
+                    shutil.rmtree(entry, ignore_errors=True)  # a copy missing its weights
+                    staging.rename(entry)
+                self._seen.add(key)
+                self.counters.record_load(time.perf_counter() - started)
+                doomed = self._evict()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        _remove(doomed)
         return entry, False
 
-    def drop(self, name: str, version: int) -> None:
-        for entry in self.directory.glob(f"{name}-v{version}-*"):
-            shutil.rmtree(entry, ignore_errors=True)
-        self._seen.discard((name, version))
+    def _entries(self) -> list[Path]:
+        return [entry for entry in self.directory.iterdir() if not entry.name.startswith(".")]
 
-    def held(self) -> list[Key]:
-        """Adapters asked for since start whose files are here (older entries are not advertised:
-        their names may belong to another registry; they still serve as hits)."""
-        return sorted(self._seen)
-
-    def _evict(self, keep: Path) -> None:
+    def _evict(self) -> list[Path | None]:
+        """Least recently used entries out until the cache fits, skipping pinned ones (the lock is held);
+        they are set aside for the caller to remove. An entry that vanished meanwhile is skipped."""
         entries = sorted(
-            (e for e in self.directory.iterdir() if not e.name.startswith(".")),
-            key=lambda e: e.stat().st_mtime,
+            ((mtime, entry) for entry in self._entries() if (mtime := _mtime(entry)) is not None),
+            key=lambda item: item[0],
         )
-        total = sum(_size(entry) for entry in entries)
-        for entry in entries:
+        sizes = {entry: _size(entry) for _, entry in entries}
+        total, doomed = sum(sizes.values()), []
+        for _, entry in entries:
             if total <= self.max_bytes:
                 break
-            if entry != keep:
-                total -= _size(entry)
-                shutil.rmtree(entry, ignore_errors=True)
+            if entry.name not in self._pins:
+                total -= sizes[entry]
+                doomed.append(_set_aside(entry))
                 self.counters.evictions += 1
+        return doomed
+
+
+def _entry_name(name: str, version: int, checksum: str) -> str:
+    return f"{name}-v{version}-{checksum}"
+
+
+def _key_of(entry_name: str) -> Key | None:
+    """(name, version) of an entry. Names may hold "-" but a version and a checksum (hex) never do, so
+    the name is whatever comes before the last two parts; None for a foreign file."""
+    parts = entry_name.rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].startswith("v") or not parts[1][1:].isdigit():
+        return None
+    return parts[0], int(parts[1][1:])
+
+
+def _set_aside(entry: Path) -> Path | None:
+    """Rename an entry out of the cache's view at once (cheap, under the lock); None if already gone."""
+    aside = entry.with_name(f".{entry.name}.{secrets.token_hex(4)}.evicted")
+    try:
+        entry.rename(aside)
+    except FileNotFoundError:
+        return None
+    return aside
+
+
+def _remove(entries: list[Path | None]) -> None:
+    for entry in entries:
+        if entry is not None:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _mtime(entry: Path) -> float | None:
+    try:
+        return entry.stat().st_mtime
+    except FileNotFoundError:
+        return None
 
 
 def _size(entry: Path) -> int:
-    return sum(file.stat().st_size for file in entry.iterdir())
+    try:
+        return sum(file.stat().st_size for file in entry.iterdir())
+    except FileNotFoundError:
+        return 0
 
 
 class AdapterStore:
@@ -131,19 +218,27 @@ class AdapterStore:
             # other weights under this (name, version): a registry that was reset, or one from before
             # versions outlived a delete, issued it again; never serve the old ones for the new record
             self.drop(name, version)
-        adapter = self._adapters.get(key)
-        tier = "cpu"
-        if adapter is not None:
-            self.counters.hits += 1
-            self._adapters.move_to_end(key)
-        else:
-            adapter, tier = await self._load_once(source, key, checksum)
+        # counted before waiting for a load: once the load puts the adapter in this tier, other calls
+        # may evict before this one resumes, and must not take the adapter it is about to be handed
         self._refs[key] = self._refs.get(key, 0) + 1
-        self._evict()  # after counting this use, so the adapter just loaded is never the one to go
+        try:
+            adapter = self._adapters.get(key)
+            tier = "cpu"
+            if adapter is not None:
+                self.counters.hits += 1
+                self._adapters.move_to_end(key)
+            else:
+                adapter, tier = await self._load_once(source, key, checksum)
+        except BaseException:  # the load failed, or this caller was cancelled while waiting
+            self._unref(key)
+            raise
+        self._evict()
         return adapter, tier
 
     def release(self, adapter: LoraAdapter) -> None:
-        key = (adapter.name, adapter.version)
+        self._unref((adapter.name, adapter.version))
+
+    def _unref(self, key: Key) -> None:
         self._refs[key] -= 1
         if self._refs[key] == 0:
             del self._refs[key]
@@ -196,14 +291,16 @@ class AdapterStore:
     def _load_from_tiers(self, source: str, key: Key, checksum: str) -> tuple[LoraAdapter, str]:
         """The adapter and the tier it was read from. Each tier times its own step: the disk cache the
         fetch from the source, this tier the read of the local copy into host memory (disk -> ready)."""
-        local, tier = source, "source"
-        if self.disk is not None and checksum:  # without a checksum a cached copy can't be trusted
-            path, hit = self.disk.fetch(source, *key, checksum)
-            local, tier = str(path), "disk" if hit else "source"
+        if self.disk is None or not checksum:  # without a checksum a cached copy can't be trusted
+            return self._timed_load(source, key), "source"
+        with self.disk.pinned_copy(source, *key, checksum) as (path, hit):  # not evicted while read
+            return self._timed_load(str(path), key), "disk" if hit else "source"
+
+    def _timed_load(self, local: str, key: Key) -> LoraAdapter:
         started = time.perf_counter()
         adapter = self._load(local, *key)
         self.counters.record_load(time.perf_counter() - started)
-        return adapter, tier
+        return adapter
 
     def _evict(self) -> None:
         for key in list(self._adapters):

@@ -351,10 +351,7 @@ class Engine:
             params=request.params,
             adapter=request.adapter,
             want_prompt_logprobs=request.want_prompt_logprobs,
-            deadline=request.deadline,
-            cache_salt=0
-            if request.adapter is None
-            else hash((request.adapter.name, request.adapter.version)),
+            deadline=request.deadline,  # the prefix-cache salt is the adapter copy's uid (see Sequence)
         )
         outputs = OutputProcessor(
             request.params,

@@ -39,7 +39,9 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # content hashes of the full computed blocks
-    cache_salt: int = 0  # separates prefix-cache entries whose K/V differ: set from the adapter
+    # separates prefix-cache entries whose K/V differ: the adapter copy's uid, never its (name, version),
+    # which may come back with other weights (a reset registry, an update of the source's files)
+    cache_salt: int = 0
     num_preemptions: int = 0
     num_prompt_logprobs: int = 0  # prompt log-probs computed so far; a recompute after preemption skips them
     lora_slot: int = -1  # the adapter's slot while the sequence runs; -1: none (base model or waiting)

@@ -321,3 +321,120 @@ def test_a_name_and_version_back_with_other_weights_is_reloaded_not_served_stale
         store.release(new)
 
     asyncio.run(scenario())
+
+
+def test_concurrent_fetches_into_a_full_disk_cache_all_succeed(fifty_adapters, tmp_path):
+    """Loads run on several loader threads at once; each one's fetch evicts and sizes the cache. One
+    thread's bookkeeping must never trip over an entry another thread has just evicted."""
+    sources = [str(path) for path in fifty_adapters[:12]]
+    checksums = [read_metadata(source).checksum for source in sources]
+    largest = max(sum(f.stat().st_size for f in path.iterdir()) for path in fifty_adapters[:12])
+    disk = DiskCache(tmp_path / "disk", max_bytes=3 * largest)
+    failures: list[BaseException] = []
+
+    def fetch_all(thread: int) -> None:
+        for round_ in range(3):
+            for i, (source, checksum) in enumerate(zip(sources, checksums, strict=True)):
+                try:
+                    disk.fetch(source, f"t{thread}-r{round_}-a{i}", 1, checksum)
+                except Exception as error:  # every failure is collected and reported
+                    failures.append(error)
+
+    threads = [threading.Thread(target=fetch_all, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert disk.counters.misses == 4 * 3 * 12 and disk.counters.evictions > 0
+    left = [e for e in (tmp_path / "disk").iterdir()]
+    assert sum(f.stat().st_size for e in left for f in e.iterdir()) <= 3 * largest
+    assert all(not e.name.startswith(".") for e in left), "no staging copy is left behind"
+
+
+def test_a_disk_entry_being_read_into_memory_is_not_evicted_by_another_load(
+    tiny_engine, fifty_adapters, tmp_path
+):
+    """The disk tier hands a load the entry's path; a second load filling the cache meanwhile (on
+    another loader thread) must not evict the entry before the first has read it."""
+    first, second = str(fifty_adapters[1]), str(fifty_adapters[2])
+    disk = DiskCache(tmp_path / "disk", max_bytes=1)  # room for no entry but the newest
+
+    def load_while_another_fetches(local: str, name: str, version: int) -> LoraAdapter:
+        if name == "a1":
+            other = threading.Thread(
+                target=disk.fetch, args=(second, "a2", 1, read_metadata(second).checksum)
+            )
+            other.start()
+            other.join()
+        return tiny_engine.load_adapter(local, name, version)
+
+    async def scenario() -> LoraAdapter:
+        store = AdapterStore(load_while_another_fetches, 4, disk)
+        return await store.acquire(first, "a1", 1, read_metadata(first).checksum)
+
+    adapter = asyncio.run(scenario())
+    expected = tiny_engine.load_adapter(first, "x", 1).layers[0]["o_proj"][0]  # a1 adapts o and down
+    assert torch.equal(adapter.layers[0]["o_proj"][0], expected)
+
+
+def test_dropping_an_adapter_leaves_the_disk_copies_of_names_that_extend_its_name(fifty_adapters, tmp_path):
+    """Names may hold "-": dropping a v1 must not take the files of "a-v1-b" v3 with it."""
+    disk = DiskCache(tmp_path / "disk", max_bytes=10 << 20)
+    short, longer = str(fifty_adapters[3]), str(fifty_adapters[4])
+    disk.fetch(short, "a", 1, read_metadata(short).checksum)
+    disk.fetch(longer, "a-v1-b", 3, read_metadata(longer).checksum)
+    disk.drop("a", 1)
+    assert disk.held() == [("a-v1-b", 3)]
+    assert disk.fetch(longer, "a-v1-b", 3, read_metadata(longer).checksum)[1], "still a hit"
+    assert not disk.fetch(short, "a", 1, read_metadata(short).checksum)[1], "fetched again"
+
+
+def test_an_adapter_just_loaded_for_a_waiting_request_is_not_evicted_before_it_resumes(
+    tiny_engine, fifty_adapters
+):
+    """The load puts the adapter in the CPU tier a moment before its waiting request resumes; a CPU
+    hit for another adapter in that moment evicts past the limit and must not pick the new one."""
+    release_load = threading.Event()
+    evicted: list[LoraAdapter] = []
+
+    def gated_load(source: str, name: str, version: int) -> LoraAdapter:
+        if name == "q":
+            release_load.wait(timeout=10)
+        return tiny_engine.load_adapter(source, name, version)
+
+    async def scenario() -> None:
+        store = AdapterStore(gated_load, max_cpu_adapters=1, on_evict=evicted.append)
+        p = await store.acquire(str(fifty_adapters[5]), "p", 1)  # in use by a running request
+        waiting = asyncio.create_task(store.acquire(str(fifty_adapters[6]), "q", 1))
+        await asyncio.sleep(0.05)
+        release_load.set()
+        while ("q", 1) not in store.held():  # loaded; the waiting request has not resumed yet
+            await asyncio.sleep(0)
+        assert not waiting.done()
+        p_again = await store.acquire(str(fifty_adapters[5]), "p", 1)  # a CPU hit, then an eviction pass
+        q = await waiting
+        assert evicted == [] and sorted(store.held()) == [("p", 1), ("q", 1)]
+        for adapter in (p, p_again, q):
+            store.release(adapter)
+        assert len(store.held()) == 1 and len(evicted) == 1  # back under the limit once all are idle
+
+    asyncio.run(scenario())
+
+
+def test_a_name_and_version_back_with_other_weights_shares_no_prefix_cache(tiny_engine, fifty_adapters):
+    """K/V cached under one adapter's weights are reused by later requests of that same copy only,
+    never by other weights served under the same (name, version)."""
+    old = tiny_engine.load_adapter(str(fifty_adapters[10]), "reused", 1)
+    new = tiny_engine.load_adapter(str(fifty_adapters[13]), "reused", 1)
+    prompt = list(range(5, 5 + 3 * tiny_engine.blocks.block_size + 1))
+
+    def prefix_hits(adapter: LoraAdapter, request_id: str) -> int:
+        before = tiny_engine.stats.num_prefix_hit_tokens
+        request = EngineRequest(request_id, prompt, SamplingParams(max_new_tokens=1), adapter=adapter)
+        tiny_engine.generate([request])
+        return tiny_engine.stats.num_prefix_hit_tokens - before
+
+    prefix_hits(old, "old")
+    assert prefix_hits(new, "new") == 0, "other weights compute their own K/V"
+    assert prefix_hits(old, "old-again") == 3 * tiny_engine.blocks.block_size, "the same copy reuses its own"
