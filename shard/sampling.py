@@ -15,13 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_TOP_LOGPROBS = 20
+from loraplex.shard.sampling_limits import MAX_TOP_LOGPROBS, REPETITION_PENALTY_RANGE, as_float32
+
 # Temperatures below this sample greedily, as in vLLM (_SAMPLING_EPS): dividing logits by a tinier
 # one overflows fp32 to inf, and the distribution is a point mass on the argmax anyway.
 GREEDY_BELOW_TEMPERATURE = 1e-5
-# A repetition penalty outside this range could overflow the penalised scores (a logit divided by
-# 1e-40 is inf); values used in practice lie between 1 and 2.
-REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,8 @@ class SamplingParams:
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         low, high = REPETITION_PENALTY_RANGE
-        if not low <= self.repetition_penalty <= high:
+        # compared as float32, the wire's width: the bound itself arrives a hair below it
+        if not as_float32(low) <= self.repetition_penalty <= high:
             raise ValueError(
                 f"repetition_penalty must be in [{low}, {high}] (1 = off), got {self.repetition_penalty}"
             )

@@ -1,10 +1,20 @@
 """The gateway's error handlers on their own: an unexpected exception still reaches the client as JSON
-in the shape its SDK parses (OpenAI's under /v1, TGI's elsewhere), never as a bare text/plain 500."""
+in the shape its SDK parses (OpenAI's under /v1, TGI's elsewhere), never as a bare text/plain 500; and
+values the shard would refuse are refused at the gateway's edge, naming the field."""
 
+import subprocess
+import sys
+
+import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from loraplex.protos.v1 import common_pb2
+from loraplex.router.gateway.app import GatewayConfig, create_app
 from loraplex.router.gateway.errors import install_error_handlers
+from loraplex.router.gateway.schemas import CompletionRequest, TGIParameters
+from loraplex.shard.sampling import SamplingParams
+from loraplex.shard.sampling_limits import REPETITION_PENALTY_RANGE
 
 
 def _failing_app() -> FastAPI:
@@ -28,3 +38,40 @@ def test_an_unexpected_error_is_a_500_in_the_callers_shape():
     assert "ValueError" in error["message"] and "log" in error["message"]
     tgi = client.post("/generate", json={})
     assert tgi.status_code == 500 and tgi.json()["error_type"] == "generation"
+
+
+def _gateway() -> TestClient:
+    """The real app; no router behind it, which requests refused by validation never reach."""
+    return TestClient(create_app(GatewayConfig(router="127.0.0.1:9", model="tiny")))
+
+
+@pytest.mark.parametrize("penalty", [0.0, 0.001, 100.5, 1e6])
+def test_a_repetition_penalty_the_shard_refuses_is_a_400_naming_the_field(penalty):
+    client = _gateway()
+    completion = {"model": "tiny", "prompt": "hi", "repetition_penalty": penalty}
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "repetition_penalty": penalty}
+    for path, body in (("/v1/completions", completion), ("/v1/chat/completions", chat)):
+        response = client.post(path, json=body)
+        assert response.status_code == 400, (path, response.text)
+        error = response.json()["error"]
+        assert error["param"] == "repetition_penalty" and error["type"] == "invalid_request_error"
+    tgi = client.post("/generate", json={"inputs": "hi", "parameters": {"repetition_penalty": penalty}})
+    assert tgi.status_code == 422 and tgi.json()["error_type"] == "validation"
+    assert "parameters.repetition_penalty" in tgi.json()["error"]
+
+
+@pytest.mark.parametrize("penalty", [*REPETITION_PENALTY_RANGE, 1.0])
+def test_a_repetition_penalty_the_gateway_accepts_the_shard_accepts_after_the_wire(penalty):
+    """The bounds themselves pass both, though the proto's float32 carries 0.01 as 0.0099999998."""
+    assert (
+        CompletionRequest(model="tiny", prompt="hi", repetition_penalty=penalty).repetition_penalty == penalty
+    )
+    assert TGIParameters(repetition_penalty=penalty).repetition_penalty == penalty
+    on_the_wire = common_pb2.SamplingParameters(repetition_penalty=penalty).repetition_penalty
+    SamplingParams(max_new_tokens=1, repetition_penalty=on_the_wire)
+
+
+def test_the_gateway_process_does_not_load_torch():
+    """It shares the shard's sampling bounds through a module light enough to import anywhere."""
+    code = "import sys, loraplex.router.gateway.app; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -8,13 +8,16 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from loraplex.shard.sampling_limits import MAX_TOP_LOGPROBS, REPETITION_PENALTY_RANGE
+
 MAX_N = 16
 MAX_STOP = 16
-MAX_TOP_LOGPROBS = 20
 UINT32_MAX = 2**32 - 1  # the gRPC fields' width: a count or token id past it is a 400, not a 500
 
 Count = Annotated[int, Field(ge=1, le=UINT32_MAX)]  # max_tokens and its kin
 TokenId = Annotated[int, Field(ge=0, le=UINT32_MAX)]
+# the shard's range (1 = off, > 1 penalises), so a value it would refuse is the client's 400 here
+RepetitionPenalty = Annotated[float, Field(ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])]
 
 
 class StreamOptions(BaseModel):
@@ -41,7 +44,7 @@ class SamplingFields(BaseModel):
     user: str | None = None
     # vLLM's extensions
     top_k: Annotated[int, Field(ge=-1, le=UINT32_MAX)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: bool = False
 
     def stop_list(self) -> list[str]:
@@ -97,7 +100,7 @@ class TGIParameters(BaseModel):
     top_k: Annotated[int, Field(ge=0, le=UINT32_MAX)] | None = None
     seed: int | None = None
     stop: Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     details: bool = False
     decoder_input_details: bool = False
     return_full_text: bool | None = None
