@@ -16,6 +16,8 @@ Submit, start and finish each run as one Lua script, so a record and its stream 
 A job finishes exactly once from the client's view: the finish script stores a result only while the
 job is unfinished, so when a slow worker and the one that reclaimed its entry both finish the job, the
 first result stays and the second is dropped (and the entry acknowledged either way).
+Consumers are deleted from the group once they own no pending entry and have been idle a while
+(workers get a new consumer name per process, so the group would otherwise grow with every restart).
 Needs Redis 7 or later (XAUTOCLAIM's list of deleted entries, the group's lag in XINFO GROUPS).
 """
 
@@ -29,6 +31,8 @@ from functools import partial
 
 import redis.asyncio as redis
 from google.protobuf.message import DecodeError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from loraplex.protos.v1 import common_pb2, jobs_pb2
@@ -44,17 +48,27 @@ _STATES = {
     b"failed": jobs_pb2.JOB_STATE_FAILED,
 }
 
-# KEYS: record, stream. ARGV: job id, ttl ms, then the record's field/value pairs.
+# KEYS: record, stream. ARGV: job id, ttl ms, then the record's field/value pairs. A job id already
+# recorded is queued once only: a submit retried after its reply was lost must not queue it twice.
 _SUBMIT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return false
+end
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
 """
 
-# KEYS: record, stream. ARGV: group, entry id, now. A job gone or already finished is only acknowledged.
+# KEYS: record, stream. ARGV: group, entry id, now. An entry naming no job of ours (no record, or a key
+# that is not a job's hash), or a job already finished, is only acknowledged.
 _START = """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then
+  redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[2], ARGV[2])
+  return false
+end
 local state = redis.call('HGET', KEYS[1], 'state')
-if not state or state == 'succeeded' or state == 'failed' then
+if not state or state == 'succeeded' or state == 'failed' or redis.call('HEXISTS', KEYS[1], 'request') == 0 then
   redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
   redis.call('XDEL', KEYS[2], ARGV[2])
   return false
@@ -93,6 +107,27 @@ end
 return touched
 """
 
+# KEYS: stream. ARGV: group, min idle ms, consumer ('' = any). Deletes consumers idle that long that own
+# no pending entry; one that owns some is kept, as deleting it would drop its entries (and their jobs).
+_PRUNE = """
+local consumers = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if consumers.err then
+  return 0
+end
+local removed = 0
+for _, fields in ipairs(consumers) do
+  local info = {}
+  for i = 1, #fields, 2 do
+    info[fields[i]] = fields[i + 1]
+  end
+  if info.pending == 0 and info.idle >= tonumber(ARGV[2]) and (ARGV[3] == '' or info.name == ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info.name)
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -116,7 +151,10 @@ class JobQueue:
         queued_ttl_s: float = DEFAULT_QUEUED_TTL_S,
     ) -> None:
         # socket_timeout must outlast a blocking XREADGROUP: keep read()'s block_ms well under 10 s.
-        self._redis = redis.from_url(url, socket_timeout=10, socket_connect_timeout=2)
+        # One retry on a fresh connection: after Redis restarts, each pooled connection fails once.
+        self._redis = redis.from_url(
+            url, socket_timeout=10, socket_connect_timeout=2, retry=Retry(NoBackoff(), 1)
+        )
         self._ns = namespace
         self._ttl_ms = int(ttl_s * 1000)
         self._queued_ttl_ms = int(max(queued_ttl_s, ttl_s) * 1000)
@@ -125,6 +163,7 @@ class JobQueue:
         self._start = self._redis.register_script(_START)
         self._finish = self._redis.register_script(_FINISH)
         self._touch = self._redis.register_script(_TOUCH)
+        self._prune = self._redis.register_script(_PRUNE)
 
     @property
     def stream_key(self) -> str:
@@ -217,7 +256,7 @@ class JobQueue:
 
     async def mark_running(self, job_id: str, entry_id: str) -> Delivery | None:
         """Count a delivery and mark the job running; None (entry acknowledged) if there is nothing to
-        run: the record expired, the job already finished, or the stored request is unreadable."""
+        run: the record expired or is not a job's, the job already finished, or its request is unreadable."""
         reply = await self._start(
             keys=[self.record_key(job_id), self.stream_key], args=[GROUP, entry_id, repr(time.time())]
         )
@@ -237,6 +276,11 @@ class JobQueue:
         if not entry_ids:
             return 0
         return await self._touch(keys=[self.stream_key], args=[GROUP, consumer, *entry_ids])
+
+    async def prune_consumers(self, min_idle_ms: int, consumer: str = "") -> int:
+        """Delete the group's consumers (or just `consumer`) idle min_idle_ms that own no pending entry;
+        returns how many. Harmless to a live one: its next read recreates it."""
+        return await self._prune(keys=[self.stream_key], args=[GROUP, min_idle_ms, consumer])
 
     async def complete(self, job_id: str, entry_id: str, response: common_pb2.GenerateResponse) -> bool:
         """Store the result and acknowledge; False if the job had already finished (result dropped)."""

@@ -5,7 +5,8 @@ Generation/Generate call to the router. While a job runs, the worker keeps its e
 an entry left idle longer than `claim_idle_s` belongs to a dead worker and is reclaimed by a live one.
 Results are stored exactly once (registry/jobs.py), so a job run twice after a reclaim is harmless.
 SIGTERM drains: no new reads, in-flight jobs finish (up to `drain_timeout_s`), then exit; whatever is
-left unfinished stays pending and another worker reclaims it.
+left unfinished stays pending and another worker reclaims it. A worker leaves the consumer group as it
+exits, and live workers delete the consumers of dead ones once nothing is pending on them.
 A job submitted with a callback_url has its outcome POSTed there by the worker that stored it, once,
 best-effort: a few tries, each with a short timeout; a callback that fails is logged, and the stored
 outcome stands either way.
@@ -111,6 +112,7 @@ class Worker:
         try:
             await self._take_jobs(stop)
             await self._drain()
+            await self._leave_group()
         finally:
             for task in helpers:
                 task.cancel()
@@ -127,12 +129,12 @@ class Worker:
             try:
                 deliveries = []
                 if time.monotonic() >= next_reclaim:
-                    deliveries = await self._queue.reclaim(
-                        config.consumer, int(config.claim_idle_s * 1000), free
-                    )
+                    claim_idle_ms = int(config.claim_idle_s * 1000)
+                    deliveries = await self._queue.reclaim(config.consumer, claim_idle_ms, free)
                     next_reclaim = time.monotonic() + config.claim_idle_s / 2
                     if deliveries:
                         log.info("reclaimed %d jobs from a dead worker", len(deliveries))
+                    await self._queue.prune_consumers(claim_idle_ms)  # dead workers left with nothing
                 if not deliveries:
                     deliveries = await self._queue.read(config.consumer, free, config.read_block_ms)
             except STORE_ERRORS as error:
@@ -157,6 +159,13 @@ class Worker:
         for task in unfinished:  # their entries stay pending: another worker reclaims them
             task.cancel()
         await asyncio.gather(*unfinished, return_exceptions=True)
+
+    async def _leave_group(self) -> None:
+        """Delete this worker's consumer unless it still owns entries (left for others to reclaim)."""
+        try:
+            await self._queue.prune_consumers(0, self._config.consumer)
+        except STORE_ERRORS as error:  # a live worker prunes it later
+            log.warning("could not leave the consumer group: %s", error)
 
     async def _run_job(self, delivery: Delivery) -> None:
         """One job in its own trace (the router's spans hang under it)."""

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,7 +30,14 @@ from loraplex.protos.v1 import (
 from loraplex.registry.jobs import GROUP, JobQueue
 from loraplex.router.gateway.jobs_api import job_to_dict
 from loraplex.tools.local_mesh import start_mesh
-from loraplex.tools.processes import free_port, loraplex_command, spawn, stop_all
+from loraplex.tools.processes import (
+    free_port,
+    loraplex_command,
+    spawn,
+    start_redis,
+    stop_all,
+    wait_http_ok,
+)
 
 from peft_fixtures import write_peft_adapter
 
@@ -153,6 +161,26 @@ def test_reclaim_takes_only_idle_entries_and_acks_those_with_nothing_left_to_run
     run(scenario())
 
 
+def test_entries_that_name_no_job_of_ours_are_dropped_without_stopping_the_reader(redis_url, namespace):
+    async def scenario():
+        queue = JobQueue(redis_url, namespace)
+        raw = redis.from_url(redis_url)
+        await queue.ensure_group()
+        await raw.set(queue.record_key("a-string"), "not a job")
+        await raw.hset(queue.record_key("no-request"), mapping={"state": "queued"})
+        for fields in ({"other": "x"}, {"job": "no-record"}, {"job": "a-string"}, {"job": "no-request"}):
+            await raw.xadd(queue.stream_key, fields)
+        job_id = await queue.submit(_request())
+        (delivery,) = await queue.read("a", count=10, block_ms=100)
+        assert delivery.job_id == job_id
+        assert (await raw.xlen(queue.stream_key), await queue.backlog()) == (1, 1), "only our job is left"
+        assert await raw.get(queue.record_key("a-string")) == b"not a job", "someone else's key is untouched"
+        await raw.aclose()
+        await queue.close()
+
+    run(scenario())
+
+
 def test_a_live_worker_keeps_its_running_entries_from_being_reclaimed(redis_url, namespace):
     async def scenario():
         queue = JobQueue(redis_url, namespace)
@@ -184,6 +212,67 @@ def test_backlog_counts_jobs_not_yet_delivered_and_delivered_but_unfinished(redi
         await queue.close()
 
     run(scenario())
+
+
+def test_consumers_that_own_no_pending_entry_are_pruned_once_idle(redis_url, namespace):
+    async def scenario():
+        queue = JobQueue(redis_url, namespace)
+        raw = redis.from_url(redis_url)
+        assert await queue.prune_consumers(0) == 0, "no stream yet"
+        finished, held = [await queue.submit(_request(f"job {i}")) for i in range(2)]
+        (done,) = await queue.read("finished-its-job", count=1, block_ms=100)
+        await queue.complete(finished, done.entry_id, _response("a"))
+        (holding,) = await queue.read("holding-a-job", count=1, block_ms=100)
+        await asyncio.sleep(0.05)
+        assert await queue.prune_consumers(60_000) == 0, "nobody is idle that long"
+        assert await queue.prune_consumers(0, "holding-a-job") == 0, "its job would be lost"
+        assert await queue.prune_consumers(10) == 1
+        names = [c["name"] for c in await raw.xinfo_consumers(queue.stream_key, GROUP)]
+        assert names == [b"holding-a-job"]
+        (again,) = await queue.reclaim("rescuer", min_idle_ms=10, count=1)
+        assert (again.job_id, again.entry_id) == (held, holding.entry_id)
+        await raw.aclose()
+        await queue.close()
+
+    run(scenario())
+
+
+def test_a_submit_sent_twice_queues_its_job_once(redis_url, namespace):
+    """The client retries a command once on a fresh connection; a submit whose reply was lost runs its
+    script again with the same job id, which must not add a second stream entry."""
+
+    async def scenario():
+        queue = JobQueue(redis_url, namespace)
+        job_id = await queue.submit(_request())
+        keys, args = [queue.record_key(job_id), queue.stream_key], [job_id, 60_000, "state", "queued"]
+        assert await queue._submit(keys=keys, args=args) is None  # the script as a retry would run it
+        deliveries = await queue.read("w", count=10, block_ms=100)
+        assert [delivery.job_id for delivery in deliveries] == [job_id]
+        assert await queue.backlog() == 1
+        await queue.close()
+
+    run(scenario())
+
+
+def test_the_queue_answers_at_once_after_redis_restarts(tmp_path):
+    """Each pooled connection dies with the server; the first call on it must not fail for that."""
+    port = free_port()
+    server = start_redis(port, tmp_path, tmp_path / "redis.log")
+
+    async def scenario():
+        nonlocal server
+        queue = JobQueue(f"redis://127.0.0.1:{port}/0", "restart")
+        job_id = await queue.submit(_request())
+        stop_all([server])
+        server = start_redis(port, tmp_path, tmp_path / "redis-again.log")
+        assert await queue.get(job_id) is None, "the non-persistent server forgot the job"
+        assert await queue.get(await queue.submit(_request())) is not None
+        await queue.close()
+
+    try:
+        run(scenario())
+    finally:
+        stop_all([server])
 
 
 # --- through the mesh ------------------------------------------------------------------------------
@@ -221,12 +310,12 @@ class Workers:
         self._mesh, self._redis_url, self._logdir = mesh, redis_url, logdir
         self.processes: list[subprocess.Popen] = []
 
-    def start(self, name: str) -> tuple[subprocess.Popen, int]:
+    def start(self, name: str, claim_idle_s: float = 2) -> tuple[subprocess.Popen, int]:
         metrics_port = free_port()
         command = loraplex_command(
             "worker",
             *("--router", self._mesh.router, "--redis-url", self._redis_url, "--namespace", NAMESPACE),
-            *("--concurrency", "8", "--claim-idle", "2", "--metrics-port", str(metrics_port)),
+            *("--concurrency", "8", "--claim-idle", str(claim_idle_s), "--metrics-port", str(metrics_port)),
             *("--consumer", name),
         )
         process = spawn(command, self._logdir / f"{name}.log")
@@ -362,6 +451,35 @@ async def _attempts(redis_url: str, job_ids: list[str]) -> list[int]:
         await queue.close()
 
 
+def _consumers(redis_url: str) -> list[str]:
+    async def read():
+        raw = redis.from_url(redis_url)
+        try:
+            return [c["name"].decode() for c in await raw.xinfo_consumers(f"{NAMESPACE}:jobs", GROUP)]
+        finally:
+            await raw.aclose()
+
+    return run(read())
+
+
+def test_stopped_workers_leave_no_consumers_behind_in_the_group(jobs, workers, redis_url):
+    """Each worker process is a new consumer: without clean-up the group grows with every restart."""
+    stopped, _ = workers.start("worker-stopped", claim_idle_s=60)  # too patient to prune anyone
+    _wait_for_jobs(jobs, [_submit(jobs, _request())])
+    assert "worker-stopped" in _consumers(redis_url)
+    stopped.send_signal(signal.SIGTERM)
+    assert stopped.wait(timeout=30) == 0
+    assert "worker-stopped" not in _consumers(redis_url), "a stopped worker left its consumer"
+
+    killed, _ = workers.start("worker-killed", claim_idle_s=60)
+    _wait_for_jobs(jobs, [_submit(jobs, _request())])
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert "worker-killed" in _consumers(redis_url)
+    workers.start("worker-pruning")
+    assert _wait_until(lambda: "worker-killed" not in _consumers(redis_url), 15), "a dead worker stayed"
+
+
 def test_jobs_the_mesh_refuses_end_failed_with_the_error_stored(
     channel, jobs, workers, tiny_model_dir, tmp_path
 ):
@@ -398,6 +516,45 @@ def test_sigterm_drains_the_jobs_in_flight_before_the_worker_exits(jobs, workers
 
     workers.start("worker-e")  # the rest is still queued for the next worker
     assert [job.state for job in _wait_for_jobs(jobs, job_ids)] == [SUCCEEDED] * 40
+
+
+@pytest.fixture(scope="module")
+def gateway(mesh, tiny_model_dir, tmp_path_factory) -> str:
+    port = free_port()
+    command = loraplex_command("gateway", "--router", mesh.router, "--model", str(tiny_model_dir))
+    process = spawn([*command, "--port", str(port)], tmp_path_factory.mktemp("gateway") / "gateway.log")
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/health", process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_all([process])
+
+
+def _http(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, json.load(reply)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def test_the_gateway_refuses_async_options_a_job_result_cannot_carry(gateway, tiny_model_dir):
+    body = {"model": tiny_model_dir.name, "prompt": "hello", "max_tokens": 2}
+    assert _http("POST", f"{gateway}/v1/async/completions", body)[0] == 202
+    for extra, param in (({"logprobs": 2}, "logprobs"), ({"echo": True}, "echo")):
+        status, reply = _http("POST", f"{gateway}/v1/async/completions", {**body, **extra})
+        assert (status, reply.get("error", {}).get("param")) == (400, param), reply
+        assert "POST /v1/completions" in reply["error"]["message"]
+
+
+def test_the_gateway_answers_an_unknown_job_with_a_404_about_the_job(gateway):
+    status, reply = _http("GET", f"{gateway}/v1/async/jobs/0123456789abcdef")
+    assert (status, reply["error"]["code"], reply["error"]["param"]) == (404, "job_not_found", "job_id")
+    assert "job '0123456789abcdef' is unknown or expired" in reply["error"]["message"]
 
 
 class CallbackReceiver:

@@ -28,6 +28,11 @@ def build_router(client: RouterClient, names: ModelNames) -> APIRouter:
     async def submit(body: CompletionRequest) -> JSONResponse:
         if body.stream or body.n != 1:
             raise APIError.bad_request("an async completion takes one prompt, n = 1 and no stream")
+        for param, asked in (("logprobs", body.logprobs is not None), ("echo", body.echo)):
+            if asked:  # the job's result is the completion text alone: refuse rather than drop it
+                raise APIError.bad_request(
+                    f"{param} is not supported on async completions; use POST /v1/completions", param
+                )
         choices = completion_choices(body, names)
         if len(choices.requests) != 1:
             raise APIError.bad_request("an async completion takes a single prompt", "prompt")
@@ -41,7 +46,12 @@ def build_router(client: RouterClient, names: ModelNames) -> APIRouter:
 
     @api.get("/v1/async/jobs/{job_id}")
     async def get(job_id: str) -> dict:
-        job = await client.get_job(job_id)
+        try:
+            job = await client.get_job(job_id)
+        except APIError as error:
+            if error.status == 404:  # the router's NOT_FOUND here is about the job, not a model
+                raise APIError(404, error.message, param="job_id", code="job_not_found") from error
+            raise
         return job_to_dict(job)
 
     return api
