@@ -205,6 +205,28 @@ def test_streamed_completion_and_n_choices_with_a_seed(client):
     )
 
 
+def test_echoed_completion_with_logprobs_scores_the_prompt_with_null_for_its_first_token(client):
+    prompt = "The capital of France is"
+    plain = client.completions.create(model=BASE, prompt=prompt, max_tokens=4, temperature=0, logprobs=1)
+    echoed = client.completions.create(
+        model=BASE, prompt=prompt, max_tokens=4, temperature=0, logprobs=1, echo=True
+    )
+    choice, num_prompt = echoed.choices[0], echoed.usage.prompt_tokens
+    assert choice.text == prompt + plain.choices[0].text
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == num_prompt + 4 and "".join(logprobs.tokens) == choice.text
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
+    assert logprobs.token_logprobs[num_prompt:] == pytest.approx(
+        plain.choices[0].logprobs.token_logprobs, abs=1e-5
+    )
+    streamed = client.completions.create(
+        model=BASE, prompt=prompt, max_tokens=4, temperature=0, logprobs=1, echo=True, stream=True
+    )
+    tokens = [lp for chunk in streamed for lp in chunk.choices[0].logprobs.token_logprobs]
+    assert tokens[0] is None and tokens[1:] == pytest.approx(logprobs.token_logprobs[1:], abs=1e-5)
+
+
 def test_chat_logprobs(client):
     response = client.chat.completions.create(
         model=BASE,

@@ -6,6 +6,7 @@ batch together on the shards. Streams follow OpenAI's chunk format and end with 
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -308,10 +309,18 @@ class _CompletionFormat(_Format):
             offsets.append(offset)
             offset += len(token.text)
         self._offsets[index] = offset
+        # An echoed prompt's first token has no log-prob (nothing precedes it; NaN on the wire): null
+        # there, as OpenAI does, since JSON has no NaN.
+        scored = [not math.isnan(token.logprob) for token in tokens]
         return {
             "tokens": [token.text for token in tokens],
-            "token_logprobs": [token.logprob for token in tokens],
-            "top_logprobs": [{top.text: top.logprob for top in token.top_logprobs} for token in tokens],
+            "token_logprobs": [
+                token.logprob if ok else None for token, ok in zip(tokens, scored, strict=True)
+            ],
+            "top_logprobs": [
+                {top.text: top.logprob for top in token.top_logprobs} if ok else None
+                for token, ok in zip(tokens, scored, strict=True)
+            ],
             "text_offset": offsets,
         }
 
