@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +37,15 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ModelConfig:
-        return cls.from_hf(AutoConfig.from_pretrained(model_dir))
+        """Also reads generation_config.json, whose eos_token_id (what transformers' generate stops at)
+        may list more ids than config.json's, e.g. Llama-3-Instruct's end-of-turn token."""
+        config = cls.from_hf(AutoConfig.from_pretrained(model_dir))
+        generation = model_dir / "generation_config.json"
+        if not generation.is_file():
+            return config
+        extra = _token_ids(json.loads(generation.read_text()).get("eos_token_id"))
+        eos = config.eos_token_ids + tuple(i for i in extra if i not in config.eos_token_ids)
+        return replace(config, eos_token_ids=eos)
 
     @classmethod
     def from_hf(cls, config: PretrainedConfig) -> ModelConfig:
@@ -49,10 +58,6 @@ class ModelConfig:
             raise ValueError(f"hidden_act {hidden_act!r} is not supported; Llama-family models use silu")
         num_heads = config.num_attention_heads
         attention_bias = bool(getattr(config, "attention_bias", False))
-        eos = config.eos_token_id
-        sliding_window = getattr(config, "sliding_window", None)
-        if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
-            sliding_window = None
         return cls(
             model_type=config.model_type,
             vocab_size=config.vocab_size,
@@ -68,8 +73,8 @@ class ModelConfig:
             qkv_bias=config.model_type == "qwen2" or attention_bias,
             o_bias=attention_bias,
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
-            sliding_window=sliding_window,
-            eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+            sliding_window=_sliding_window(config),
+            eos_token_ids=_token_ids(config.eos_token_id),
             hf_config=config,
         )
 
@@ -90,3 +95,29 @@ class ModelConfig:
         """Bytes of K and V that one token occupies across all layers on one tensor-parallel rank."""
         kv_heads_per_rank = max(1, self.num_kv_heads // tp_size)
         return 2 * self.num_layers * kv_heads_per_rank * self.head_dim * dtype.itemsize
+
+
+def _sliding_window(config: PretrainedConfig) -> int | None:
+    """The attention window every layer uses, or None for full attention. Qwen2 windows only the
+    layers from max_window_layers on (its `layer_types`), and only with use_sliding_window."""
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or layer_types is None:
+        return window
+    windowed = [kind == "sliding_attention" for kind in layer_types]
+    if not any(windowed):
+        return None
+    if not all(windowed):
+        first = windowed.index(True)
+        raise ValueError(
+            f"{config.model_type} uses a sliding window of {window} in layer {first} but full attention in "
+            "others (see use_sliding_window, max_window_layers, layer_types); loraplex serves models "
+            "whose layers all attend alike"
+        )
+    return window
+
+
+def _token_ids(value: int | list[int] | None) -> tuple[int, ...]:
+    return tuple(value if isinstance(value, list) else [] if value is None else [value])

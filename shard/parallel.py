@@ -32,6 +32,13 @@ class TensorParallel:
         return total // self.size
 
 
+def check_shape(loaded: torch.Tensor, expected: Sequence[int]) -> None:
+    """Refuse a checkpoint tensor whose full shape is not the one the config implies: slicing or
+    broadcasting it would load wrong weights without a word."""
+    if tuple(loaded.shape) != tuple(expected):
+        raise ValueError(f"has shape {tuple(loaded.shape)} but the model's config implies {tuple(expected)}")
+
+
 def _parameter(shape: tuple[int, ...], loader) -> nn.Parameter:
     param = nn.Parameter(torch.empty(shape), requires_grad=False)
     param.weight_loader = loader  # type: ignore[attr-defined]
@@ -46,6 +53,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         self.full_output_sizes = tuple(output_sizes)
+        self.checkpoint_sizes = self.full_output_sizes  # each part's rows in the checkpoint
         self.output_sizes = tuple(tp.split(size, "output features") for size in output_sizes)
         self.offsets = tuple(sum(self.output_sizes[:i]) for i in range(len(self.output_sizes)))
         total = sum(self.output_sizes)
@@ -58,6 +66,7 @@ class ColumnParallelLinear(nn.Module):
         return self.tp.rank * size, size
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, part: int = 0) -> None:
+        check_shape(loaded, (self.checkpoint_sizes[part], *param.shape[1:]))
         first, size = self._rows(part)
         param.data.narrow(0, self.offsets[part], size).copy_(loaded.narrow(0, first, size))
 
@@ -87,6 +96,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         kv_size = max(num_kv_heads, tp.size) * head_dim
         super().__init__(hidden_size, (num_heads * head_dim, kv_size, kv_size), bias, tp)
         self.num_kv_heads_full = num_kv_heads
+        self.checkpoint_sizes = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
         self.head_dim = head_dim
 
     def _rows(self, part: int) -> tuple[int, int]:
@@ -109,9 +119,11 @@ class RowParallelLinear(nn.Module):
         self.bias = _parameter((output_size,), self._load_bias) if bias else None
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, part: int = 0) -> None:
+        check_shape(loaded, (param.shape[0], self.full_input_size))
         param.data.copy_(loaded.narrow(1, self.tp.rank * self.input_size, self.input_size))
 
     def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor, part: int = 0) -> None:
+        check_shape(loaded, param.shape)
         param.data.copy_(loaded)
 
     def shard_lora(
@@ -147,6 +159,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = _parameter((self.rows_per_rank, hidden_size), self._load)
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, part: int = 0) -> None:
+        check_shape(loaded, (self.vocab_size, param.shape[1]))
         held = max(0, min(self.vocab_size - self.first_row, self.rows_per_rank))
         param.data.zero_()
         param.data[:held].copy_(loaded.narrow(0, self.first_row, held))
