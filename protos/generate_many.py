@@ -105,18 +105,26 @@ class _Multiplexer:
         self._close_when_idle()
 
     async def _run(self, action: shard_pb2.ShardStreamAction) -> None:
+        """The request's chunks, then its end; stopped at its deadline, as gRPC stops a Generate call
+        (whatever it is waiting for: an adapter's load, a place in the engine, a token)."""
         timeout = action.timeout_s if action.timeout_s > 0 else None
         code, message = grpc.StatusCode.OK, ""
+        deadline = asyncio.timeout(timeout)
         try:
-            generation = self._generate(action.start, timeout, tuple(action.metadata.items()))
-            async with aclosing(generation) as chunks:
-                async for chunk in chunks:
-                    self._events.put_nowait(shard_pb2.ShardStreamEvent(id=action.id, chunk=chunk))
+            async with deadline:
+                generation = self._generate(action.start, timeout, tuple(action.metadata.items()))
+                async with aclosing(generation) as chunks:
+                    async for chunk in chunks:
+                        self._events.put_nowait(shard_pb2.ShardStreamEvent(id=action.id, chunk=chunk))
         except ServiceError as error:
             code, message = error.code, error.message
-        except Exception as error:  # as the ErrorInterceptor does for Generate: never a bare failure
-            log.exception("request %d on a GenerateMany stream failed", action.id)
-            code, message = grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
+        except Exception as error:
+            if deadline.expired():  # the TimeoutError that asyncio.timeout raises
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                message = f"the request's deadline ({timeout:g} s) passed on the shard"
+            else:  # as the ErrorInterceptor does for Generate: never a bare failure
+                log.exception("request %d on a GenerateMany stream failed", action.id)
+                code, message = grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
         self._end(action.id, code, message)
 
     def _end(self, request_id: int, code: grpc.StatusCode, message: str) -> None:

@@ -26,34 +26,47 @@ from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 UNSUPPORTED_RECHECK_S = 60.0
+DEADLINE_PASSED = "the caller's deadline had passed before the request could be sent to the shard"
 UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED.value[0]  # only a stream the shard has no method for
 
 
 class ShardStream:
     def __init__(self, stub: shard_pb2_grpc.ShardStub, address: str) -> None:
-        self._stub = stub
+        self.stub = stub
         self._address = address
         self._outbox: asyncio.Queue[shard_pb2.ShardStreamAction | None] = asyncio.Queue()
         self._requests: dict[int, _Inbox] = {}
         self._ids = itertools.count(1)
         self.closed = False
         self.unsupported_until = 0.0  # the shard has no GenerateMany: call Generate until then
+        self._ended: shard_pb2.ShardStreamEvent | None = None  # what the stream's requests got as it ended
         self._call = stub.GenerateMany(self._messages())
         self._reader = asyncio.create_task(self._read())
 
     def generate(
         self, request: shard_pb2.ShardGenerateRequest, timeout: float | None, metadata: Metadata | None
     ) -> ShardCall:
-        """Start a request; read its chunks from the returned call's `chunks()`."""
-        if self.unsupported:
-            return ShardCall(self, 0, None, _UnaryCall(self._stub, request, timeout, metadata))
+        """A request, sent when its call's `chunks()` is first read (so a call never read costs the
+        shard nothing and leaves nothing behind here)."""
+        return ShardCall(self, request, timeout, metadata)
+
+    def start(
+        self, request: shard_pb2.ShardGenerateRequest, timeout: float | None, metadata: Metadata | None
+    ) -> tuple[int, _Inbox]:
+        """Send the request; its events arrive in the returned inbox until `forget`."""
         request_id = next(self._ids)
-        inbox = self._requests[request_id] = _Inbox()
-        start = shard_pb2.ShardStreamAction(id=request_id, start=request, timeout_s=timeout or 0.0)
-        if metadata:
-            start.metadata.update(metadata)
-        self._outbox.put_nowait(start)
-        return ShardCall(self, request_id, inbox, _UnaryCall(self._stub, request, timeout, metadata))
+        inbox = _Inbox()
+        if self.closed:  # ended since the caller was handed this stream: fail as the others did
+            inbox.put(self._ended)
+        elif timeout is not None and timeout <= 0:  # as a call fails; timeout_s 0 would mean none at all
+            inbox.put(_end_event(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_PASSED))
+        else:
+            start = shard_pb2.ShardStreamAction(id=request_id, start=request, timeout_s=timeout or 0.0)
+            if metadata:
+                start.metadata.update(metadata)
+            self._outbox.put_nowait(start)
+        self._requests[request_id] = inbox
+        return request_id, inbox
 
     @property
     def unsupported(self) -> bool:
@@ -82,6 +95,7 @@ class ShardStream:
             yield shard_pb2.ShardStreamRequest(actions=actions)
 
     async def _read(self) -> None:
+        reason = "the router closed it"  # unless the stream ends on its own
         try:
             async for response in self._call:
                 for event in response.events:
@@ -93,43 +107,51 @@ class ShardStream:
             reason = f"{error.code().name}: {error.details()}"
             if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                 self.unsupported_until = time.monotonic() + UNSUPPORTED_RECHECK_S
+        finally:  # cancelled too (close): no request may wait on a stream that is gone
+            self._end(reason)
+
+    def _end(self, reason: str) -> None:
         self.closed = True
-        failed = shard_pb2.ShardStreamEvent(
-            end=True,
-            status_code=(
-                grpc.StatusCode.UNIMPLEMENTED if self.unsupported else grpc.StatusCode.UNAVAILABLE
-            ).value[0],
-            status_message=f"the stream to shard {self._address} ended: {reason}",
-        )
+        self._outbox.put_nowait(None)  # ends _messages, else gRPC's writer task waits on it forever
+        code = grpc.StatusCode.UNIMPLEMENTED if self.unsupported else grpc.StatusCode.UNAVAILABLE
+        self._ended = _end_event(code, f"the stream to shard {self._address} ended: {reason}")
         for inbox in self._requests.values():
-            inbox.put(failed)
+            inbox.put(self._ended)
 
 
 class ShardCall:
     """One request on a ShardStream: its chunks, then `outstanding_requests`, the shard's load report
     (None when it sent none). A failure raises ServiceError with the shard's status."""
 
-    def __init__(self, stream: ShardStream, request_id: int, inbox: _Inbox | None, unary: _UnaryCall) -> None:
+    def __init__(
+        self,
+        stream: ShardStream,
+        request: shard_pb2.ShardGenerateRequest,
+        timeout: float | None,
+        metadata: Metadata | None,
+    ) -> None:
         self._stream = stream
-        self._request_id = request_id
-        self._inbox = inbox
-        self._unary = unary
+        self._request = request
+        self._timeout = timeout
+        self._metadata = metadata
         self.outstanding_requests: int | None = None
 
     async def chunks(self) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
         """Close it (`contextlib.aclosing`) when leaving early: that cancels the request on the shard."""
-        if self._inbox is None:
+        if self._stream.unsupported:
             async for chunk in self._by_generate():
                 yield chunk
             return
+        request_id, inbox = self._stream.start(self._request, self._timeout, self._metadata)
         ended = False
         try:
             while True:
-                for event in await self._inbox.take():
+                events = await inbox.take()
+                ended = events[-1].end  # the shard is done with it: leaving now cancels nothing
+                for event in events:
                     if not event.end:
                         yield event.chunk
                         continue
-                    ended = True
                     if event.status_code == UNIMPLEMENTED:  # the stream never worked: no chunk came
                         async for chunk in self._by_generate():
                             yield chunk
@@ -141,12 +163,14 @@ class ShardCall:
                         self.outstanding_requests = event.outstanding_requests
                     return
         finally:
-            self._stream.forget(self._request_id, cancel=not ended)
+            self._stream.forget(request_id, cancel=not ended)
 
     async def _by_generate(self) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
-        async for chunk in self._unary.chunks():
+        """The request as a Generate call of its own, for shards without GenerateMany."""
+        unary = _UnaryCall(self._stream.stub, self._request, self._timeout, self._metadata)
+        async for chunk in unary.chunks():
             yield chunk
-        self.outstanding_requests = self._unary.outstanding_requests
+        self.outstanding_requests = unary.outstanding_requests
 
 
 class _UnaryCall:
@@ -175,6 +199,10 @@ class _UnaryCall:
             raise ServiceError.from_rpc_error(error) from error
         finally:
             call.cancel()
+
+
+def _end_event(code: grpc.StatusCode, message: str) -> shard_pb2.ShardStreamEvent:
+    return shard_pb2.ShardStreamEvent(end=True, status_code=code.value[0], status_message=message)
 
 
 class _Inbox:

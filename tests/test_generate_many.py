@@ -5,6 +5,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
+import time
+import weakref
 from contextlib import aclosing
 
 import grpc
@@ -26,6 +30,7 @@ class ScriptedShard(shard_pb2_grpc.ShardServicer):
         self.draining = asyncio.Event()
         self.seen: list[tuple[float | None, dict[str, str]]] = []
         self.closed: list[str] = []  # prompts whose generator was closed before finishing
+        self.cancels: list[int] = []  # ids of the cancel actions that came in
 
     async def Generate(self, request, context):
         async for chunk in self._generate(request, context.time_remaining(), ()):
@@ -33,10 +38,17 @@ class ScriptedShard(shard_pb2_grpc.ShardServicer):
         context.set_trailing_metadata(load_metadata(7))
 
     async def GenerateMany(self, requests, context):
-        streams = serve_generate_many(requests, self._generate, lambda: 7, self.draining)
+        streams = serve_generate_many(
+            self._noting_cancels(requests), self._generate, lambda: 7, self.draining
+        )
         async with aclosing(streams) as responses:
             async for response in responses:
                 yield response
+
+    async def _noting_cancels(self, requests):
+        async for message in requests:
+            self.cancels.extend(action.id for action in message.actions if action.cancel)
+            yield message
 
     async def _generate(self, request, time_remaining, metadata):
         prompt = request.request.prompt
@@ -214,6 +226,140 @@ def test_a_shard_without_generate_many_is_called_with_generate() -> None:
             assert await _texts(channels, address, "n:2") == (["0", "1"], 7)
             with pytest.raises(ServiceError, match="bad prompt"):
                 await _texts(channels, address, "bad")
+        finally:
+            await channels.close()
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_a_request_past_its_deadline_ends_with_deadline_exceeded_and_stops_on_the_shard() -> None:
+    """As gRPC ends a Generate call at its deadline, whatever the shard is waiting for."""
+
+    async def scenario() -> None:
+        servicer = ScriptedShard()
+        server, address = await _serve(servicer)
+        channels = ShardChannels()
+        try:
+            started = time.monotonic()
+            with pytest.raises(ServiceError) as late:
+                await asyncio.wait_for(_texts(channels, address, "hold", 0.3), 5)
+            assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - started < 2
+            assert servicer.closed == ["hold"]
+            assert not channels.stream(address)._requests
+        finally:
+            await channels.close()
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_a_deadline_already_past_fails_at_once_without_reaching_the_shard() -> None:
+    """timeout_s 0 on the stream means no deadline: a spent one must not turn into none."""
+
+    async def scenario() -> None:
+        servicer = ScriptedShard()
+        server, address = await _serve(servicer)
+        channels = ShardChannels()
+        try:
+            for spent in (0.0, -1.0):
+                with pytest.raises(ServiceError) as late:
+                    await _texts(channels, address, "n:1", spent)
+                assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert servicer.seen == []
+            assert not channels.stream(address)._requests
+        finally:
+            await channels.close()
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_a_call_never_read_sends_nothing_and_leaves_nothing_behind() -> None:
+    async def scenario() -> None:
+        servicer = ScriptedShard()
+        server, address = await _serve(servicer)
+        channels = ShardChannels()
+        try:
+            channels.stream(address).generate(_request("n:1"), None, None)  # dropped unread
+            assert (await _texts(channels, address, "n:2"))[0] == ["0", "1"]
+            assert len(servicer.seen) == 1
+            assert not channels.stream(address)._requests
+        finally:
+            await channels.close()
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_leaving_once_the_shard_has_ended_the_request_sends_no_cancel() -> None:
+    async def scenario() -> None:
+        servicer = ScriptedShard()
+        server, address = await _serve(servicer)
+        channels = ShardChannels()
+        try:
+            call = channels.stream(address).generate(_request("n:3"), None, None)
+            async with aclosing(call.chunks()) as chunks:
+                async for chunk in chunks:
+                    if chunk.finish_reason:
+                        break  # the end came with the last chunk: the shard is done with it
+            assert (await _texts(channels, address, "n:1"))[0] == ["0"]  # a round trip after it
+            assert servicer.cancels == []
+            assert not channels.stream(address)._requests
+        finally:
+            await channels.close()
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_the_shard_ended_is_freed_once_replaced(caplog) -> None:
+    """Nothing keeps an ended stream, gRPC's task writing its actions included: left waiting for
+    the next action, that task is only destroyed by the garbage collector, with an error logged."""
+
+    async def scenario() -> None:
+        servicer = ScriptedShard()
+        server, address = await _serve(servicer)
+        channels = ShardChannels()
+        try:
+            assert (await _texts(channels, address, "n:1"))[0] == ["0"]
+            first = weakref.ref(channels.stream(address))
+            servicer.draining.set()
+            for _ in range(100):
+                if first().closed:
+                    break
+                await asyncio.sleep(0.01)
+            servicer.draining.clear()
+            assert (await _texts(channels, address, "n:1"))[0] == ["0"]  # on a new stream
+            for _ in range(100):
+                gc.collect()
+                if first() is None:
+                    break
+                await asyncio.sleep(0.01)
+            assert first() is None
+        finally:
+            await channels.close()
+            await server.stop(None)
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(scenario())
+    assert [record.getMessage() for record in caplog.records] == []
+
+
+def test_closing_the_channels_fails_requests_in_flight_instead_of_leaving_them_waiting() -> None:
+    async def scenario() -> None:
+        servicer = ScriptedShard()
+        server, address = await _serve(servicer)
+        channels = ShardChannels()
+        try:
+            held = asyncio.ensure_future(_texts(channels, address, "hold"))
+            while not servicer.seen:
+                await asyncio.sleep(0.01)
+            await channels.close()
+            with pytest.raises(ServiceError) as gone:
+                await asyncio.wait_for(held, 5)
+            assert gone.value.code == grpc.StatusCode.UNAVAILABLE
         finally:
             await channels.close()
             await server.stop(None)

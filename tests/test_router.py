@@ -38,8 +38,28 @@ class HeldShard(shard_pb2_grpc.ShardServicer):
         yield common_pb2.GenerateStreamResponse(text="ok", finish_reason=common_pb2.FINISH_REASON_LENGTH)
 
 
-async def _start_shard(registry: Registry, shard_id: str, **load: int) -> tuple[HeldShard, grpc.aio.Server]:
-    servicer = HeldShard(shard_id)
+class StoppedShard(shard_pb2_grpc.ShardServicer):
+    """Holds every request until its server stops: the prompt "chunk" gets one chunk first."""
+
+    def __init__(self) -> None:
+        self.draining = asyncio.Event()
+        self.calls = 0
+
+    async def GenerateMany(self, requests, context):
+        async for response in serve_generate_many(requests, self._generate, draining=self.draining):
+            yield response
+
+    async def _generate(self, request, time_remaining, metadata):
+        self.calls += 1
+        if request.request.prompt == "chunk":
+            yield common_pb2.GenerateStreamResponse(text="partial")
+        await asyncio.Event().wait()
+
+
+async def _start_shard(
+    registry: Registry, shard_id: str, servicer: shard_pb2_grpc.ShardServicer | None = None, **load: int
+) -> tuple[HeldShard, grpc.aio.Server]:
+    servicer = servicer or HeldShard(shard_id)
     server, port, _ = create_server("127.0.0.1:0", [])
     shard_pb2_grpc.add_ShardServicer_to_server(servicer, server)
     await server.start()
@@ -197,5 +217,43 @@ def test_every_live_shard_left_out_after_failures_says_so(redis_url, namespace):
             await _with_router(redis_url, namespace, routed)
         finally:
             await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_shard_stopping_mid_request_retries_only_what_had_not_streamed(redis_url, namespace):
+    """The shard's server stops (its drain grace over) with two requests on its stream: the one that
+    had streamed a chunk fails with UNAVAILABLE saying so, the other is served by the next shard."""
+
+    async def scenario() -> None:
+        registry = Registry(redis_url, namespace)
+        stopping, stopping_server = await _start_shard(
+            registry, "stopping", StoppedShard(), max_running_requests=8
+        )
+        other, other_server = await _start_shard(
+            registry, "other", max_running_requests=8, running_requests=6
+        )
+        other.release.set()
+
+        async def routed(generation) -> None:
+            streamed = generation.GenerateStream(common_pb2.GenerateRequest(prompt="chunk"), timeout=30)
+            assert (await streamed.read()).text == "partial"
+            waiting = asyncio.ensure_future(
+                generation.Generate(common_pb2.GenerateRequest(prompt="wait"), timeout=30)
+            )
+            while stopping.calls < 2:
+                await asyncio.sleep(0.01)
+            stopping.draining.set()
+            await stopping_server.stop(0.2)
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await streamed.read()
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "after 1 chunks had streamed" in failed.value.details()
+            reply = await waiting
+            assert (reply.text, reply.served_by.shard) == ("ok", "other")
+
+        await _with_router(redis_url, namespace, routed)
+        await other_server.stop(None)
+        await registry.close()
 
     asyncio.run(scenario())
