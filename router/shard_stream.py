@@ -40,6 +40,7 @@ class ShardStream:
         self.closed = False
         self.unsupported_until = 0.0  # the shard has no GenerateMany: call Generate until then
         self._ended: shard_pb2.ShardStreamEvent | None = None  # what the stream's requests got as it ended
+        self.unary_calls = 0  # Generate calls in flight for shards without GenerateMany
         self._call = stub.GenerateMany(self._messages())
         self._reader = asyncio.create_task(self._read())
 
@@ -71,6 +72,11 @@ class ShardStream:
     @property
     def unsupported(self) -> bool:
         return time.monotonic() < self.unsupported_until
+
+    @property
+    def busy(self) -> bool:
+        """Requests are in flight on it (or beside it, as Generate calls)."""
+        return bool(self._requests) or self.unary_calls > 0
 
     def forget(self, request_id: int, cancel: bool) -> None:
         del self._requests[request_id]
@@ -168,8 +174,12 @@ class ShardCall:
     async def _by_generate(self) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
         """The request as a Generate call of its own, for shards without GenerateMany."""
         unary = _UnaryCall(self._stream.stub, self._request, self._timeout, self._metadata)
-        async for chunk in unary.chunks():
-            yield chunk
+        self._stream.unary_calls += 1
+        try:
+            async for chunk in unary.chunks():
+                yield chunk
+        finally:
+            self._stream.unary_calls -= 1
         self.outstanding_requests = unary.outstanding_requests
 
 

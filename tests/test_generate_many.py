@@ -365,3 +365,36 @@ def test_closing_the_channels_fails_requests_in_flight_instead_of_leaving_them_w
             await server.stop(None)
 
     asyncio.run(scenario())
+
+
+def test_a_channel_left_idle_is_closed_but_never_one_with_a_request_in_flight() -> None:
+    """Shards that went away (a restarted pod has a new address) must not keep a channel forever."""
+
+    async def scenario() -> None:
+        servicers = [ScriptedShard() for _ in range(3)]
+        served = [await _serve(servicer) for servicer in servicers]
+        (_, idle), (_, holding), (_, later) = served
+        channels = ShardChannels(idle_close_s=0.2)
+        try:
+            assert (await _texts(channels, idle, "n:1"))[0] == ["0"]
+            idle_stream = channels.stream(idle)
+            held = asyncio.ensure_future(_texts(channels, holding, "hold"))
+            while not servicers[1].seen:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            assert (await _texts(channels, later, "n:1"))[0] == ["0"]  # a request after the idle time
+            assert channels.addresses == sorted([holding, later])
+            for _ in range(100):
+                if idle_stream.closed:
+                    break
+                await asyncio.sleep(0.01)
+            assert idle_stream.closed
+            servicers[1].release.set()
+            assert (await asyncio.wait_for(held, 5))[0] == ["first", "last"], "in flight: left open"
+            assert (await _texts(channels, idle, "n:2"))[0] == ["0", "1"], "reopened on demand"
+        finally:
+            await channels.close()
+            for server, _ in served:
+                await server.stop(None)
+
+    asyncio.run(scenario())
