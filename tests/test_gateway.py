@@ -347,6 +347,118 @@ def test_tgi_bad_input_gets_422_in_tgi_shape(mesh):
     assert status == 404 and "nope" in body["error"]
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {"logit_bias": {"1": 100}}, "logit_bias"),
+        ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+        ("/v1/chat/completions", {"continue_final_message": True}, "continue_final_message"),
+        ("/v1/chat/completions", {"min_p": 0.1}, "min_p"),
+        ("/v1/completions", {"logit_bias": {"1": -100}}, "logit_bias"),
+        ("/v1/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/completions", {"min_tokens": 4}, "min_tokens"),
+        ("/generate", {"typical_p": 0.5}, "typical_p"),
+        ("/generate", {"watermark": True}, "watermark"),
+        ("/generate", {"truncate": 2}, "truncate"),
+        ("/generate", {"frequency_penalty": 1.5}, "frequency_penalty"),
+    ],
+)
+def test_a_parameter_loraplex_cannot_honour_is_refused_naming_it_not_ignored(mesh, path, body, param):
+    if path == "/generate":
+        got, payload = _post(mesh, path, json.dumps({"inputs": "hi", "parameters": body}))
+        assert got == 422 and payload["error_type"] == "validation", payload
+        assert param in payload["error"]
+        return
+    request = {"model": BASE, "max_tokens": 2, **body}
+    request |= {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
+    got, payload = _post(mesh, path, json.dumps(request))
+    assert got == 400, payload
+    assert payload["error"]["param"] == param and param in payload["error"]["message"]
+
+
+def test_a_refusable_parameter_at_its_off_value_is_accepted(mesh, client):
+    chat = client.chat.completions.create(
+        model=BASE,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        logit_bias={},
+        tool_choice="auto",
+        extra_body={"min_p": 0, "skip_special_tokens": True},
+    )
+    assert chat.choices[0].message.content
+    status, _ = _post(
+        mesh,
+        "/generate",
+        json.dumps({"inputs": "hi", "parameters": {"max_new_tokens": 2, "watermark": False}}),
+    )
+    assert status == 200
+
+
+def test_stop_token_ids_end_the_completion(client):
+    plain = client.completions.create(
+        model=BASE, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    assert plain.choices[0].text.startswith(" Paris.")
+    period = 30  # "." in SmolLM2's vocabulary
+    stopped = client.completions.create(
+        model=BASE,
+        prompt="The capital of France is",
+        max_tokens=8,
+        temperature=0,
+        extra_body={"stop_token_ids": [period]},
+    )
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == " Paris" and stopped.usage.completion_tokens == 2
+
+
+def test_tgi_samples_when_top_p_or_top_k_is_set_and_is_greedy_at_temperature_one(mesh):
+    """TGI's rule: a logits warper (temperature != 1, top_k, top_p < 1) turns sampling on; without one
+    and without do_sample it decodes greedily."""
+    tgi = InferenceClient(model=mesh.gateway, timeout=120)
+    prompt = "Once upon a time"
+    greedy = tgi.text_generation(prompt, max_new_tokens=12)
+    for warper in ({"top_p": 0.9}, {"top_k": 20}):
+        texts = {tgi.text_generation(prompt, max_new_tokens=12, seed=seed, **warper) for seed in range(4)}
+        assert len(texts) > 1, f"{warper} was ignored: every seed gave the same text"
+        again = tgi.text_generation(prompt, max_new_tokens=12, seed=0, **warper)
+        assert again == tgi.text_generation(prompt, max_new_tokens=12, seed=0, **warper)
+    assert tgi.text_generation(prompt, max_new_tokens=12, temperature=1.0, seed=1) == greedy
+
+
+def test_tgi_generated_text_keeps_the_stop_sequence_as_tgi_does(mesh):
+    tgi = InferenceClient(model=mesh.gateway, timeout=120)
+    prompt = "The capital of France is"
+    output = tgi.text_generation(prompt, max_new_tokens=8, stop=["."], details=True)
+    assert output.details.finish_reason == "stop_sequence"
+    assert output.generated_text == " Paris."
+    assert output.generated_text == "".join(token.text for token in output.details.tokens)
+    events = list(tgi.text_generation(prompt, max_new_tokens=8, stop=["."], details=True, stream=True))
+    assert events[-1].generated_text == " Paris."
+
+
+def test_inference_client_chat_completion_works_unchanged(mesh, client):
+    """Given the gateway's URL, InferenceClient sends `"model": "dummy"` (TGI's users write "tgi"):
+    both mean the base model, as TGI serves its one model whatever the field says."""
+    messages = [{"role": "user", "content": FRANCE}]
+    expected = client.chat.completions.create(model=BASE, messages=messages, max_tokens=8, temperature=0)
+    tgi = InferenceClient(mesh.gateway, timeout=120)
+    reply = tgi.chat_completion(messages, max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content == expected.choices[0].message.content
+    streamed = tgi.chat_completion(messages, max_tokens=8, temperature=0, stream=True)
+    content = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
+    assert content == expected.choices[0].message.content
+    adapted = tgi.chat_completion(messages, model="uppercase", max_tokens=8, temperature=0)
+    assert adapted.choices[0].message.content.isupper()
+
+
+def test_tgi_info_and_a_stream_refusing_decoder_input_details(mesh):
+    info = InferenceClient(mesh.gateway, provider="hf-inference").get_endpoint_info()
+    assert info["model_id"] == BASE and info["max_stop_sequences"] >= 1
+    body = {"inputs": "hi", "parameters": {"max_new_tokens": 2, "decoder_input_details": True}}
+    status, payload = _post(mesh, "/generate_stream", json.dumps(body))
+    assert status == 422 and "decoder_input_details" in payload["error"]
+
+
 def test_client_disconnect_cancels_the_generation_on_the_shard(mesh):
     host, port = mesh.gateway.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=60)

@@ -33,9 +33,11 @@ class GatewayConfig:
     drain_timeout_s: float = 10.0
 
     def model_names(self) -> ModelNames:
-        """The router calls the base by its last path part; the full id or path also means it."""
+        """The router calls the base by its last path part; the full id or path also means it, and so do
+        the placeholders TGI's users send as `model`: "tgi" (TGI's docs) and "dummy" (what
+        huggingface_hub's InferenceClient sends when it was given a URL rather than a model id)."""
         base = Path(self.model).name
-        return ModelNames(base=base, aliases=frozenset({self.model, "base"}))
+        return ModelNames(base=base, aliases=frozenset({self.model, "base", "tgi", "dummy"}))
 
 
 # FastAPI's own OpenTelemetry support makes each API request's span (honouring a `traceparent` header)

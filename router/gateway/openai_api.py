@@ -29,7 +29,14 @@ from loraplex.router.gateway.convert import (
     with_seed_offset,
 )
 from loraplex.router.gateway.errors import APIError
-from loraplex.router.gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from loraplex.router.gateway.schemas import (
+    REFUSED_CHAT,
+    REFUSED_COMPLETION,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    refused_field,
+)
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the shard's
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
@@ -149,9 +156,12 @@ async def _stream_events(
     yield "data: [DONE]\n\n"
 
 
-def _check_common(body: SamplingFields) -> None:
+def _check_common(body: SamplingFields, refused: dict[str, tuple]) -> None:
     if not body.model:
         raise APIError.bad_request("model is required: the base model's id or an adapter name", "model")
+    name = refused_field(body.model_extra, refused)
+    if name:
+        raise APIError.bad_request(f"{name} is not supported by loraplex; leave it out", name)
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name):
             raise APIError.bad_request(
@@ -167,6 +177,7 @@ def _sampling(body: SamplingFields, max_tokens: int | None, logprobs: bool, top_
         top_k=body.top_k,
         seed=body.seed,
         stop=body.stop_list(),
+        stop_token_ids=body.stop_token_ids or (),
         repetition_penalty=body.repetition_penalty,
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
@@ -175,7 +186,7 @@ def _sampling(body: SamplingFields, max_tokens: int | None, logprobs: bool, top_
 
 
 def completion_choices(body: CompletionRequest, names: ModelNames) -> Choices:
-    _check_common(body)
+    _check_common(body, REFUSED_COMPLETION)
     if body.suffix:
         raise APIError.bad_request("suffix (insertion) is not supported", "suffix")
     if body.best_of not in (None, 1, body.n):
@@ -213,7 +224,7 @@ def _prompts(prompt: str | list) -> list[str | list[int]]:
 
 
 def _chat_choices(body: ChatCompletionRequest, names: ModelNames) -> Choices:
-    _check_common(body)
+    _check_common(body, REFUSED_CHAT)
     if not body.messages:
         raise APIError.bad_request("messages is empty: send at least one message", "messages")
     if body.tools:

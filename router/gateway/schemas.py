@@ -1,10 +1,13 @@
 """Request bodies of the OpenAI and TGI routes. Fields clients send that loraplex does not use are
-ignored, as OpenAI-compatible servers do; a known field with a wrong type or range is a 400 that names
-the field. Extensions beyond OpenAI's fields (top_k, repetition_penalty, ignore_eos) follow vLLM."""
+ignored, as OpenAI-compatible servers do, unless they would change the answer: those (`REFUSED_*`) are a
+400 naming the field when set to anything but their "off" value, never silently dropped. A known field
+with a wrong type or range is a 400 that names the field. Extensions beyond OpenAI's fields (top_k,
+repetition_penalty, ignore_eos, stop_token_ids) follow vLLM."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +22,56 @@ TokenId = Annotated[int, Field(ge=0, le=UINT32_MAX)]
 # the shard's range (1 = off, > 1 penalises), so a value it would refuse is the client's 400 here
 RepetitionPenalty = Annotated[float, Field(ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])]
 
+# Fields of OpenAI's API, vLLM's or TGI's that loraplex cannot honour, each with the values that leave
+# the answer as loraplex gives it (absent, off, the default).
+REFUSED_SAMPLING = {
+    "logit_bias": (None, {}),
+    "min_p": (None, 0),
+    "min_tokens": (None, 0),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "allowed_token_ids": (None, []),
+    "bad_words": (None, []),
+    "logits_processors": (None, []),
+    "prompt_logprobs": (None,),
+    "truncate_prompt_tokens": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+}
+REFUSED_COMPLETION = {**REFUSED_SAMPLING, "response_format": (None, {"type": "text"})}
+REFUSED_CHAT = {
+    **REFUSED_SAMPLING,
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False),
+    "chat_template": (None,),
+    "chat_template_kwargs": (None, {}),
+    "documents": (None, []),
+}
+REFUSED_TGI = {
+    "typical_p": (None, 1),
+    "watermark": (None, False),
+    "truncate": (None,),
+    "frequency_penalty": (None, 0),
+}
+
+
+def refused_field(extra: Mapping[str, Any] | None, refused: Mapping[str, tuple]) -> str | None:
+    """The first field in a body's undeclared fields that is refused and not at an "off" value."""
+    for name, value in (extra or {}).items():
+        if name in refused and value not in refused[name]:
+            return name
+    return None
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -26,9 +79,9 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """What completions and chat share."""
+    """What completions and chat share; undeclared fields are kept, to refuse those in REFUSED_*."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: Count | None = None
@@ -46,6 +99,7 @@ class SamplingFields(BaseModel):
     top_k: Annotated[int, Field(ge=-1, le=UINT32_MAX)] | None = None
     repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: bool = False
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -90,7 +144,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TGIParameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # to refuse those in REFUSED_TGI
 
     adapter_id: str | None = None
     max_new_tokens: Count | None = None

@@ -8,6 +8,7 @@ carries the whole `generated_text` and, when asked for, the finish details.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from importlib.metadata import version
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -25,7 +26,7 @@ from loraplex.router.gateway.convert import (
     sse_events,
 )
 from loraplex.router.gateway.errors import APIError
-from loraplex.router.gateway.schemas import TGIRequest
+from loraplex.router.gateway.schemas import MAX_STOP, REFUSED_TGI, TGIParameters, TGIRequest, refused_field
 
 
 def build_router(client: RouterClient, names: ModelNames) -> APIRouter:
@@ -45,12 +46,31 @@ def build_router(client: RouterClient, names: ModelNames) -> APIRouter:
         return await run_until_disconnect(request, whole())
 
     async def generate_stream(body: TGIRequest, request: Request) -> StreamingResponse:
+        if body.parameters.decoder_input_details:  # TGI's rule: a stream has no place for the prompt
+            raise APIError.bad_request(
+                "decoder_input_details is not supported when streaming tokens; use /generate",
+                "decoder_input_details",
+            )
         stream = await open_stream(body)
         return StreamingResponse(
             sse_events(request, _token_events(body, stream)),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
+
+    @api.get("/info")
+    async def info() -> dict:
+        """TGI's description of the endpoint (huggingface_hub's get_endpoint_info), as far as the gateway
+        knows it: the base model and the request limits it enforces."""
+        return {
+            "model_id": names.base,
+            "model_pipeline_tag": "text-generation",
+            "max_best_of": 1,
+            "max_stop_sequences": MAX_STOP,
+            "max_client_batch_size": 1,
+            "router": "loraplex",
+            "version": version("loraplex"),
+        }
 
     @api.post("/generate", response_model=None)
     async def generate_route(body: TGIRequest, request: Request):
@@ -77,9 +97,9 @@ def _generate_request(body: TGIRequest, names: ModelNames) -> common_pb2.Generat
         raise APIError.bad_request("best_of is not supported", "best_of")
     if p.grammar:
         raise APIError.bad_request("grammar (constrained decoding) is not supported", "grammar")
-    # TGI samples when asked to or when given a temperature; otherwise it decodes greedily.
-    default_temperature = 1.0 if p.do_sample else 0.0
-    temperature = default_temperature if p.temperature is None else p.temperature
+    name = refused_field(p.model_extra, REFUSED_TGI)
+    if name:
+        raise APIError.bad_request(f"{name} is not supported by loraplex; leave it out", name)
     return common_pb2.GenerateRequest(
         adapter=names.adapter_for(p.adapter_id),
         prompt=body.inputs,
@@ -87,7 +107,7 @@ def _generate_request(body: TGIRequest, names: ModelNames) -> common_pb2.Generat
         decoder_input_details=p.decoder_input_details,
         parameters=sampling_parameters(
             max_new_tokens=p.max_new_tokens,
-            temperature=temperature,
+            temperature=_temperature(p),
             top_p=p.top_p,
             top_k=p.top_k,
             seed=p.seed,
@@ -97,6 +117,15 @@ def _generate_request(body: TGIRequest, names: ModelNames) -> common_pb2.Generat
             top_logprobs=p.top_n_tokens or 0,
         ),
     )
+
+
+def _temperature(p: TGIParameters) -> float:
+    """As TGI: it samples when asked to or when any logits warper is set (a temperature other than 1,
+    top_k, top_p < 1), else it decodes greedily, whatever the temperature (0 here)."""
+    warped = p.temperature not in (None, 1.0) or bool(p.top_k) or (p.top_p is not None and p.top_p < 1)
+    if not (p.do_sample or warped):
+        return 0.0
+    return 1.0 if p.temperature is None else p.temperature
 
 
 def _token(token: common_pb2.Token) -> dict:
@@ -110,9 +139,17 @@ def _top_tokens(token: common_pb2.Token) -> list[dict]:
     ]
 
 
+def _generated_text(body: TGIRequest, text: str, tokens: list[common_pb2.Token], finish_reason: int) -> str:
+    """TGI's generated_text keeps the stop sequence that ended it (the shard's text leaves it out, its
+    tokens hold it), and starts with the prompt when return_full_text is set."""
+    if finish_reason == common_pb2.FINISH_REASON_STOP:
+        text = "".join(token.text for token in tokens if not token.special)
+    return body.inputs + text if body.parameters.return_full_text else text
+
+
 def _generated(body: TGIRequest, response: common_pb2.GenerateResponse) -> dict:
     p = body.parameters
-    text = body.inputs + response.text if p.return_full_text else response.text
+    text = _generated_text(body, response.text, list(response.tokens), response.finish_reason)
     result: dict = {"generated_text": text}
     if p.details:
         result["details"] = {
@@ -135,9 +172,11 @@ async def _token_events(body: TGIRequest, stream: AsyncIterator[Chunk]) -> Async
     p = body.parameters
     pending: dict | None = None
     texts: list[str] = []
+    tokens: list[common_pb2.Token] = []
     index = 0
     async for chunk in stream:
         texts.append(chunk.text)
+        tokens.extend(chunk.tokens)
         for token in chunk.tokens:
             if pending is not None:
                 yield pending
@@ -152,8 +191,7 @@ async def _token_events(body: TGIRequest, stream: AsyncIterator[Chunk]) -> Async
         if chunk.finish_reason:
             if pending is None:  # nothing was generated; TGI still ends with an event
                 pending = {"index": 0, "token": {"id": 0, "text": "", "logprob": 0.0, "special": True}}
-            text = "".join(texts)
-            pending["generated_text"] = body.inputs + text if p.return_full_text else text
+            pending["generated_text"] = _generated_text(body, "".join(texts), tokens, chunk.finish_reason)
             pending["details"] = (
                 {
                     "finish_reason": TGI_FINISH.get(chunk.finish_reason, "length"),
