@@ -37,6 +37,9 @@ COMPLETION_TOKENS = "gen_ai.usage.output_tokens"
 FINISH_REASONS = "gen_ai.response.finish_reasons"
 
 Metadata = Sequence[tuple[str, str]]
+# A call stopped with this little of its deadline left was stopped by the deadline: a caller cancels
+# at the same deadline, and its cancel may overtake the server's own timer by a few milliseconds.
+DEADLINE_SLACK_S = 0.05
 
 
 def configure_tracing(service_name: str, instance_id: str = "") -> bool:
@@ -154,6 +157,12 @@ def record_span(
         name, context=trace.set_span_in_context(parent), start_time=start_ns, attributes=attributes
     )
     span.end(end_time=max(start_ns, end_ns))
+
+
+def stopped_by_deadline(seconds_left: float | None) -> bool:
+    """Whether a call stopped (cancelled) with seconds_left of its deadline (None: it had none) was
+    stopped by that deadline rather than by its caller leaving."""
+    return seconds_left is not None and seconds_left <= DEADLINE_SLACK_S
 
 
 def set_error(span: Span, message: str, error: BaseException | None = None) -> None:

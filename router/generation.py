@@ -97,6 +97,11 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             code = "INTERNAL"
             telemetry.set_error(span, str(error), error)
             raise
+        except BaseException:  # cancelled: the caller left, or gRPC ended the call at its deadline
+            if telemetry.stopped_by_deadline(context.time_remaining()):
+                code = "DEADLINE_EXCEEDED"
+                telemetry.set_error(span, "the caller's deadline passed")
+            raise
         finally:
             if timer is not None:
                 timer.done(code)
@@ -207,7 +212,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     error.message,
                 )
                 failures.append(f"{shard.shard_id}: {error.message}")
-                if self._metrics is not None:
+                if self._metrics is not None and attempt < len(candidates):  # a retry follows
                     self._metrics.failovers.inc()
             finally:
                 inflight.finished(shard.shard_id, started_at)

@@ -86,7 +86,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         """One request's chunks, for Generate and GenerateMany alike."""
         inner = request.request
         timer = self._metrics.request(request.adapter.name) if self._metrics else None
-        spans = RequestSpans(self._tracer, metadata, self.shard_id)
+        spans = RequestSpans(self._tracer, metadata, self.shard_id, time_remaining)
         outcome = "cancelled"  # unless it finishes or fails: the caller left or its deadline passed
         adapter = failure = None
         try:

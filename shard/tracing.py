@@ -7,16 +7,21 @@ thread's (`SequenceTimes`, handed back with the last output), so the engine neve
     ├── shard.queue_wait     submitted to the engine -> first scheduled
     ├── shard.prefill        first scheduled -> first token
     └── shard.decode         first token -> finished
+
+The request span carries the gRPC status the caller got (`rpc.grpc.status_code`), and is marked
+failed on an error or a deadline that passed; a caller that left (CANCELLED) is no failure of ours.
 """
 
 from __future__ import annotations
 
 import time
 
+import grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from loraplex.protos import telemetry
+from loraplex.protos.rpc import ServiceError
 from loraplex.protos.telemetry import Metadata
 from loraplex.shard.engine import EngineOutput
 from loraplex.shard.lora import LoraAdapter
@@ -24,12 +29,19 @@ from loraplex.shard.outputs import TokenOutput
 
 
 class RequestSpans:
-    def __init__(self, tracer: trace.Tracer, metadata: Metadata | None, shard_id: str) -> None:
+    def __init__(
+        self,
+        tracer: trace.Tracer,
+        metadata: Metadata | None,
+        shard_id: str,
+        time_remaining: float | None = None,
+    ) -> None:
         self.span = tracer.start_span(
             "shard.generate", context=telemetry.context_from_metadata(metadata), kind=SpanKind.SERVER
         )
         self._tracer = tracer
         self._shard_id = shard_id
+        self._deadline = None if time_remaining is None else time.monotonic() + time_remaining
         self._adapter: tuple[LoraAdapter, str, int, int] | None = None  # adapter, tier, start, end
         self._submitted_ns = 0
         self._last: EngineOutput | None = None
@@ -46,14 +58,29 @@ class RequestSpans:
         self._last = output
 
     def end(self, error: Exception | None = None) -> None:
-        """End the request span, with its phases as children when it records (no work otherwise)."""
+        """End the request span, with its phases as children when it records (no work otherwise).
+        A request that ends with neither its last output nor an error was stopped: by its deadline,
+        or by its caller leaving."""
         span = self.span
         if span.is_recording():
             span.set_attributes(self._attributes())
             self._record_phases()
+            code = self._status_code(error)
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
             if error is not None:
                 telemetry.set_error(span, getattr(error, "message", None) or str(error), error)
+            elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                telemetry.set_error(span, "the request's deadline passed on the shard")
         span.end()
+
+    def _status_code(self, error: Exception | None) -> grpc.StatusCode:
+        if error is not None:
+            return error.code if isinstance(error, ServiceError) else grpc.StatusCode.INTERNAL
+        if self._last is not None:
+            return grpc.StatusCode.OK
+        if self._deadline is not None and telemetry.stopped_by_deadline(self._deadline - time.monotonic()):
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
 
     def _attributes(self) -> dict:
         attributes: dict = {telemetry.SHARD: self._shard_id}

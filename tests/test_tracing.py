@@ -213,12 +213,45 @@ def test_a_streamed_adapter_request_is_one_trace_from_gateway_to_shard(
             second = await _wait_for_spans(exporter, new_trace, {*names, *SHARD_PHASES})
             assert _one(second, "shard.generate").attributes["loraplex.adapter.tier"] == "gpu"
             assert _one(second, "shard.adapter_load").attributes["loraplex.adapter.tier"] == "gpu"
+            assert _one(second, "shard.generate").attributes["rpc.grpc.status_code"] == 0
+
+            await _check_stopped_requests(exporter, router)
         finally:
             gateway.should_exit = True
             stop.set()
             await asyncio.gather(*tasks)
 
     asyncio.run(scenario())
+
+
+async def _check_stopped_requests(memory: InMemorySpanExporter, router: str) -> None:
+    """A request its deadline ended is a failure on every hop, the shard's included; one its caller
+    left is not, but says so."""
+    long = common_pb2.GenerateRequest(prompt="Go on.", parameters={"max_new_tokens": 480, "ignore_eos": True})
+    deadline_trace, cancelled_trace = (f"{n:032x}" for n in (0xDEAD, 0xCA11))
+    async with grpc.aio.insecure_channel(router) as channel:
+        generation = generation_pb2_grpc.GenerationStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as expired:
+            await generation.Generate(
+                long, timeout=0.3, metadata=(("traceparent", f"00-{deadline_trace}-{CALLER_SPAN}-01"),)
+            )
+        assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        call = generation.GenerateStream(
+            long, timeout=30, metadata=(("traceparent", f"00-{cancelled_trace}-{CALLER_SPAN}-01"),)
+        )
+        async for _ in call:
+            break
+        call.cancel()
+    for trace_id, code in (
+        (deadline_trace, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (cancelled_trace, grpc.StatusCode.CANCELLED),
+    ):
+        spans = await _wait_for_spans(memory, int(trace_id, 16), {"router.generate", "shard.generate"})
+        shard, request = _one(spans, "shard.generate"), _one(spans, "router.generate")
+        failed = code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert (not shard.status.is_ok, not request.status.is_ok) == (failed, failed), code
+        assert shard.attributes["rpc.grpc.status_code"] == code.value[0], code
+        assert request.attributes["rpc.grpc.status_code"] == code.value[0], code
 
 
 def _check_first_trace(spans: list[ReadableSpan]) -> None:
