@@ -2,16 +2,19 @@
 in the shape its SDK parses (OpenAI's under /v1, TGI's elsewhere), never as a bare text/plain 500; and
 values the shard would refuse are refused at the gateway's edge, naming the field."""
 
+import json
 import subprocess
 import sys
 
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 
 from loraplex.protos.v1 import common_pb2
 from loraplex.router.gateway.app import GatewayConfig, create_app
-from loraplex.router.gateway.errors import install_error_handlers
+from loraplex.router.gateway.convert import sse_events
+from loraplex.router.gateway.errors import APIError, install_error_handlers
 from loraplex.router.gateway.schemas import CompletionRequest, TGIParameters
 from loraplex.shard.sampling import SamplingParams
 from loraplex.shard.sampling_limits import REPETITION_PENALTY_RANGE
@@ -38,6 +41,26 @@ def test_an_unexpected_error_is_a_500_in_the_callers_shape():
     assert "ValueError" in error["message"] and "log" in error["message"]
     tgi = client.post("/generate", json={})
     assert tgi.status_code == 500 and tgi.json()["error_type"] == "generation"
+
+
+def test_an_error_mid_stream_is_an_event_in_the_callers_shape_and_an_openai_stream_still_ends():
+    app = FastAPI()
+
+    async def events():
+        yield {"text": "first"}
+        raise APIError(503, "every shard went away")
+
+    async def stream(request: Request) -> StreamingResponse:
+        return StreamingResponse(sse_events(request, events()), media_type="text/event-stream")
+
+    app.post("/v1/completions")(stream)
+    app.post("/generate_stream")(stream)
+    client = TestClient(app)
+    openai = client.post("/v1/completions").text.split("\n\n")
+    assert openai[0] == 'data: {"text": "first"}' and openai[2:] == ["data: [DONE]", ""]
+    assert json.loads(openai[1].removeprefix("data: "))["error"]["message"] == "every shard went away"
+    tgi = client.post("/generate_stream").text.split("\n\n")
+    assert tgi[2:] == [""] and json.loads(tgi[1].removeprefix("data: "))["error_type"]
 
 
 def _gateway() -> TestClient:

@@ -80,9 +80,11 @@ def error_response(request: Request, error: APIError) -> JSONResponse:
 
 
 def sse_error(request: Request, error: APIError) -> str:
-    """An error after the stream started: the status is already sent, so it goes in an event."""
-    body = error.tgi_body() if is_tgi_route(request) else error.openai_body()
-    return f"data: {json.dumps(body)}\n\n"
+    """An error after the stream started: the status is already sent, so it goes in an event. An
+    OpenAI stream still ends with `[DONE]`, as vLLM's does, for clients that read until it."""
+    if is_tgi_route(request):
+        return f"data: {json.dumps(error.tgi_body())}\n\n"
+    return f"data: {json.dumps(error.openai_body())}\n\ndata: [DONE]\n\n"
 
 
 def describe_validation_error(error: RequestValidationError) -> tuple[str, str | None]:
