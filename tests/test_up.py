@@ -16,6 +16,7 @@ import pytest
 from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2, generation_pb2_grpc
 from loraplex.registry.store import Registry
 from loraplex.tools.demo_adapters import demo_adapter_dirs, is_upper_answer
+from loraplex.tools.launcher import print_endpoints
 from loraplex.tools.model_store import DEFAULT_MODEL
 from loraplex.tools.processes import free_port
 
@@ -170,3 +171,14 @@ def test_up_registers_the_demo_adapters_and_they_change_the_answer(smollm2_launc
     assert answer == reply.text, "the gateway and the router give the same greedy answer"
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=30) == 0
+
+
+def test_banner_names_the_component_behind_each_metrics_endpoint(capsys, tmp_path):
+    metrics = {
+        "gateway": "http://h:8080/metrics",
+        "router": "http://h:1/metrics",
+        "shard-0": "http://h:2/metrics",
+    }
+    print_endpoints("h:50051", "http://h:8080", ["h:50061"], "redis://h:6379/0", tmp_path, [], metrics)
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("metrics")]
+    assert "gateway http://h:8080/metrics, router http://h:1/metrics, shard-0 http://h:2/metrics" in line

@@ -149,10 +149,10 @@ def run_mesh(config: MeshConfig) -> int:
         names[worker.pid] = "worker"
         wait_http_ok(f"{gateway_url}/health", gateway)
         demo_names = register_demo_adapters(router_address, demo_adapter_dirs())
-        metrics = [f"{gateway_url}/metrics"] + [
-            f"http://127.0.0.1:{port}/metrics" for port in metrics_ports.values()
-        ]
-        _print_endpoints(router_address, gateway_url, list(shards), redis_url, workdir, demo_names, metrics)
+        metrics = {"gateway": f"{gateway_url}/metrics"} | {
+            name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items()
+        }
+        print_endpoints(router_address, gateway_url, list(shards), redis_url, workdir, demo_names, metrics)
         exited: set[int] = set()
         while not stopping:
             for process in processes:
@@ -191,15 +191,16 @@ def register_demo_adapters(router: str, adapters: dict[str, Path]) -> list[str]:
     return registered
 
 
-def _print_endpoints(
+def print_endpoints(
     router: str,
     gateway: str,
     shards: list[str],
     redis_url: str,
     workdir: Path,
     demo_adapters: list[str],
-    metrics: list[str],
+    metrics: dict[str, str],
 ) -> None:
+    """The banner: where everything listens (metrics labelled by component) and requests to paste."""
     if demo_adapters:
         example = "uppercase" if "uppercase" in demo_adapters else demo_adapters[0]
         demo = f"""
@@ -218,7 +219,7 @@ loraplex mesh is up
   gateway (HTTP) {gateway}   OpenAI: {gateway}/v1   TGI: {gateway}/generate
   shards (gRPC)  {", ".join(shards)}
   redis          {redis_url}
-  metrics        {" ".join(metrics)}
+  metrics        {", ".join(f"{name} {url}" for name, url in metrics.items())}
   logs           {workdir}
 
 Try it:
