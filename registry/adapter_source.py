@@ -93,7 +93,7 @@ class ModelFit:
 
     targets: Mapping[str, tuple[int, int]]
     max_rank: int = 0
-    limit_name: str = "this shard's max_lora_rank"  # how messages name max_rank
+    limit_name: str = "this shard's --max-lora-rank"  # how messages name max_rank
 
     @classmethod
     def per_layer(cls, features: Mapping[str, tuple[int, int]], num_layers: int, **limits) -> ModelFit:

@@ -89,7 +89,7 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
             },
             shards[0].num_layers,
             max_rank=max(limits) if all(limits) else 0,
-            limit_name="the live shards' largest max_lora_rank",
+            limit_name="the live shards' largest --max-lora-rank",
         )
 
     @staticmethod

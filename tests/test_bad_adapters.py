@@ -82,7 +82,7 @@ def _bad_sources(
         "rank-above-limit": (
             write_peft_adapter(root / "r32", model_dir, rank=32),
             PRECONDITION,
-            "max_lora_rank 16",
+            "--max-lora-rank 16",
         ),
         "unknown-target": (unknown_target, INVALID, "wte"),
         "pickle-only": (pickle_only, INVALID, "safetensors"),

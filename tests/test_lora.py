@@ -102,5 +102,5 @@ def test_adapter_for_another_model_is_incompatible(engine, tiny_model_dir, tmp_p
 
 def test_rank_above_the_limit_is_incompatible(engine, smollm2_dir, tmp_path):
     source = write_peft_adapter(tmp_path / "big", smollm2_dir, rank=32, targets=("q_proj",))
-    with pytest.raises(IncompatibleAdapter, match="max_lora_rank 16"):
+    with pytest.raises(IncompatibleAdapter, match="--max-lora-rank 16"):
         _load(engine, source, "big", max_rank=16)
