@@ -31,11 +31,10 @@ from functools import partial
 
 import redis.asyncio as redis
 from google.protobuf.message import DecodeError
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from loraplex.protos.v1 import common_pb2, jobs_pb2
+from loraplex.registry.store import reconnect_once
 
 GROUP = "workers"
 DEFAULT_TTL_S = 24 * 3600.0
@@ -151,10 +150,7 @@ class JobQueue:
         queued_ttl_s: float = DEFAULT_QUEUED_TTL_S,
     ) -> None:
         # socket_timeout must outlast a blocking XREADGROUP: keep read()'s block_ms well under 10 s.
-        # One retry on a fresh connection: after Redis restarts, each pooled connection fails once.
-        self._redis = redis.from_url(
-            url, socket_timeout=10, socket_connect_timeout=2, retry=Retry(NoBackoff(), 1)
-        )
+        self._redis = redis.from_url(url, socket_timeout=10, socket_connect_timeout=2, retry=reconnect_once())
         self._ns = namespace
         self._ttl_ms = int(ttl_s * 1000)
         self._queued_ttl_ms = int(max(queued_ttl_s, ttl_s) * 1000)

@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from loraplex.registry.records import AdapterRecord, ShardRecord
 
@@ -67,6 +69,12 @@ class AdapterExists(KeyError):
     pass
 
 
+def reconnect_once() -> Retry:
+    """A command that fails on a dead connection is sent once more on a fresh one: after Redis
+    restarts, each pooled connection fails once. Timeouts are not retried: the command may have run."""
+    return Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+
+
 class AdapterNotFound(KeyError):
     pass
 
@@ -75,7 +83,9 @@ class Registry:
     """Catalogue and membership operations over one Redis connection pool."""
 
     def __init__(self, url: str, namespace: str = "loraplex") -> None:
-        self._redis = redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2)
+        self._redis = redis.from_url(
+            url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2, retry=reconnect_once()
+        )
         self._ns = namespace
         self._create = self._redis.register_script(_CREATE)
         self._update = self._redis.register_script(_UPDATE)
