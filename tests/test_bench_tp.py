@@ -30,4 +30,6 @@ def test_report_compares_tp2_with_tp1_on_memory_tokens_and_speed(tiny_model_dir,
     assert all(0.45 < fraction < 0.55 for fraction in run["weight_fraction_of_tp1_per_rank"])
     assert len(run["seconds_tp1"]) == len(run["seconds_tp"]) == 2
     assert run["throughput_ratio_vs_tp1"] > 0
-    assert "same tokens" in summary_table(report)
+    table = summary_table(report).splitlines()
+    assert "same tokens" in table[0]
+    assert float(table[1].split()[3]) == round(run["tokens_per_s_tp1"], 1), "TP=1's own speed is in its row"

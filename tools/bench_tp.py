@@ -71,6 +71,7 @@ def run_tp_bench(config: TPBenchConfig) -> tuple[dict, Path, Path]:
         "prompt_tokens": config.prompt_tokens,
         "max_new_tokens": config.max_new_tokens,
         "rounds": config.rounds,
+        "warmup_rounds": 1,  # run and not timed, before the rounds
         "tp1": tp1,
         "sizes": runs,
     }
@@ -112,12 +113,13 @@ def _compare(config: TPBenchConfig, baseline: Engine, size: int, sources: list[P
         memory = _memory(engine)
         times: dict[int, list[float]] = {1: [], size: []}
         outputs: dict[int, list[list[int]]] = {}
-        for round_ in range(config.rounds):
+        for round_ in range(config.rounds + 1):  # round 0 warms both engines up and is not counted
             for tp, which in ((1, baseline), (size, engine)):
                 seconds, tokens = _timed_batch(config, which, sources, round_)
-                times[tp].append(seconds)
                 outputs[tp] = tokens
-                log.info("round %d TP=%d: %.2f s", round_, tp, seconds)
+                if round_:
+                    times[tp].append(seconds)
+                log.info("round %d%s TP=%d: %.2f s", round_, "" if round_ else " (warm-up)", tp, seconds)
     finally:
         engine.stop()
     new_tokens = config.batch_size * config.max_new_tokens
@@ -208,7 +210,10 @@ def summary_table(report: dict) -> str:
         f"{'TP':>3} {'weights/rank MiB':>17} {'x TP=1':>7} {'tok/s':>7} {'x TP=1':>7} {'same tokens':>11}"
     ]
     tp1_weights = max(report["tp1"]["weight_bytes_per_rank"])
-    lines.append(f"{1:>3} {tp1_weights / mib:>17.1f} {1.0:>7.2f}")
+    tp1_speed = (
+        statistics.median(run["tokens_per_s_tp1"] for run in report["sizes"]) if report["sizes"] else 0.0
+    )
+    lines.append(f"{1:>3} {tp1_weights / mib:>17.1f} {1.0:>7.2f} {tp1_speed:>7.1f} {1.0:>7.2f} {'':>11}")
     for run in report["sizes"]:
         heaviest = max(run["weight_bytes_per_rank"])
         lines.append(
@@ -227,7 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser, add_model_options) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds, after one warm-up round")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
