@@ -116,6 +116,12 @@ def run_adapter_bench(config: AdapterBenchConfig) -> AdapterBenchResult:
         if not config.skip_baselines and config.baseline_adapters in levels:
             choices = levels[config.baseline_adapters][: config.baseline_requests]
             runs.append(run_peft_baseline(config, prompts, choices, sources[config.baseline_adapters]))
+        elif not config.skip_baselines:
+            log.warning(
+                "no peft baseline: it replays the %d-adapter level's requests; add %d to --adapter-counts",
+                config.baseline_adapters,
+                config.baseline_adapters,
+            )
         report = build_report(config, started, prompts, levels, runs, tiers, latencies, round_ratios, paired)
         json_path, png_path = write_report(report, config.output_dir)
         return AdapterBenchResult(report, json_path, png_path)
