@@ -1,6 +1,6 @@
 """Tracing shared by every process: the OpenTelemetry set-up each runs at start, and W3C trace context
 (`traceparent`) carried in gRPC metadata, so one request is one trace from the gateway through the
-router to a shard.
+router to a shard. An async job's run is a trace of its own, linked to the request that submitted it.
 
 Off by default. Unless OTEL_TRACES_EXPORTER names an exporter, the API's no-op provider stays: every
 span is a non-recording stub (about a microsecond to start and end), the SDK is never imported, and
@@ -19,7 +19,7 @@ from importlib.metadata import entry_points
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter, TextMapPropagator
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import Link, Span, Status, StatusCode
 
 log = logging.getLogger("loraplex.telemetry")
 
@@ -32,6 +32,8 @@ ADAPTER = "loraplex.adapter.name"
 ADAPTER_VERSION = "loraplex.adapter.version"
 ADAPTER_TIER = "loraplex.adapter.tier"  # where the adapter came from: gpu, cpu, disk or source
 SHARD = "loraplex.shard.id"
+JOB_ID = "loraplex.job.id"
+JOB_ATTEMPT = "loraplex.job.attempt"  # the job's deliveries so far, this one included
 PROMPT_TOKENS = "gen_ai.usage.input_tokens"
 COMPLETION_TOKENS = "gen_ai.usage.output_tokens"
 FINISH_REASONS = "gen_ai.response.finish_reasons"
@@ -126,6 +128,16 @@ def context_from_metadata(metadata: Metadata | None) -> Context | None:
 def _fields(propagator: TextMapPropagator) -> frozenset[str]:
     """The keys a propagator reads (a composite one builds the set anew on every call)."""
     return frozenset(propagator.fields)
+
+
+def links_from_metadata(metadata: Metadata | None) -> list[Link]:
+    """A link to the span that sent metadata, for a span that starts a trace of its own because of it
+    (a queued job's run, which may come much later and more than once); [] when it sent no trace."""
+    context = context_from_metadata(metadata)
+    if context is None:
+        return []
+    sender = trace.get_current_span(context).get_span_context()
+    return [Link(sender)] if sender.is_valid else []
 
 
 def metadata_for(span: Span) -> tuple[tuple[str, str], ...] | None:

@@ -9,7 +9,9 @@
                                GenerateRequest), callback_url, created_at, started_at, finished_at
                                (unix seconds), attempts (deliveries so far), result (serialized
                                GenerateResponse, when succeeded), error_code (gRPC status name) and
-                               error_message (when failed). Expires `queued_ttl_s` after submission
+                               error_message (when failed), trace_context (JSON object: the
+                               submitting request's W3C trace context, `traceparent` and the like,
+                               absent if it had none). Expires `queued_ttl_s` after submission
                                (generous: a backlog may take a while), then `ttl_s` after it finishes.
 
 Submit, start and finish each run as one Lua script, so a record and its stream entry change together.
@@ -23,9 +25,10 @@ Needs Redis 7 or later (XAUTOCLAIM's list of deleted entries, the group's lag in
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
@@ -39,6 +42,7 @@ from loraplex.registry.store import reconnect_once
 GROUP = "workers"
 DEFAULT_TTL_S = 24 * 3600.0
 DEFAULT_QUEUED_TTL_S = 7 * 24 * 3600.0
+TraceContext = tuple[tuple[str, str], ...]  # W3C trace context fields as (key, value) pairs
 _FINISHED = (b"succeeded", b"failed")
 _STATES = {
     b"queued": jobs_pb2.JOB_STATE_QUEUED,
@@ -74,7 +78,10 @@ if not state or state == 'succeeded' or state == 'failed' or redis.call('HEXISTS
 end
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[3])
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-return {redis.call('HGET', KEYS[1], 'request'), attempts, redis.call('HGET', KEYS[1], 'callback_url') or ''}
+return {
+  redis.call('HGET', KEYS[1], 'request'), attempts, redis.call('HGET', KEYS[1], 'callback_url') or '',
+  redis.call('HGET', KEYS[1], 'trace_context') or ''
+}
 """
 
 # KEYS: record, stream. ARGV: group, entry id, ttl ms, then the outcome's field/value pairs.
@@ -137,6 +144,7 @@ class Delivery:
     request: common_pb2.GenerateRequest
     attempts: int  # deliveries so far, this one included
     callback_url: str = ""  # where the worker POSTs the outcome once stored ("": nowhere)
+    trace_context: TraceContext = ()  # the submitting request's, as gRPC metadata pairs ((): none)
 
 
 class JobQueue:
@@ -173,8 +181,14 @@ class JobQueue:
 
     # --- clients ---------------------------------------------------------------------------------
 
-    async def submit(self, request: common_pb2.GenerateRequest, callback_url: str = "") -> str:
-        """Record the job and queue it, atomically; returns the job id."""
+    async def submit(
+        self,
+        request: common_pb2.GenerateRequest,
+        callback_url: str = "",
+        trace_context: Iterable[tuple[str, str]] | None = None,
+    ) -> str:
+        """Record the job and queue it, atomically; returns the job id. trace_context (the submitting
+        request's, as gRPC metadata pairs) comes back in each Delivery, for the worker's trace to link to."""
         job_id = uuid.uuid4().hex
         fields = {
             "state": "queued",
@@ -183,6 +197,8 @@ class JobQueue:
             "created_at": repr(time.time()),
             "attempts": 0,
         }
+        if trace_context:
+            fields["trace_context"] = json.dumps(dict(trace_context))
         await self._submit(
             keys=[self.record_key(job_id), self.stream_key],
             args=[job_id, self._queued_ttl_ms, *_flatten(fields)],
@@ -258,14 +274,16 @@ class JobQueue:
         )
         if reply is None:
             return None
-        payload, attempts, callback_url = reply
+        payload, attempts, callback_url, trace_context = reply
         request = common_pb2.GenerateRequest()
         try:
             request.ParseFromString(payload)
         except DecodeError:
             await self.fail(job_id, entry_id, "INTERNAL", "the stored request is not a GenerateRequest")
             return None
-        return Delivery(entry_id, job_id, request, int(attempts), callback_url.decode())
+        return Delivery(
+            entry_id, job_id, request, int(attempts), callback_url.decode(), _trace_context(trace_context)
+        )
 
     async def touch(self, consumer: str, entry_ids: list[str]) -> int:
         """Reset the idle time of entries still owned by consumer; returns how many it still owns."""
@@ -342,6 +360,17 @@ class JobQueue:
 
 def _flatten(fields: dict) -> list:
     return [item for pair in fields.items() for item in pair]
+
+
+def _trace_context(stored: bytes) -> TraceContext:
+    """The stored trace context's pairs; () for none (a record from before it was stored) or garbage."""
+    try:
+        fields = json.loads(stored) if stored else {}
+    except ValueError:
+        return ()
+    if not isinstance(fields, dict):
+        return ()
+    return tuple((str(key), str(value)) for key, value in fields.items())
 
 
 def _nanoseconds(seconds: bytes | None) -> int:

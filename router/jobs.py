@@ -11,7 +11,10 @@ from urllib.parse import urlparse
 
 import grpc
 import redis.exceptions
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
 
+from loraplex.protos import telemetry
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from loraplex.registry.jobs import JobQueue
@@ -23,15 +26,45 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
     def __init__(self, queue: JobQueue, snapshots: SnapshotKeeper) -> None:
         self._queue = queue
         self._snapshots = snapshots
+        self._tracer = trace.get_tracer("loraplex.router")
 
     async def Submit(
         self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.SubmitJobResponse:
+        """Queue the job in the `router.submit` span, whose context the job keeps: the worker's trace
+        for the job links back to it."""
+        span = self._tracer.start_span(
+            "router.submit",
+            context=telemetry.context_from_metadata(context.invocation_metadata()),
+            kind=SpanKind.SERVER,
+        )
+        code = grpc.StatusCode.CANCELLED  # unless it ends otherwise: the caller left
+        try:
+            job_id = await self._queue_job(request, span)
+            code = grpc.StatusCode.OK
+            return jobs_pb2.SubmitJobResponse(job_id=job_id)
+        except ServiceError as error:
+            code = error.code
+            telemetry.set_error(span, error.message)
+            raise
+        except Exception as error:
+            code = grpc.StatusCode.INTERNAL
+            telemetry.set_error(span, str(error), error)
+            raise
+        finally:
+            if span.is_recording():
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+            span.end()
+
+    async def _queue_job(self, request: jobs_pb2.SubmitJobRequest, span: Span) -> str:
         _check_input(request.request)
         resolve_adapter(request.request.adapter, self._snapshots.current)
         _check_callback_url(request.callback_url)
-        job_id = await _call(self._queue.submit(request.request, request.callback_url))
-        return jobs_pb2.SubmitJobResponse(job_id=job_id)
+        trace_context = telemetry.metadata_for(span)
+        job_id = await _call(self._queue.submit(request.request, request.callback_url, trace_context))
+        if span.is_recording():
+            span.set_attribute(telemetry.JOB_ID, job_id)
+        return job_id
 
     async def Get(self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
         if not request.job_id:

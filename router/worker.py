@@ -28,11 +28,12 @@ from typing import NamedTuple
 import grpc
 import redis.exceptions
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from loraplex.protos import telemetry
 from loraplex.protos.rpc import stop_on_signals
-from loraplex.protos.telemetry import configure_tracing, metadata_for
 from loraplex.protos.v1 import common_pb2, generation_pb2_grpc
 from loraplex.registry.jobs import DEFAULT_TTL_S, Delivery, JobQueue
 from loraplex.router.gateway.jobs_api import job_to_dict
@@ -168,23 +169,34 @@ class Worker:
             log.warning("could not leave the consumer group: %s", error)
 
     async def _run_job(self, delivery: Delivery) -> None:
-        """One job in its own trace (the router's spans hang under it)."""
-        with self._tracer.start_as_current_span("worker.job", kind=SpanKind.CONSUMER) as span:
+        """One run of a job, in a trace of its own (the router's spans hang under it) linked to the
+        span that submitted the job: a job may run long after its submission, and more than once."""
+        with self._tracer.start_as_current_span(
+            "worker.job",
+            context=Context(),  # a root: never the submitter's trace
+            kind=SpanKind.CONSUMER,
+            links=telemetry.links_from_metadata(delivery.trace_context),
+        ) as span:
             if span.is_recording():
                 span.set_attributes(
-                    {"loraplex.job.id": delivery.job_id, "loraplex.job.attempt": delivery.attempts}
+                    {telemetry.JOB_ID: delivery.job_id, telemetry.JOB_ATTEMPT: delivery.attempts}
                 )
-            await self._settle(delivery)
+            outcome = await self._outcome(delivery)
+            if span.is_recording():
+                _trace_outcome(span, outcome)
+            await self._settle(delivery, outcome)
 
-    async def _settle(self, delivery: Delivery) -> None:
+    async def _outcome(self, delivery: Delivery) -> common_pb2.GenerateResponse | Failure:
         if delivery.attempts > self._config.max_deliveries:
-            outcome: common_pb2.GenerateResponse | Failure = Failure(
+            return Failure(
                 "ABORTED",
                 f"gave up after {delivery.attempts - 1} deliveries: every worker that took this job "
                 "stopped before finishing it",
             )
-        else:
-            outcome = await self._generate(delivery.request)
+        return await self._generate(delivery.request)
+
+    async def _settle(self, delivery: Delivery, outcome: common_pb2.GenerateResponse | Failure) -> None:
+        """Store the outcome (unless the job already has one) and call back."""
         try:
             if isinstance(outcome, Failure):
                 stored = await self._queue.fail(delivery.job_id, delivery.entry_id, *outcome)
@@ -194,6 +206,7 @@ class Worker:
                 counter = self._metrics.completed
         except STORE_ERRORS as error:  # left pending: it is reclaimed and run again later
             log.warning("could not store the outcome of job %s: %s", delivery.job_id, error)
+            telemetry.set_error(trace.get_current_span(), f"could not store the outcome: {error}", error)
             return
         if stored:
             counter.inc()
@@ -212,7 +225,7 @@ class Worker:
                 return await self._generation.Generate(
                     request,
                     timeout=config.request_timeout_s,
-                    metadata=metadata_for(trace.get_current_span()),
+                    metadata=telemetry.metadata_for(trace.get_current_span()),
                 )
             except grpc.aio.AioRpcError as error:
                 if error.code() not in RETRYABLE or attempt == config.max_retries:
@@ -264,6 +277,16 @@ class Worker:
             await asyncio.sleep(self._config.backlog_interval_s)
 
 
+def _trace_outcome(span: Span, outcome: common_pb2.GenerateResponse | Failure) -> None:
+    """The job's gRPC status on its span, which a failure marks failed with the stored message."""
+    if isinstance(outcome, Failure):
+        telemetry.set_error(span, outcome.message)
+        code = grpc.StatusCode.__members__.get(outcome.code, grpc.StatusCode.UNKNOWN)
+    else:
+        code = grpc.StatusCode.OK
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+
+
 def _post_json(url: str, body: bytes, timeout_s: float) -> None:
     request = urllib.request.Request(
         url, data=body, method="POST", headers={"Content-Type": "application/json"}
@@ -279,7 +302,7 @@ async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
 
 async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None:
     stop = stop or stop_on_signals()
-    configure_tracing("loraplex-worker")
+    telemetry.configure_tracing("loraplex-worker")
     metrics = WorkerMetrics()
     http_server = None
     if config.metrics_port:

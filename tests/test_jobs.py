@@ -116,6 +116,30 @@ def test_a_failed_job_keeps_its_status_name_and_message(redis_url, namespace):
     run(scenario())
 
 
+def test_each_delivery_carries_the_trace_context_its_job_was_submitted_with(redis_url, namespace):
+    traceparent = ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+
+    async def scenario():
+        queue = JobQueue(redis_url, namespace)
+        traced = await queue.submit(_request(), trace_context=(traceparent,))
+        untraced = await queue.submit(_request())  # as every record from before trace contexts were kept
+        garbled = await queue.submit(_request())
+        raw = redis.from_url(redis_url)
+        await raw.hset(queue.record_key(garbled), "trace_context", "not json")
+        deliveries = await queue.read("a", count=10, block_ms=100)
+        assert [(d.job_id, d.trace_context) for d in deliveries] == [
+            (traced, (traceparent,)),
+            (untraced, ()),
+            (garbled, ()),
+        ]
+        (again,) = await queue.reclaim("b", min_idle_ms=0, count=1)  # a second run links to it too
+        assert (again.job_id, again.trace_context) == (traced, (traceparent,))
+        await raw.aclose()
+        await queue.close()
+
+    run(scenario())
+
+
 def test_a_job_run_twice_after_a_reclaim_completes_exactly_once(redis_url, namespace):
     async def scenario():
         queue = JobQueue(redis_url, namespace)

@@ -1,7 +1,9 @@
-"""Tracing: one request is one trace, gateway -> router -> shard, with the spans an operator reads.
+"""Tracing: one request is one trace, gateway -> router -> shard, with the spans an operator reads; an
+async job's run is a trace of its own, linked to the request that submitted it.
 
-An in-memory exporter sees only its own process, so the shard, the router and the gateway run here in
-one event loop (with a real redis-server and the tiny model), each through its real `serve`."""
+An in-memory exporter sees only its own process, so the shard, the router, the gateway and a job
+worker run here in one event loop (with a real redis-server and the tiny model), each through its real
+`serve`."""
 
 from __future__ import annotations
 
@@ -26,12 +28,21 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.util._once import Once
 
-from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2, generation_pb2_grpc
+from loraplex.protos.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    common_pb2,
+    generation_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+)
 from loraplex.registry.records import HeldAdapter, ShardRecord
 from loraplex.registry.store import Registry
 from loraplex.router.gateway.app import GatewayConfig, create_app
 from loraplex.router.server import RouterConfig
 from loraplex.router.server import serve as serve_router
+from loraplex.router.worker import WorkerConfig
+from loraplex.router.worker import serve as serve_worker
 from loraplex.shard.engine import EngineConfig
 from loraplex.shard.server import ShardConfig
 from loraplex.shard.server import serve as serve_shard
@@ -151,7 +162,7 @@ async def _register_dead_replica(redis_url: str, namespace: str, router: str, ad
     raise AssertionError("the router never saw the dead replica")
 
 
-def test_a_streamed_adapter_request_is_one_trace_from_gateway_to_shard(
+def test_a_request_is_one_trace_from_gateway_to_shard_and_a_job_run_links_to_its_submission(
     exporter, redis_url, namespace, tiny_model_dir, tmp_path
 ):
     adapter_dir = write_peft_adapter(tmp_path / "adapter", tiny_model_dir)
@@ -181,10 +192,14 @@ def test_a_streamed_adapter_request_is_one_trace_from_gateway_to_shard(
                 log_level="warning",
             )
         )
+        worker_config = WorkerConfig(
+            router, redis_url, "traced-worker", namespace, metrics_port=0, read_block_ms=100
+        )
         tasks = [
             asyncio.create_task(serve_shard(shard_config, stop)),
             asyncio.create_task(serve_router(router_config, stop)),
             asyncio.create_task(gateway.serve()),
+            asyncio.create_task(serve_worker(worker_config, stop)),
         ]
         try:
             await _wait_for_router(router)
@@ -216,6 +231,7 @@ def test_a_streamed_adapter_request_is_one_trace_from_gateway_to_shard(
             assert _one(second, "shard.generate").attributes["rpc.grpc.status_code"] == 0
 
             await _check_stopped_requests(exporter, router)
+            await _check_async_jobs(exporter, gateway_port, router)
         finally:
             gateway.should_exit = True
             stop.set()
@@ -252,6 +268,82 @@ async def _check_stopped_requests(memory: InMemorySpanExporter, router: str) -> 
         assert (not shard.status.is_ok, not request.status.is_ok) == (failed, failed), code
         assert shard.attributes["rpc.grpc.status_code"] == code.value[0], code
         assert request.attributes["rpc.grpc.status_code"] == code.value[0], code
+
+
+def _submit_async_completion(port: int, adapter: str, headers: dict[str, str]) -> str:
+    """An async completion submitted through the gateway; its job id."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    body = {"model": adapter, "prompt": "Say something.", "max_tokens": 4}
+    try:
+        connection.request(
+            "POST", "/v1/async/completions", json.dumps(body), {"Content-Type": "application/json", **headers}
+        )
+        response = connection.getresponse()
+        text = response.read().decode()
+        assert response.status == 202, text
+    finally:
+        connection.close()
+    return json.loads(text)["id"]
+
+
+async def _wait_for_job_run(memory: InMemorySpanExporter, job_id: str, names: set[str]) -> list[ReadableSpan]:
+    """The spans of the trace the worker ran the job in, once its `worker.job` span and the named ones
+    have ended (a shard's span may end a moment after the job's)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for span in memory.get_finished_spans():
+            if span.name == "worker.job" and span.attributes.get("loraplex.job.id") == job_id:
+                return await _wait_for_spans(memory, span.context.trace_id, {"worker.job", *names})
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no worker.job span for job {job_id}")
+
+
+async def _check_async_jobs(memory: InMemorySpanExporter, gateway_port: int, router: str) -> None:
+    """A job runs in a trace of its own, linked to the span that queued it (router.submit, under the
+    submitter's span), with the router's and shard's spans under it; a job that fails is a failed span."""
+    ok_trace, failing_trace = (f"{n:032x}" for n in (0xA5, 0xFA11))
+    caller = {"traceparent": f"00-{ok_trace}-{CALLER_SPAN}-01"}
+    ok_id = await asyncio.to_thread(_submit_async_completion, gateway_port, "traced", caller)
+    refused = common_pb2.GenerateRequest(prompt="Say nothing.", parameters={"max_new_tokens": 0})
+    async with grpc.aio.insecure_channel(router) as channel:
+        submitted = await jobs_pb2_grpc.JobsStub(channel).Submit(
+            jobs_pb2.SubmitJobRequest(request=refused),
+            timeout=10,
+            metadata=(("traceparent", f"00-{failing_trace}-{CALLER_SPAN}-01"),),
+        )
+    failing_id = submitted.job_id
+
+    submit_spans = await _wait_for_spans(
+        memory, int(ok_trace, 16), {"POST /v1/async/completions", "router.submit"}
+    )
+    gateway, ok_submit = _one(submit_spans, "POST /v1/async/completions"), _one(submit_spans, "router.submit")
+    assert gateway.parent.span_id == int(CALLER_SPAN, 16)
+    assert ok_submit.parent.span_id == gateway.context.span_id
+    assert ok_submit.attributes["loraplex.job.id"] == ok_id
+    assert ok_submit.attributes["rpc.grpc.status_code"] == 0 and ok_submit.status.is_ok
+
+    ok_run = await _wait_for_job_run(memory, ok_id, {"router.generate", "shard.generate"})
+    job, request = _one(ok_run, "worker.job"), _one(ok_run, "router.generate")
+    # a trace of its own, linked (not parented) to the submission
+    assert job.parent is None and job.context.trace_id != int(ok_trace, 16)
+    assert [(link.context.trace_id, link.context.span_id) for link in job.links] == [
+        (int(ok_trace, 16), ok_submit.context.span_id)
+    ]
+    assert request.parent.span_id == job.context.span_id
+    assert _one(ok_run, "shard.generate").parent is not None
+    assert job.attributes["loraplex.job.attempt"] == 1
+    assert job.status.is_ok and job.attributes["rpc.grpc.status_code"] == 0
+
+    (failing_submit,) = await _wait_for_spans(memory, int(failing_trace, 16), {"router.submit"})
+    assert failing_submit.parent.span_id == int(CALLER_SPAN, 16) and failing_submit.parent.is_remote
+    failing_run = await _wait_for_job_run(memory, failing_id, {"router.generate"})
+    failed = _one(failing_run, "worker.job")
+    assert [(link.context.trace_id, link.context.span_id) for link in failed.links] == [
+        (int(failing_trace, 16), failing_submit.context.span_id)
+    ]
+    assert not failed.status.is_ok and "max_new_tokens" in failed.status.description
+    assert failed.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert _one(failing_run, "router.generate").parent.span_id == failed.context.span_id
 
 
 def _check_first_trace(spans: list[ReadableSpan]) -> None:
