@@ -67,6 +67,10 @@ class AdapterSlots:
         self._dropped: OrderedDict[int, None] = OrderedDict()
         self.counters = TierCounters()
 
+    def can_acquire(self, adapter: LoraAdapter) -> bool:
+        """Whether acquire(adapter) would give a slot now: the adapter has one, or one is idle."""
+        return adapter.uid in self._slot_of or bool(self._idle)
+
     def acquire(self, adapter: LoraAdapter) -> int:
         """The adapter's slot, loading it into the least recently used idle slot if needed; NO_SLOT when
         every slot is in use (the request waits)."""

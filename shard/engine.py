@@ -344,6 +344,10 @@ class Engine:
             self._publish_stats()
 
     def _add(self, request: EngineRequest, callback: OutputCallback) -> None:
+        refusal = self._refusal(request)
+        if refusal is not None:  # it could never run: waiting for it would loop (or fail the batch)
+            _call_safely(callback, RequestFailed("error", refusal))
+            return
         seq = Sequence(
             request_id=request.request_id,
             token_ids=list(request.prompt_ids),
@@ -362,6 +366,20 @@ class Engine:
         )
         self._requests[request.request_id] = _Request(seq, outputs, callback)
         self.scheduler.add(seq)
+
+    def _refusal(self, request: EngineRequest) -> str | None:
+        """Why the engine cannot serve the request at all (None: it can). The service checks prompts
+        first; this guards every other caller: a prompt larger than the whole KV cache would wait for
+        blocks forever, an empty one has no position to predict from."""
+        num_prompt_tokens = len(request.prompt_ids)
+        if num_prompt_tokens == 0:
+            return "the prompt is empty"
+        if num_prompt_tokens > self.max_context:
+            return (
+                f"the prompt has {num_prompt_tokens} tokens but this shard's context is "
+                f"{self.max_context} tokens; shorten the prompt"
+            )
+        return None
 
     def step(self) -> None:
         """One iteration: schedule, run the model, turn logits into tokens and outputs."""

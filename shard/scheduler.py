@@ -121,17 +121,20 @@ class Scheduler:
         try:
             while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
                 seq = self.waiting[0]
+                # A sequence that cannot run for want of a slot steps aside before the blocks are
+                # weighed, so that it never holds up the base model or the adapters in the slots.
+                if seq.adapter is not None and seq.adapter.uid in draining:
+                    waiting_for_slot.append(self.waiting.popleft())  # held back so its slot drains
+                    continue
+                if not self._can_acquire_slot(seq):  # every slot busy: the adapter cycle's clock starts
+                    self._slot_wait_since.setdefault(seq.request_id, (seq.adapter.uid, now))
+                    waiting_for_slot.append(self.waiting.popleft())
+                    continue
                 prefix = self.blocks.cached_prefix(seq)
                 num_new = min(seq.num_uncomputed - len(prefix) * self.blocks.block_size, budget)
                 if not self.blocks.can_reserve(seq, num_new, prefix):
                     break  # first come, first served: nobody overtakes the head of the queue for blocks
-                if seq.adapter is not None and seq.adapter.uid in draining:
-                    waiting_for_slot.append(self.waiting.popleft())  # held back so its slot drains
-                    continue
-                if not self._acquire_slot(seq):  # every slot busy: the adapter cycle's clock starts
-                    self._slot_wait_since.setdefault(seq.request_id, (seq.adapter.uid, now))
-                    waiting_for_slot.append(self.waiting.popleft())
-                    continue
+                self._acquire_slot(seq)
                 self.blocks.reserve(seq, num_new, prefix)
                 self.running.append(self.waiting.popleft())
                 self._slot_wait_since.pop(seq.request_id, None)
@@ -147,25 +150,36 @@ class Scheduler:
     def _slots_to_drain(self, now: float) -> set[int]:
         """uids of the adapters whose busy slots take no new sequences this step: one per adapter that
         has found every slot busy for adapter_cycle_s, up to a quarter of the slots."""
+        if self.slots is None:
+            return set()
+        # an adapter that has a slot again (its first waiting request got one) is starved no longer:
+        # its other requests' clocks must not make its own slot drain
         starved = {
-            uid for uid, since in self._slot_wait_since.values() if now - since >= self.adapter_cycle_s
+            uid
+            for uid, since in self._slot_wait_since.values()
+            if now - since >= self.adapter_cycle_s and not self.slots.holds(uid)
         }
-        if not starved or self.slots is None:
+        if not starved:
             return set()
         return self.slots.quickest_to_drain(min(len(starved), max(1, self.slots.num_slots // 4)))
 
-    def _acquire_slot(self, seq: Sequence) -> bool:
+    def _can_acquire_slot(self, seq: Sequence) -> bool:
         if seq.adapter is None:
             return True
         if self.slots is None:
             raise RuntimeError("a sequence has an adapter but the scheduler has no adapter slots")
+        return self.slots.can_acquire(seq.adapter)
+
+    def _acquire_slot(self, seq: Sequence) -> None:
+        """Give seq its adapter's slot (after _can_acquire_slot said it may have one)."""
+        if seq.adapter is None or self.slots is None:
+            return
         held = self.slots.holds(seq.adapter.uid)
         seq.lora_slot = self.slots.acquire(seq.adapter)
         if seq.lora_slot == NO_SLOT:
-            return False
+            raise RuntimeError(f"adapter slot for {seq.request_id} vanished between check and acquire")
         if not seq.scheduled_ns:  # what its first admission found, for tracing
             seq.slot_hit = held
-        return True
 
     def _release_slot(self, seq: Sequence) -> None:
         if seq.lora_slot != NO_SLOT and self.slots is not None:

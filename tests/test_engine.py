@@ -1,5 +1,6 @@
 """The engine on the real SmolLM2 weights, against transformers on the same weights."""
 
+import random
 import threading
 import time
 
@@ -20,6 +21,7 @@ from engine_helpers import (
     reference_last_logits,
     tokens,
 )
+from peft_fixtures import write_peft_adapter
 
 # fp32 on CPU in a different operation order (fused projections, paged attention, batched rows):
 # logits agree to ~5e-5 at magnitudes of ~25.
@@ -269,3 +271,98 @@ def _wait_for(condition, timeout: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+def test_random_finishes_aborts_deadlines_and_preemptions_give_every_block_back(tiny_model_dir, tmp_path):
+    """A fixed-seed mix in a 14-block cache: shared prefixes, three adapters for two slots, greedy and
+    seeded sampling, requests joining, aborted and expiring at random steps, so that sequences are
+    preempted mid-prefill and mid-decode. Every step the blocks' reference counts are exactly the
+    block tables' and the free list is the unreferenced blocks; at the end every block is free, no
+    slot is held, nothing is left queued; and every request that ran to its end produced the tokens
+    it produces in a cache large enough never to preempt."""
+    rng = random.Random(20240611)
+    block_size = 4
+    bytes_per_block = ModelConfig.from_dir(tiny_model_dir).kv_bytes_per_token(torch.float32, 1) * block_size
+
+    def make(num_blocks: int) -> Engine:
+        config = EngineConfig(
+            block_size=block_size,
+            kv_cache_bytes=num_blocks * bytes_per_block,
+            max_batch_tokens=24,
+            max_running_requests=6,
+            max_gpu_adapters=2,
+            adapter_cycle_s=0.0,
+        )
+        return Engine(tiny_model_dir, config)
+
+    sources = [
+        write_peft_adapter(tmp_path / f"a{i}", tiny_model_dir, rank=4, seed=i, scale=0.5) for i in range(3)
+    ]
+    shared = [rng.randrange(3, 49000) for _ in range(13)]
+    specs = []
+    for i in range(24):
+        body = [rng.randrange(3, 49000) for _ in range(rng.randrange(1, 30))]
+        prompt = shared[: rng.randrange(0, 14)] + body if rng.random() < 0.6 else body
+        params = SamplingParams(
+            max_new_tokens=rng.randrange(1, 16), ignore_eos=True, temperature=rng.choice([0.0, 0.8]), seed=i
+        )
+        specs.append((f"r{i}", prompt, params, rng.choice([None, 0, 1, 2])))
+    joins = {name: rng.randrange(0, 24) for name, *_ in specs}
+    ends = {name: rng.randrange(0, 48) for name, *_ in rng.sample(specs, 10)}  # aborts, then deadlines
+    expiring = set(list(ends)[5:])
+
+    def requests_for(engine: Engine) -> list[EngineRequest]:
+        adapters = [engine.load_adapter(str(source), f"a{i}", 1) for i, source in enumerate(sources)]
+        return [
+            EngineRequest(name, prompt, params, None if index is None else adapters[index])
+            for name, prompt, params, index in specs
+        ]
+
+    contended = make(num_blocks=14)
+    outputs: dict[str, list] = {name: [] for name, *_ in specs}
+    pending = requests_for(contended)
+    step = 0
+    while pending or contended.scheduler.has_work:
+        for request in [r for r in pending if joins[r.request_id] <= step]:
+            contended._add(request, outputs[request.request_id].append)
+            pending.remove(request)
+        for name in [name for name, at in ends.items() if at == step and name in contended._requests]:
+            if name in expiring:
+                contended._requests[name].seq.deadline = 0.0  # long past: the step expires it
+            else:
+                contended.abort(name)
+                contended._drain_inbox(block=False)
+        contended.step()
+        _assert_block_references_match_the_tables(contended)
+        step += 1
+        assert step < 2000, "the engine stopped making progress"
+    blocks = contended.blocks
+    assert blocks.num_free_blocks == blocks.num_blocks and not any(blocks._refs)
+    assert not any(contended.slots._refs)
+    assert not contended._requests and not contended.scheduler.sequences()
+    assert not contended.scheduler._slot_wait_since
+    assert contended.stats.num_preemptions > 0 and contended.stats.num_prefix_hit_tokens > 0
+
+    roomy = make(num_blocks=400)
+    finished = [r for r in requests_for(roomy) if r.request_id not in ends]
+    expected = roomy.generate(finished)
+    assert roomy.stats.num_preemptions == 0
+    for request in finished:
+        name = request.request_id
+        assert tokens(outputs[name]) == tokens(expected[name]), name
+    expired = 0
+    for name in ends:  # ended early: an abort says nothing more, an expiry says why
+        failures = [output for output in outputs[name] if isinstance(output, RequestFailed)]
+        assert [f.reason for f in failures] == (["deadline"] if name in expiring and failures else [])
+        expired += bool(failures)
+    assert expired > 0
+
+
+def _assert_block_references_match_the_tables(engine: Engine) -> None:
+    blocks = engine.blocks
+    refs = [0] * blocks.num_blocks
+    for seq in engine.scheduler.sequences():
+        for block in seq.block_table:
+            refs[block] += 1
+    assert blocks._refs == refs
+    assert set(blocks._free) == {block for block, count in enumerate(refs) if count == 0}

@@ -2,7 +2,10 @@
 
 import queue
 
+import torch
+
 from loraplex.shard.engine import Engine, EngineConfig, EngineRequest
+from loraplex.shard.model_config import ModelConfig
 from loraplex.shard.outputs import RequestFailed, TokenOutput
 from loraplex.shard.sampling import SamplingParams, TokenSampler
 
@@ -132,3 +135,42 @@ def test_the_failure_listeners_are_told_even_if_failing_a_request_breaks(tiny_mo
         assert failures == ["rank 1 exited"]
     finally:
         engine.stop()
+
+
+def test_a_prompt_the_kv_cache_cannot_hold_is_refused_and_the_rest_are_served(tiny_model_dir):
+    """A prompt longer than the whole KV cache waited for blocks forever (the engine thread spun on it,
+    its caller never heard back); an empty one broke the step and failed every request beside it."""
+    block_bytes = ModelConfig.from_dir(tiny_model_dir).kv_bytes_per_token(torch.float32, 1) * 4
+    engine = Engine(tiny_model_dir, EngineConfig(block_size=4, kv_cache_bytes=8 * block_bytes))
+    assert engine.max_context == 32
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    requests = [
+        EngineRequest("too long", list(range(100, 133)), params),
+        EngineRequest("empty", [], params),
+        EngineRequest("fits", list(range(100, 132)), params),  # the whole context: room for one token
+        EngineRequest("short", [5, 6, 7], params),
+    ]
+    queues: dict[str, queue.SimpleQueue] = {request.request_id: queue.SimpleQueue() for request in requests}
+    engine.start()
+    try:
+        for request in requests:
+            engine.submit(request, queues[request.request_id].put)
+        outputs = {name: _until_last(outputs) for name, outputs in queues.items()}
+    finally:
+        engine.stop()
+    assert outputs["too long"] == [
+        RequestFailed(
+            "error", "the prompt has 33 tokens but this shard's context is 32 tokens; shorten the prompt"
+        )
+    ]
+    assert outputs["empty"] == [RequestFailed("error", "the prompt is empty")]
+    assert len(tokens(outputs["fits"])) == 1 and outputs["fits"][-1].finish_reason == "length"
+    assert len(tokens(outputs["short"])) == 3
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def _until_last(outputs: queue.SimpleQueue, timeout: float = 10) -> list:
+    collected = [outputs.get(timeout=timeout)]
+    while isinstance(collected[-1], TokenOutput) and not collected[-1].finish_reason:
+        collected.append(outputs.get(timeout=timeout))
+    return collected

@@ -252,3 +252,40 @@ def test_the_adapter_cycle_drains_only_the_least_used_slot():
     scheduler.finish(first_a)
     _run_step(scheduler)
     assert starved.status is SequenceStatus.RUNNING, "A's slot drained and went to b0"
+
+
+def test_a_request_waiting_for_a_slot_does_not_hold_up_the_base_model_for_blocks():
+    """B's request waits for A's slot and its prompt needs more blocks than are free: a base request
+    behind it fits and goes ahead (B could not run anyway); before, B's block check came first and
+    stopped admission for as long as A's request ran."""
+    a, b = SimpleNamespace(uid=1), SimpleNamespace(uid=2)
+    scheduler = Scheduler(BlockManager(8, 4), 64, 8, AdapterSlots(1), adapter_cycle_s=1e9)
+    _add_adapter_request(scheduler, "a0", a)
+    _run_step(scheduler)
+    cold = Sequence("cold", list(range(100, 130)), 30, SamplingParams(max_new_tokens=5), adapter=b)  # type: ignore[arg-type]
+    scheduler.add(cold)
+    scheduler.add(_seq("base", 3))
+    assert _run_step(scheduler) == {"a0": 1, "base": 3}
+    assert list(scheduler.waiting) == [cold]
+
+
+def test_an_adapter_given_a_slot_is_not_drained_for_its_own_waiting_requests():
+    """b1 and b2 find both slots busy; b1 gets the slot C's request left, b2 must wait for room in the
+    batch. Its starvation clock must not then make B's own slot drain: b2 joins B's slot at the next
+    free place, ahead of a3 that came after it (before, b2 waited for b1's 100 tokens to end)."""
+    a, b, c = (SimpleNamespace(uid=uid) for uid in (1, 2, 3))
+    scheduler = Scheduler(BlockManager(256, 4), 64, 5, AdapterSlots(2), adapter_cycle_s=0.0)
+    first_a = [_add_adapter_request(scheduler, f"a{index}", a) for index in range(3)]
+    only_c = _add_adapter_request(scheduler, "c0", c)
+    _run_step(scheduler)
+    b1, b2 = _add_adapter_request(scheduler, "b1", b), _add_adapter_request(scheduler, "b2", b)
+    scheduler.add(_seq("x", 3, max_new=100))
+    _run_step(scheduler)  # b1 and b2 find every slot busy; x takes the last place in the batch
+    scheduler.finish(only_c)
+    _run_step(scheduler)  # C's slot drained: b1 takes it, and the batch is full again
+    assert b1.status is SequenceStatus.RUNNING and b2.status is SequenceStatus.WAITING
+    scheduler.finish(first_a[0])
+    late_a = _add_adapter_request(scheduler, "a3", a)
+    _run_step(scheduler)
+    assert b2.status is SequenceStatus.RUNNING and b2.lora_slot == b1.lora_slot
+    assert late_a.status is SequenceStatus.WAITING
