@@ -4,10 +4,18 @@ Full blocks are content-addressed by a hash chained over every token up to the b
 the adapter, whose K/V differ from the base model's), so a sequence whose prompt starts like an
 earlier one's shares those blocks instead of recomputing them: automatic prefix caching, as in vLLM.
 A freed block keeps its contents and stays findable until it is handed out again, oldest freed first.
+
+The hash is keyed with a secret drawn at start (128-bit BLAKE2b), not Python's `hash()`: that one is
+the same in every process and cheap to invert step by step, so a client could craft a prompt whose
+blocks collide with another tenant's (say, a common system prompt) and have later requests served
+from K/V it chose (vLLM's advisory GHSA-rm76-4mrf-v9r8; vLLM now hashes with SHA-256).
 """
 
 from __future__ import annotations
 
+import hashlib
+import secrets
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence as Blocks
 
@@ -112,5 +120,11 @@ class BlockManager:
             del self._block_of[chained]
 
 
+_HASH_KEY = secrets.token_bytes(32)  # per process: nobody outside it can aim a prompt at a hash
+
+
 def _chain(previous: int, token_ids: list[int], index: int, block_size: int) -> int:
-    return hash((previous, tuple(token_ids[index * block_size : (index + 1) * block_size])))
+    """The block's hash: keyed over the previous block's hash (or the salt) and the block's tokens."""
+    digest = hashlib.blake2b(previous.to_bytes(16, "little"), digest_size=16, key=_HASH_KEY)
+    digest.update(array("I", token_ids[index * block_size : (index + 1) * block_size]).tobytes())
+    return int.from_bytes(digest.digest(), "little")

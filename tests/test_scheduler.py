@@ -1,5 +1,7 @@
 """Scheduling and block allocation as pure logic: no model, no tensors."""
 
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -138,6 +140,17 @@ def test_prefix_blocks_differ_per_adapter_salt():
     adapted.cache_salt = 7
     scheduler.add(adapted)
     assert _run_step(scheduler)["adapted"] == 9
+
+
+def test_block_hashes_are_keyed_per_process_so_no_client_can_aim_a_prompt_at_them():
+    """With an unkeyed hash, the same in every process, a prompt can be crafted offline to collide with
+    another tenant's blocks; a per-process key makes a block's hash unknowable outside the shard."""
+    code = "from loraplex.shard.block_manager import _chain; print(_chain(0, list(range(16)), 0, 16))"
+    hashes = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    ]
+    assert hashes[0] != hashes[1]
 
 
 def test_freed_blocks_stay_cached_until_handed_out_again():
