@@ -371,6 +371,8 @@ class Engine:
         """Why the engine cannot serve the request at all (None: it can). The service checks prompts
         first; this guards every other caller: a prompt larger than the whole KV cache would wait for
         blocks forever, an empty one has no position to predict from."""
+        if request.request_id in self._requests:  # its entry would be overwritten, its blocks leaked
+            return f"request id {request.request_id!r} is already in use by a request in flight"
         num_prompt_tokens = len(request.prompt_ids)
         if num_prompt_tokens == 0:
             return "the prompt is empty"

@@ -169,6 +169,25 @@ def test_a_prompt_the_kv_cache_cannot_hold_is_refused_and_the_rest_are_served(ti
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
+def test_a_request_id_already_in_flight_is_refused_and_the_first_request_is_untouched(tiny_model_dir):
+    engine = Engine(tiny_model_dir, EngineConfig(kv_cache_bytes=4 << 20))
+    first, second = queue.SimpleQueue(), queue.SimpleQueue()
+    params = SamplingParams(max_new_tokens=64, ignore_eos=True)
+    engine.start()
+    try:
+        engine.submit(EngineRequest("same", [5, 6, 7], params), first.put)
+        started = [first.get(timeout=10)]  # in flight now, with 63 tokens to go
+        engine.submit(EngineRequest("same", [8, 9], params), second.put)
+        outputs = started + _until_last(first), _until_last(second)
+    finally:
+        engine.stop()
+    assert len(tokens(outputs[0])) == 64
+    assert outputs[1] == [
+        RequestFailed("error", "request id 'same' is already in use by a request in flight")
+    ]
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
 def _until_last(outputs: queue.SimpleQueue, timeout: float = 10) -> list:
     collected = [outputs.get(timeout=timeout)]
     while isinstance(collected[-1], TokenOutput) and not collected[-1].finish_reason:
