@@ -425,6 +425,19 @@ def test_tgi_samples_when_top_p_or_top_k_is_set_and_is_greedy_at_temperature_one
     assert tgi.text_generation(prompt, max_new_tokens=12, temperature=1.0, seed=1) == greedy
 
 
+def test_tgi_details_report_the_seed_that_replays_a_sampled_answer(mesh):
+    """As TGI: sampling without a seed draws one and reports it; greedy decoding reports none."""
+    tgi = InferenceClient(model=mesh.gateway, timeout=120)
+    prompt = "Once upon a time"
+    sampled = tgi.text_generation(prompt, max_new_tokens=12, do_sample=True, details=True)
+    assert isinstance(sampled.details.seed, int)
+    replay = tgi.text_generation(prompt, max_new_tokens=12, do_sample=True, seed=sampled.details.seed)
+    assert replay == sampled.generated_text
+    streamed = list(tgi.text_generation(prompt, max_new_tokens=4, do_sample=True, details=True, stream=True))
+    assert isinstance(streamed[-1].details.seed, int)
+    assert tgi.text_generation(prompt, max_new_tokens=4, details=True).details.seed is None
+
+
 def test_tgi_generated_text_keeps_the_stop_sequence_as_tgi_does(mesh):
     tgi = InferenceClient(model=mesh.gateway, timeout=120)
     prompt = "The capital of France is"

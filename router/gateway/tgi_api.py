@@ -7,6 +7,7 @@ carries the whole `generated_text` and, when asked for, the finish details.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from importlib.metadata import version
 
@@ -100,6 +101,9 @@ def _generate_request(body: TGIRequest, names: ModelNames) -> common_pb2.Generat
     name = refused_field(p.model_extra, REFUSED_TGI)
     if name:
         raise APIError.bad_request(f"{name} is not supported by loraplex; leave it out", name)
+    temperature = _temperature(p)
+    if temperature > 0 and p.seed is None:  # as TGI: a sampled answer reports the seed that replays it
+        p.seed = secrets.randbits(63)
     return common_pb2.GenerateRequest(
         adapter=names.adapter_for(p.adapter_id),
         prompt=body.inputs,
@@ -107,7 +111,7 @@ def _generate_request(body: TGIRequest, names: ModelNames) -> common_pb2.Generat
         decoder_input_details=p.decoder_input_details,
         parameters=sampling_parameters(
             max_new_tokens=p.max_new_tokens,
-            temperature=_temperature(p),
+            temperature=temperature,
             top_p=p.top_p,
             top_k=p.top_k,
             seed=p.seed,
