@@ -9,7 +9,8 @@ import gc
 import logging
 import time
 import weakref
-from contextlib import aclosing
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 
 import grpc
 import pytest
@@ -91,6 +92,21 @@ async def _serve(servicer: ScriptedShard, with_many: bool = True) -> tuple[grpc.
     return server, f"127.0.0.1:{port}"
 
 
+@asynccontextmanager
+async def _shard_and_channels(
+    with_many: bool = True,
+) -> AsyncIterator[tuple[ScriptedShard, grpc.aio.Server, str, ShardChannels]]:
+    """A scripted shard served on loopback and the router's channels to it, both closed afterwards."""
+    servicer = ScriptedShard()
+    server, address = await _serve(servicer, with_many)
+    channels = ShardChannels()
+    try:
+        yield servicer, server, address, channels
+    finally:
+        await channels.close()
+        await server.stop(None)
+
+
 def _request(prompt: str) -> shard_pb2.ShardGenerateRequest:
     return shard_pb2.ShardGenerateRequest(request=common_pb2.GenerateRequest(prompt=prompt))
 
@@ -104,10 +120,7 @@ async def _texts(channels: ShardChannels, address: str, prompt: str, timeout: fl
 
 def test_many_requests_share_one_stream_each_getting_its_own_chunks_in_order() -> None:
     async def scenario() -> None:
-        servicer = ScriptedShard()
-        server, address = await _serve(servicer)
-        channels = ShardChannels()
-        try:
+        async with _shard_and_channels() as (servicer, _server, address, channels):
             counts = [1, 5, 3, 8, 2] * 8
             results = await asyncio.gather(*(_texts(channels, address, f"n:{n}", 30.0) for n in counts))
             assert [texts for texts, _ in results] == [[str(i) for i in range(n)] for n in counts]
@@ -115,18 +128,13 @@ def test_many_requests_share_one_stream_each_getting_its_own_chunks_in_order() -
             assert len(channels._streams) == 1
             # the deadline goes with each request, as Generate's call timeout would
             assert all(remaining is not None and 29 < remaining <= 30 for remaining, _ in servicer.seen)
-        finally:
-            await channels.close()
-            await server.stop(None)
 
     asyncio.run(scenario())
 
 
 def test_errors_keep_their_status_and_leave_the_stream_serving() -> None:
     async def scenario() -> None:
-        server, address = await _serve(ScriptedShard())
-        channels = ShardChannels()
-        try:
+        async with _shard_and_channels() as (_servicer, _server, address, channels):
             with pytest.raises(ServiceError, match="bad prompt") as bad:
                 await _texts(channels, address, "bad")
             assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -135,19 +143,13 @@ def test_errors_keep_their_status_and_leave_the_stream_serving() -> None:
             assert boom.value.code == grpc.StatusCode.INTERNAL
             assert (await _texts(channels, address, "n:2"))[0] == ["0", "1"]
             assert len(channels._streams) == 1
-        finally:
-            await channels.close()
-            await server.stop(None)
 
     asyncio.run(scenario())
 
 
 def test_a_caller_that_leaves_cancels_its_request_on_the_shard() -> None:
     async def scenario() -> None:
-        servicer = ScriptedShard()
-        server, address = await _serve(servicer)
-        channels = ShardChannels()
-        try:
+        async with _shard_and_channels() as (servicer, _server, address, channels):
             call = channels.stream(address).generate(_request("hold"), None, None)
             async with aclosing(call.chunks()) as chunks:
                 assert (await anext(chunks)).text == "first"
@@ -156,19 +158,13 @@ def test_a_caller_that_leaves_cancels_its_request_on_the_shard() -> None:
                     break
                 await asyncio.sleep(0.01)
             assert servicer.closed == ["hold"]
-        finally:
-            await channels.close()
-            await server.stop(None)
 
     asyncio.run(scenario())
 
 
 def test_a_draining_shard_refuses_new_requests_finishes_old_ones_then_ends_the_stream() -> None:
     async def scenario() -> None:
-        servicer = ScriptedShard()
-        server, address = await _serve(servicer)
-        channels = ShardChannels()
-        try:
+        async with _shard_and_channels() as (servicer, _server, address, channels):
             held = asyncio.ensure_future(_texts(channels, address, "hold"))
             while not servicer.seen:
                 await asyncio.sleep(0.01)
@@ -184,19 +180,13 @@ def test_a_draining_shard_refuses_new_requests_finishes_old_ones_then_ends_the_s
                     break
                 await asyncio.sleep(0.01)
             assert stream.closed
-        finally:
-            await channels.close()
-            await server.stop(None)
 
     asyncio.run(scenario())
 
 
 def test_a_shard_gone_mid_request_fails_it_with_unavailable_and_the_next_stream_is_new() -> None:
     async def scenario() -> None:
-        servicer = ScriptedShard()
-        server, address = await _serve(servicer)
-        channels = ShardChannels()
-        try:
+        async with _shard_and_channels() as (servicer, server, address, channels):
             held = asyncio.ensure_future(_texts(channels, address, "hold"))
             while not servicer.seen:
                 await asyncio.sleep(0.01)
@@ -206,29 +196,24 @@ def test_a_shard_gone_mid_request_fails_it_with_unavailable_and_the_next_stream_
                 await held
             assert gone.value.code == grpc.StatusCode.UNAVAILABLE
             assert first.closed
-            server, address2 = await _serve(ScriptedShard())
-            assert channels.stream(address2) is not first
-            assert (await _texts(channels, address2, "n:1"))[0] == ["0"]
-        finally:
-            await channels.close()
-            await server.stop(None)
+            restarted, address2 = await _serve(ScriptedShard())
+            try:
+                assert channels.stream(address2) is not first
+                assert (await _texts(channels, address2, "n:1"))[0] == ["0"]
+            finally:
+                await restarted.stop(None)
 
     asyncio.run(scenario())
 
 
 def test_a_shard_without_generate_many_is_called_with_generate() -> None:
     async def scenario() -> None:
-        server, address = await _serve(ScriptedShard(), with_many=False)
-        channels = ShardChannels()
-        try:
+        async with _shard_and_channels(with_many=False) as (_servicer, _server, address, channels):
             assert await _texts(channels, address, "n:3", 30.0) == (["0", "1", "2"], 7)
             assert channels.stream(address).unsupported  # later requests go by Generate at once
             assert await _texts(channels, address, "n:2") == (["0", "1"], 7)
             with pytest.raises(ServiceError, match="bad prompt"):
                 await _texts(channels, address, "bad")
-        finally:
-            await channels.close()
-            await server.stop(None)
 
     asyncio.run(scenario())
 
@@ -237,10 +222,7 @@ def test_a_request_past_its_deadline_ends_with_deadline_exceeded_and_stops_on_th
     """As gRPC ends a Generate call at its deadline, whatever the shard is waiting for."""
 
     async def scenario() -> None:
-        servicer = ScriptedShard()
-        server, address = await _serve(servicer)
-        channels = ShardChannels()
-        try:
+        async with _shard_and_channels() as (servicer, _server, address, channels):
             started = time.monotonic()
             with pytest.raises(ServiceError) as late:
                 await asyncio.wait_for(_texts(channels, address, "hold", 0.3), 5)
@@ -248,9 +230,6 @@ def test_a_request_past_its_deadline_ends_with_deadline_exceeded_and_stops_on_th
             assert time.monotonic() - started < 2
             assert servicer.closed == ["hold"]
             assert not channels.stream(address)._requests
-        finally:
-            await channels.close()
-            await server.stop(None)
 
     asyncio.run(scenario())
 
@@ -259,46 +238,31 @@ def test_a_deadline_already_past_fails_at_once_without_reaching_the_shard() -> N
     """timeout_s 0 on the stream means no deadline: a spent one must not turn into none."""
 
     async def scenario() -> None:
-        servicer = ScriptedShard()
-        server, address = await _serve(servicer)
-        channels = ShardChannels()
-        try:
+        async with _shard_and_channels() as (servicer, _server, address, channels):
             for spent in (0.0, -1.0):
                 with pytest.raises(ServiceError) as late:
                     await _texts(channels, address, "n:1", spent)
                 assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
             assert servicer.seen == []
             assert not channels.stream(address)._requests
-        finally:
-            await channels.close()
-            await server.stop(None)
 
     asyncio.run(scenario())
 
 
 def test_a_call_never_read_sends_nothing_and_leaves_nothing_behind() -> None:
     async def scenario() -> None:
-        servicer = ScriptedShard()
-        server, address = await _serve(servicer)
-        channels = ShardChannels()
-        try:
+        async with _shard_and_channels() as (servicer, _server, address, channels):
             channels.stream(address).generate(_request("n:1"), None, None)  # dropped unread
             assert (await _texts(channels, address, "n:2"))[0] == ["0", "1"]
             assert len(servicer.seen) == 1
             assert not channels.stream(address)._requests
-        finally:
-            await channels.close()
-            await server.stop(None)
 
     asyncio.run(scenario())
 
 
 def test_leaving_once_the_shard_has_ended_the_request_sends_no_cancel() -> None:
     async def scenario() -> None:
-        servicer = ScriptedShard()
-        server, address = await _serve(servicer)
-        channels = ShardChannels()
-        try:
+        async with _shard_and_channels() as (servicer, _server, address, channels):
             call = channels.stream(address).generate(_request("n:3"), None, None)
             async with aclosing(call.chunks()) as chunks:
                 async for chunk in chunks:
@@ -307,9 +271,6 @@ def test_leaving_once_the_shard_has_ended_the_request_sends_no_cancel() -> None:
             assert (await _texts(channels, address, "n:1"))[0] == ["0"]  # a round trip after it
             assert servicer.cancels == []
             assert not channels.stream(address)._requests
-        finally:
-            await channels.close()
-            await server.stop(None)
 
     asyncio.run(scenario())
 
@@ -319,10 +280,7 @@ def test_a_stream_the_shard_ended_is_freed_once_replaced(caplog) -> None:
     the next action, that task is only destroyed by the garbage collector, with an error logged."""
 
     async def scenario() -> None:
-        servicer = ScriptedShard()
-        server, address = await _serve(servicer)
-        channels = ShardChannels()
-        try:
+        async with _shard_and_channels() as (servicer, _server, address, channels):
             assert (await _texts(channels, address, "n:1"))[0] == ["0"]
             first = weakref.ref(channels.stream(address))
             servicer.draining.set()
@@ -338,9 +296,6 @@ def test_a_stream_the_shard_ended_is_freed_once_replaced(caplog) -> None:
                     break
                 await asyncio.sleep(0.01)
             assert first() is None
-        finally:
-            await channels.close()
-            await server.stop(None)
 
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         asyncio.run(scenario())
@@ -349,10 +304,7 @@ def test_a_stream_the_shard_ended_is_freed_once_replaced(caplog) -> None:
 
 def test_closing_the_channels_fails_requests_in_flight_instead_of_leaving_them_waiting() -> None:
     async def scenario() -> None:
-        servicer = ScriptedShard()
-        server, address = await _serve(servicer)
-        channels = ShardChannels()
-        try:
+        async with _shard_and_channels() as (servicer, _server, address, channels):
             held = asyncio.ensure_future(_texts(channels, address, "hold"))
             while not servicer.seen:
                 await asyncio.sleep(0.01)
@@ -360,9 +312,6 @@ def test_closing_the_channels_fails_requests_in_flight_instead_of_leaving_them_w
             with pytest.raises(ServiceError) as gone:
                 await asyncio.wait_for(held, 5)
             assert gone.value.code == grpc.StatusCode.UNAVAILABLE
-        finally:
-            await channels.close()
-            await server.stop(None)
 
     asyncio.run(scenario())
 

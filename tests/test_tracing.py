@@ -73,9 +73,21 @@ def exporter(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
     provider.shutdown()
 
 
+def _post(port: int, path: str, body: dict, headers: dict[str, str], status: int) -> str:
+    """A POST to the gateway that must answer `status`; the response's text."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **headers})
+        response = connection.getresponse()
+        text = response.read().decode()
+        assert response.status == status, text
+    finally:
+        connection.close()
+    return text
+
+
 def _chat_stream(port: int, adapter: str, headers: dict[str, str]) -> list[dict]:
     """A streamed chat completion through the gateway; its SSE events."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     body = {
         "model": adapter,
         "messages": [{"role": "user", "content": "Say something."}],
@@ -83,15 +95,7 @@ def _chat_stream(port: int, adapter: str, headers: dict[str, str]) -> list[dict]
         "ignore_eos": True,
         "stream": True,
     }
-    try:
-        connection.request(
-            "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json", **headers}
-        )
-        response = connection.getresponse()
-        text = response.read().decode()
-        assert response.status == 200, text
-    finally:
-        connection.close()
+    text = _post(port, "/v1/chat/completions", body, headers, 200)
     return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
 
 
@@ -272,18 +276,8 @@ async def _check_stopped_requests(memory: InMemorySpanExporter, router: str) -> 
 
 def _submit_async_completion(port: int, adapter: str, headers: dict[str, str]) -> str:
     """An async completion submitted through the gateway; its job id."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     body = {"model": adapter, "prompt": "Say something.", "max_tokens": 4}
-    try:
-        connection.request(
-            "POST", "/v1/async/completions", json.dumps(body), {"Content-Type": "application/json", **headers}
-        )
-        response = connection.getresponse()
-        text = response.read().decode()
-        assert response.status == 202, text
-    finally:
-        connection.close()
-    return json.loads(text)["id"]
+    return json.loads(_post(port, "/v1/async/completions", body, headers, 202))["id"]
 
 
 async def _wait_for_job_run(memory: InMemorySpanExporter, job_id: str, names: set[str]) -> list[ReadableSpan]:
