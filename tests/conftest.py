@@ -55,6 +55,35 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     stop_all([process])
 
 
+class RestartableRedis:
+    """A private redis-server this test may restart on the same port (non-persistent: it forgets)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self._workdir = workdir
+        self._port = free_port()
+        self._starts = 0
+        self._process = self._start()
+        self.url = f"redis://127.0.0.1:{self._port}/0"
+
+    def restart(self) -> None:
+        stop_all([self._process])
+        self._process = self._start()
+
+    def stop(self) -> None:
+        stop_all([self._process])
+
+    def _start(self) -> subprocess.Popen:
+        self._starts += 1
+        return start_redis(self._port, self._workdir, self._workdir / f"redis-{self._starts}.log")
+
+
+@pytest.fixture
+def restartable_redis(tmp_path: Path) -> Iterator[RestartableRedis]:
+    redis = RestartableRedis(tmp_path)
+    yield redis
+    redis.stop()
+
+
 @pytest.fixture
 def namespace() -> str:
     """A fresh key prefix, so tests sharing one Redis never see each other's keys."""

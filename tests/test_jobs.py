@@ -34,7 +34,6 @@ from loraplex.tools.processes import (
     free_port,
     loraplex_command,
     spawn,
-    start_redis,
     stop_all,
     wait_http_ok,
 )
@@ -278,25 +277,18 @@ def test_a_submit_sent_twice_queues_its_job_once(redis_url, namespace):
     run(scenario())
 
 
-def test_the_queue_answers_at_once_after_redis_restarts(tmp_path):
+def test_the_queue_answers_at_once_after_redis_restarts(restartable_redis):
     """Each pooled connection dies with the server; the first call on it must not fail for that."""
-    port = free_port()
-    server = start_redis(port, tmp_path, tmp_path / "redis.log")
 
     async def scenario():
-        nonlocal server
-        queue = JobQueue(f"redis://127.0.0.1:{port}/0", "restart")
+        queue = JobQueue(restartable_redis.url, "restart")
         job_id = await queue.submit(_request())
-        stop_all([server])
-        server = start_redis(port, tmp_path, tmp_path / "redis-again.log")
+        restartable_redis.restart()
         assert await queue.get(job_id) is None, "the non-persistent server forgot the job"
         assert await queue.get(await queue.submit(_request())) is not None
         await queue.close()
 
-    try:
-        run(scenario())
-    finally:
-        stop_all([server])
+    run(scenario())
 
 
 # --- through the mesh ------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import pytest
 
 from loraplex.registry.records import AdapterRecord, HeldAdapter, ShardRecord
 from loraplex.registry.store import AdapterExists, AdapterNotFound, Registry
-from loraplex.tools.processes import free_port, start_redis, stop_all
 
 
 def _record(name: str = "support-bot", source: str = "/adapters/v1") -> AdapterRecord:
@@ -175,24 +174,17 @@ def test_shard_record_round_trips_through_json():
     assert json.loads(record.to_json())["adapters"] == [{"name": "a", "version": 3, "tier": "cpu"}]
 
 
-def test_the_registry_answers_at_once_after_redis_restarts(tmp_path):
+def test_the_registry_answers_at_once_after_redis_restarts(restartable_redis):
     """Each pooled connection dies with the server; the first admin call after Redis is back must not
     fail for that (issue 5: admin calls recover when Redis returns)."""
-    port = free_port()
-    server = start_redis(port, tmp_path, tmp_path / "redis.log")
 
     async def scenario():
-        nonlocal server
-        registry = Registry(f"redis://127.0.0.1:{port}/0", "restart")
+        registry = Registry(restartable_redis.url, "restart")
         await asyncio.gather(*(registry.create_adapter(_record(f"a{i}")) for i in range(4)))  # a pool of 4
-        stop_all([server])
-        server = start_redis(port, tmp_path, tmp_path / "redis-again.log")
+        restartable_redis.restart()
         assert await asyncio.gather(*(registry.list_adapters() for _ in range(4))) == [[]] * 4
         await registry.create_adapter(_record("after"))
         assert [record.name for record in await registry.list_adapters()] == ["after"]
         await registry.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        stop_all([server])
+    asyncio.run(scenario())
