@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from typing import TypeVar
 
 import grpc
 
@@ -26,6 +27,7 @@ GenerateFn = Callable[
     [shard_pb2.ShardGenerateRequest, float | None, tuple[tuple[str, str], ...]],
     AsyncIterator[common_pb2.GenerateStreamResponse],
 ]
+T = TypeVar("T")
 DRAINING_MESSAGE = "the shard is draining and takes no new requests; retry on another shard"
 
 
@@ -51,6 +53,19 @@ async def serve_generate_many(
         stream.cancel_all()
 
 
+async def queued_batches(queue: asyncio.Queue[T | None]) -> AsyncIterator[list[T]]:
+    """Everything queued by the time the writer gets to run, as one batch (one message on the stream,
+    both ways); ends at the None that closes the queue."""
+    while (item := await queue.get()) is not None:
+        batch = [item]
+        while not queue.empty():
+            if (item := queue.get_nowait()) is None:
+                yield batch
+                return
+            batch.append(item)
+        yield batch
+
+
 class _Multiplexer:
     def __init__(self, generate: GenerateFn, outstanding_requests: Callable[[], int] | None) -> None:
         self._generate = generate
@@ -61,18 +76,7 @@ class _Multiplexer:
         self._draining = False
 
     async def responses(self) -> AsyncIterator[shard_pb2.ShardStreamResponse]:
-        """Everything queued when the writer gets to run goes in one message."""
-        while True:
-            event = await self._events.get()
-            if event is None:
-                return
-            events = [event]
-            while not self._events.empty():
-                event = self._events.get_nowait()
-                if event is None:
-                    yield shard_pb2.ShardStreamResponse(events=events)
-                    return
-                events.append(event)
+        async for events in queued_batches(self._events):
             yield shard_pb2.ShardStreamResponse(events=events)
 
     async def read(self, requests: AsyncIterator[shard_pb2.ShardStreamRequest]) -> None:

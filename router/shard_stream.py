@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from loraplex.protos.generate_many import queued_batches
 from loraplex.protos.load_report import outstanding_requests
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.telemetry import Metadata
@@ -37,7 +38,6 @@ class ShardStream:
         self._outbox: asyncio.Queue[shard_pb2.ShardStreamAction | None] = asyncio.Queue()
         self._requests: dict[int, _Inbox] = {}
         self._ids = itertools.count(1)
-        self.closed = False
         self.unsupported_until = 0.0  # the shard has no GenerateMany: call Generate until then
         self._ended: shard_pb2.ShardStreamEvent | None = None  # what the stream's requests got as it ended
         self.unary_calls = 0  # Generate calls in flight for shards without GenerateMany
@@ -70,6 +70,11 @@ class ShardStream:
         return request_id, inbox
 
     @property
+    def closed(self) -> bool:
+        """The stream has ended; its requests got (and later ones get) `_ended`."""
+        return self._ended is not None
+
+    @property
     def unsupported(self) -> bool:
         return time.monotonic() < self.unsupported_until
 
@@ -89,15 +94,8 @@ class ShardStream:
         await asyncio.gather(self._reader, return_exceptions=True)
 
     async def _messages(self) -> AsyncIterator[shard_pb2.ShardStreamRequest]:
-        """Everything queued when gRPC asks for the next message goes in it: each message written
-        costs the router about as much as a request's routing."""
-        while (action := await self._outbox.get()) is not None:
-            actions = [action]
-            while not self._outbox.empty():
-                if (action := self._outbox.get_nowait()) is None:
-                    yield shard_pb2.ShardStreamRequest(actions=actions)
-                    return
-                actions.append(action)
+        """Batched: each message written costs the router about as much as a request's routing."""
+        async for actions in queued_batches(self._outbox):
             yield shard_pb2.ShardStreamRequest(actions=actions)
 
     async def _read(self) -> None:
@@ -117,7 +115,6 @@ class ShardStream:
             self._end(reason)
 
     def _end(self, reason: str) -> None:
-        self.closed = True
         self._outbox.put_nowait(None)  # ends _messages, else gRPC's writer task waits on it forever
         code = grpc.StatusCode.UNIMPLEMENTED if self.unsupported else grpc.StatusCode.UNAVAILABLE
         self._ended = _end_event(code, f"the stream to shard {self._address} ended: {reason}")
