@@ -32,7 +32,7 @@ from loraplex.shard.model_config import ModelConfig
 from loraplex.shard.model_runner import ChunkResult, ModelRunner
 from loraplex.shard.outputs import OutputProcessor, RequestFailed, TokenOutput
 from loraplex.shard.parallel import TensorParallel
-from loraplex.shard.prompts import PromptEncoder
+from loraplex.shard.prompts import PromptEncoder, too_long
 from loraplex.shard.sampling import SamplingParams
 from loraplex.shard.scheduler import Scheduler
 from loraplex.shard.sequence import Sequence
@@ -377,10 +377,7 @@ class Engine:
         if num_prompt_tokens == 0:
             return "the prompt is empty"
         if num_prompt_tokens > self.max_context:
-            return (
-                f"the prompt has {num_prompt_tokens} tokens but this shard's context is "
-                f"{self.max_context} tokens; shorten the prompt"
-            )
+            return too_long(num_prompt_tokens, self.max_context)
         return None
 
     def step(self) -> None:

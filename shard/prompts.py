@@ -42,10 +42,7 @@ class PromptEncoder:
         """The output budget: the request's, or the default, never past the context."""
         room = self.max_context - num_prompt_tokens
         if room < 1:
-            raise ValueError(
-                f"the prompt has {num_prompt_tokens} tokens but this shard's context is {self.max_context} "
-                "tokens; shorten the prompt"
-            )
+            raise ValueError(too_long(num_prompt_tokens, self.max_context))
         if requested is None:
             return min(DEFAULT_MAX_NEW_TOKENS, room)
         if not 1 <= requested <= room:
@@ -60,3 +57,11 @@ class PromptEncoder:
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
+
+
+def too_long(num_prompt_tokens: int, max_context: int) -> str:
+    """What a caller is told when its prompt leaves no room in the shard's context."""
+    return (
+        f"the prompt has {num_prompt_tokens} tokens but this shard's context is {max_context} tokens; "
+        "shorten the prompt"
+    )
