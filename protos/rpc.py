@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import inspect
 import signal
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
@@ -14,6 +15,41 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 T = TypeVar("T")
+
+# Keepalive. A peer that stops answering without closing its connection (a frozen process, a node
+# that dropped off the network) otherwise holds every call on that connection until TCP gives up, many
+# minutes later: a frozen shard would hold each request on its GenerateMany stream until the caller's
+# deadline, or for ever. Clients ping after KEEPALIVE_S without a frame from the peer and give up on
+# the connection (UNAVAILABLE, which the router retries on another shard) when a ping goes unanswered.
+KEEPALIVE_S = 10.0
+MIN_KEEPALIVE_S = 1.0  # servers accept pings this often; a client pinging more often is refused
+SERVER_KEEPALIVE_S = 30.0  # servers ping too, so a vanished router's requests stop decoding
+
+
+def keepalive_options(keepalive_s: float = KEEPALIVE_S) -> list[tuple[str, int]]:
+    """Channel (or server) options for a ping every keepalive_s and its answer within half that."""
+    if keepalive_s < MIN_KEEPALIVE_S:
+        raise ValueError(f"keepalive must be at least {MIN_KEEPALIVE_S:g} s, got {keepalive_s:g}")
+    interval_ms, timeout_ms = int(keepalive_s * 1000), int(keepalive_s * 500)
+    return [
+        ("grpc.keepalive_time_ms", interval_ms),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        # gRPC core drops the connection on the ping timeout (1 min by default), not on
+        # keepalive_timeout_ms (grpc/grpc#39239): set both
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
+        # keep pinging while the peer sends nothing: that silence is what is being checked
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options() -> list[tuple[str, int]]:
+    """Accept clients' keepalive pings down to MIN_KEEPALIVE_S apart (the default, 5 minutes, answers a
+    client that pings every 10 s on a quiet stream with GOAWAY too_many_pings), and ping clients."""
+    return [
+        *keepalive_options(SERVER_KEEPALIVE_S),
+        # half: a client's timer fires a little early at times, and one early ping is a strike
+        ("grpc.http2.min_ping_interval_without_data_ms", int(MIN_KEEPALIVE_S * 500)),
+    ]
 
 
 class ServiceError(Exception):
@@ -85,6 +121,9 @@ def _wrap_unary(behaviour):
 
 
 def _wrap_stream(behaviour):
+    if not inspect.isasyncgenfunction(behaviour):  # it writes with context.write(): health's Watch
+        return _wrap_unary(behaviour)
+
     async def wrapper(request, context):
         try:
             async for response in behaviour(request, context):
@@ -103,7 +142,7 @@ def create_server(
     Returns the server, the bound port (address may end in ':0') and the health servicer, which the
     caller flips to SERVING once its own services are registered and ready.
     """
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=server_options())
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]

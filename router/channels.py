@@ -3,7 +3,11 @@ a call or a stub per request costs the router a visible share of what it spends 
 
 Shards come and go (a restarted pod registers a new address), so a channel no request has used for
 `idle_close_s` is closed, once nothing is in flight on it; a later request to that address opens a
-new one."""
+new one.
+
+Every channel pings its shard when the shard has sent nothing for `keepalive_s` (protos.rpc), so a
+shard that freezes without closing its connections fails its requests with UNAVAILABLE within about
+1.5 x keepalive_s (retried elsewhere when no token had streamed) instead of holding them."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import time
 
 import grpc
 
+from loraplex.protos.rpc import KEEPALIVE_S, keepalive_options
 from loraplex.protos.v1 import shard_pb2_grpc
 from loraplex.router.shard_stream import ShardStream
 
@@ -19,7 +24,8 @@ IDLE_CLOSE_S = 300.0
 
 
 class ShardChannels:
-    def __init__(self, idle_close_s: float = IDLE_CLOSE_S) -> None:
+    def __init__(self, idle_close_s: float = IDLE_CLOSE_S, keepalive_s: float = KEEPALIVE_S) -> None:
+        self._options = keepalive_options(keepalive_s)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, shard_pb2_grpc.ShardStub] = {}
         self._streams: dict[str, ShardStream] = {}
@@ -30,7 +36,7 @@ class ShardChannels:
 
     def get(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
+            self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
         return self._channels[address]
 
     def stub(self, address: str) -> shard_pb2_grpc.ShardStub:

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 
 from loraplex.protos.metrics import DEFAULT_ADAPTER_LABELS, AdapterLabels, serve_metrics
-from loraplex.protos.rpc import create_server, set_not_serving, set_serving, stop_on_signals
+from loraplex.protos.rpc import KEEPALIVE_S, create_server, set_not_serving, set_serving, stop_on_signals
 from loraplex.protos.telemetry import configure_tracing
 from loraplex.protos.v1 import (
     adapters_pb2,
@@ -47,6 +47,7 @@ class RouterConfig:
     capacity_factor: float = DEFAULT_CAPACITY_FACTOR  # bounded loads: no shard above c x the mean load
     saturation_factor: float = 2.0  # RESOURCE_EXHAUSTED once every shard has this x its batch outstanding
     drain_timeout_s: float = 10.0
+    shard_keepalive_s: float = KEEPALIVE_S  # a shard silent this long is pinged; no answer: it is gone
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
     metrics_adapter_labels: int = DEFAULT_ADAPTER_LABELS  # adapters with their own label value
 
@@ -57,7 +58,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     registry = Registry(config.redis_url, config.namespace)
     snapshots = SnapshotKeeper(registry, config.refresh_interval_s)
     await snapshots.start()
-    channels = ShardChannels()
+    channels = ShardChannels(keepalive_s=config.shard_keepalive_s)
     metrics = RouterMetrics(snapshots, AdapterLabels(config.metrics_adapter_labels))
     serve_metrics(config.metrics_port, metrics.registry)
     jobs = JobQueue(config.redis_url, config.namespace)

@@ -1,5 +1,42 @@
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loraplex.protos.rpc import MIN_KEEPALIVE_S, create_server, keepalive_options, set_serving
 from loraplex.tools import gen_protos
 
 
 def test_committed_stubs_match_the_proto_files():
     assert gen_protos.main(["--check"]) == 0
+
+
+def test_a_quiet_stream_survives_keepalive_pings_every_second():
+    """A router pings a shard whose GenerateMany stream has nothing to say. gRPC's default server
+    policy (pings at most every 5 minutes without data) answers the third such ping with GOAWAY
+    too_many_pings, ending the stream after ~3 s; create_server accepts pings down to MIN_KEEPALIVE_S.
+    (Health/Watch through create_server's error interceptor also failed: it writes rather than yields.)"""
+
+    async def scenario() -> None:
+        server, port, health = create_server("127.0.0.1:0", [])
+        await server.start()
+        await set_serving(health, [])
+        try:
+            channel = grpc.aio.insecure_channel(
+                f"127.0.0.1:{port}", options=keepalive_options(MIN_KEEPALIVE_S)
+            )
+            async with channel:
+                call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+                assert (await call.read()).status == health_pb2.HealthCheckResponse.SERVING
+                with pytest.raises(TimeoutError):  # no GOAWAY, no error: the stream is still open
+                    await asyncio.wait_for(call.read(), timeout=5 * MIN_KEEPALIVE_S)
+        finally:
+            await server.stop(grace=0)
+
+    asyncio.run(scenario())
+
+
+def test_keepalives_more_often_than_servers_accept_are_refused():
+    with pytest.raises(ValueError, match="keepalive must be at least 1 s"):
+        keepalive_options(0.5)

@@ -1,6 +1,7 @@
 """Routing across a real mesh: a private redis-server, 3 shard processes on the tiny model and 2
 router processes. Affinity and agreement between routers, the load bound under concurrency, a Redis
-outage, and a shard killed under load. The tests run in file order; the last one kills a shard."""
+outage, a shard frozen and a shard killed under load. The tests run in file order; the last one kills a
+shard."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from peft_fixtures import write_peft_adapter
 
 NUM_ADAPTERS = 30
 HEARTBEAT_TTL_S = 3.0
+SHARD_KEEPALIVE_S = 1.0
 NAMESPACE = "routing-test"
 
 
@@ -55,7 +57,7 @@ def mesh(tiny_model_dir, redis_server, tmp_path_factory):
         num_shards=3,
         heartbeat_ttl=HEARTBEAT_TTL_S,  # a heartbeat every 0.6 s
         num_routers=2,
-        router_args=("--refresh-interval", "0.25"),
+        router_args=("--refresh-interval", "0.25", "--shard-keepalive", str(SHARD_KEEPALIVE_S)),
     )
     sources = tmp_path_factory.mktemp("routing-adapters")
     with grpc.insecure_channel(mesh.router) as channel:
@@ -241,12 +243,10 @@ def test_routing_survives_a_redis_outage(mesh, routers, redis_server, tiny_model
     assert routers[1].Generate(_request("late"), timeout=60).served_by.adapter == "late"
 
 
-def test_killing_a_shard_under_load_fails_only_streams_that_had_started(mesh, routers, redis_server):
-    """kill -9 the busiest shard while 16 streams run: every request that had not received a token
-    completes on another shard; the rest end with UNAVAILABLE; the shard leaves the membership within
-    its heartbeat TTL."""
-    _, url = redis_server
-    outcomes: list[tuple[int, str]] = []  # (chunks received, "ok" or the status code name)
+def _streams_through(routers, fault, request_timeout_s: float = 120.0) -> list[tuple[int, str]]:
+    """16 clients run 3 streams each, 64 tokens, through both routers; `fault()` runs 1 s in. Each
+    stream's (chunks received, "ok" or its status code name)."""
+    outcomes: list[tuple[int, str]] = []
     lock = threading.Lock()
 
     def client(router, index: int) -> None:
@@ -254,7 +254,7 @@ def test_killing_a_shard_under_load_fails_only_streams_that_had_started(mesh, ro
             chunks = 0
             try:
                 request = _request(f"a{(index + 7 * round_) % NUM_ADAPTERS}", max_new_tokens=64)
-                for _ in router.GenerateStream(request, timeout=120):
+                for _ in router.GenerateStream(request, timeout=request_timeout_s):
                     chunks += 1
                 outcome = "ok"
             except grpc.RpcError as error:
@@ -266,25 +266,75 @@ def test_killing_a_shard_under_load_fails_only_streams_that_had_started(mesh, ro
     for thread in threads:
         thread.start()
     time.sleep(1.0)
-    victim = max(_outstanding(mesh).items(), key=lambda item: item[1])[0]
-    mesh.processes[victim].kill()
-    killed_at = time.monotonic()
+    fault()
     for thread in threads:
         thread.join()
-
     assert len(outcomes) == 48
+    return outcomes
+
+
+def _check_only_started_streams_failed(outcomes: list[tuple[int, str]]) -> None:
     failed_before_a_token = [outcome for chunks, outcome in outcomes if outcome != "ok" and chunks == 0]
     assert not failed_before_a_token, f"requests failed before any token: {failed_before_a_token}"
     assert all(outcome in ("ok", "UNAVAILABLE") for _, outcome in outcomes), Counter(o for _, o in outcomes)
 
-    async def live_ids() -> set[str]:
+
+def _live_ids(url: str) -> set[str]:
+    async def read() -> set[str]:
         registry = Registry(url, NAMESPACE)
         try:
             return {shard.shard_id for shard in await registry.live_shards()}
         finally:
             await registry.close()
 
-    while victim in asyncio.run(live_ids()):
+    return asyncio.run(read())
+
+
+def test_a_frozen_shard_is_given_up_within_the_keepalive(mesh, routers, redis_server):
+    """SIGSTOP the busiest shard while 16 streams run. Frozen, it keeps its connections open and
+    answers nothing, so only the routers' keepalive pings (every SHARD_KEEPALIVE_S of silence, an
+    answer due within half that) can tell: every request that had not received a token completes on
+    another shard, the rest end with UNAVAILABLE, and none waits for its 60 s deadline. Thawed, the
+    shard heartbeats again and rejoins."""
+    _, url = redis_server
+    victim = ""
+
+    def freeze() -> None:
+        nonlocal victim
+        victim = max(_outstanding(mesh).items(), key=lambda item: item[1])[0]
+        os.kill(mesh.processes[victim].pid, signal.SIGSTOP)
+
+    started = time.monotonic()
+    try:
+        outcomes = _streams_through(routers, freeze, request_timeout_s=60)
+    finally:
+        if victim:
+            os.kill(mesh.processes[victim].pid, signal.SIGCONT)
+    elapsed = time.monotonic() - started
+    _check_only_started_streams_failed(outcomes)
+    assert elapsed < 40, f"the streams took {elapsed:.0f} s: requests waited on the frozen shard"
+    deadline = time.monotonic() + 10
+    while victim not in _live_ids(url):
+        assert time.monotonic() < deadline, f"{victim} did not rejoin after it was thawed"
+        time.sleep(0.2)
+
+
+def test_killing_a_shard_under_load_fails_only_streams_that_had_started(mesh, routers, redis_server):
+    """kill -9 the busiest shard while 16 streams run: every request that had not received a token
+    completes on another shard; the rest end with UNAVAILABLE; the shard leaves the membership within
+    its heartbeat TTL."""
+    _, url = redis_server
+    victim = ""
+    killed_at = 0.0
+
+    def kill() -> None:
+        nonlocal victim, killed_at
+        victim = max(_outstanding(mesh).items(), key=lambda item: item[1])[0]
+        mesh.processes[victim].kill()
+        killed_at = time.monotonic()
+
+    _check_only_started_streams_failed(_streams_through(routers, kill))
+    while victim in _live_ids(url):
         assert time.monotonic() - killed_at < HEARTBEAT_TTL_S + 1, f"{victim} is still a member"
         time.sleep(0.2)
     assert routers[0].Generate(_request("a0"), timeout=60).served_by.shard != victim

@@ -178,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=2.0,
         help="RESOURCE_EXHAUSTED once every shard has this x its max running requests outstanding",
     )
+    router.add_argument(
+        "--shard-keepalive",
+        type=_parse_keepalive,
+        default=10.0,
+        help="seconds of silence from a shard before it is pinged; a shard that does not answer within "
+        "half that is treated as gone and its requests retried elsewhere (at least 1)",
+    )
     _add_metrics_options(router)
 
     gateway = commands.add_parser("gateway", help="run the REST gateway (OpenAI and TGI APIs) over a router")
@@ -427,6 +434,18 @@ def parse_bytes(text: str) -> int:
     return int(float(number) * _BYTE_UNITS[unit])
 
 
+def _parse_keepalive(text: str) -> float:
+    from loraplex.protos.rpc import MIN_KEEPALIVE_S
+
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= MIN_KEEPALIVE_S:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= {MIN_KEEPALIVE_S:g}")
+    return seconds
+
+
 def parse_adapter_list(text: str) -> tuple[tuple[str, str], ...]:
     """'a=/path/a,b=file:///b.tar.gz' -> (("a", "/path/a"), ("b", "file:///b.tar.gz"))."""
     pairs = []
@@ -532,6 +551,7 @@ def _run_router(args: argparse.Namespace) -> int:
         refresh_interval_s=args.refresh_interval,
         capacity_factor=args.capacity_factor,
         saturation_factor=args.saturation_factor,
+        shard_keepalive_s=args.shard_keepalive,
         metrics_port=args.metrics_port,
         metrics_adapter_labels=args.metrics_adapter_labels,
     )

@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
+from loraplex.protos.rpc import keepalive_options
 from loraplex.protos.telemetry import metadata_for
 from loraplex.protos.v1 import (
     adapters_pb2,
@@ -32,7 +33,7 @@ class RouterClient:
 
     def open(self) -> None:
         """Create the channel; called on the serving event loop, which a grpc.aio channel is bound to."""
-        self._channel = grpc.aio.insecure_channel(self.address)
+        self._channel = grpc.aio.insecure_channel(self.address, options=keepalive_options())
         self._generation = generation_pb2_grpc.GenerationStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdaptersStub(self._channel)
         self._jobs = jobs_pb2_grpc.JobsStub(self._channel)
