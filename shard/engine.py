@@ -8,6 +8,11 @@ With `tp_size` > 1 this is the first of the shard's tensor-parallel ranks: it sc
 and `TensorParallelPeers` has the other ranks run each step with it. Losing a rank is fatal: the
 engine fails what it holds with UNAVAILABLE (the router retries elsewhere) and tells `on_failure`
 listeners, and the server goes down.
+
+So is a stuck engine (vLLM's engine iteration timeout): a watchdog thread fails everything the engine
+holds with UNAVAILABLE and tells the listeners when one step has run for `step_timeout_s`, or the
+engine thread has died. A hung kernel or a deadlock would otherwise leave a shard that heartbeats,
+answers health checks and keepalive pings, and takes requests it never serves.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from loraplex.shard.weights import build_model, model_dtype
 log = logging.getLogger("loraplex.engine")
 
 EngineOutput = TokenOutput | RequestFailed
+STUCK_JOIN_S = 2.0  # how long stop() waits for an engine thread the watchdog found stuck
+TP_STEP_MARGIN_S = 30.0  # with tensor parallelism, the watchdog waits tp_timeout_s + this
 OutputCallback = Callable[[EngineOutput], None]
 
 
@@ -62,6 +69,9 @@ class EngineConfig:
     lora_backend: str = "auto"  # "torch" (per-segment matmuls) or "triton" (SGMV kernels); auto: by device
     tp_size: int = 1  # tensor-parallel ranks (processes; GPUs device, device + 1, ... on CUDA)
     tp_timeout_s: float = 120.0  # a rank stuck this long in a collective takes the shard down
+    # one step running this long means the engine is stuck: the shard goes down (0: never). With
+    # tp_size > 1 the watchdog waits at least tp_timeout_s + 30 s, so a stuck rank is named as such.
+    step_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -183,6 +193,9 @@ class Engine:
         self._num_preemptions = 0
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._step_started: float | None = None  # time.monotonic() as the running step began
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
         if self.peers is not None:
             self.peers.watch(lambda message: self._inbox.put(("fatal", message)))
         log.info(
@@ -209,8 +222,9 @@ class Engine:
         callback(RequestFailed("unavailable", self._failure_message()))
 
     def on_failure(self, listener: Callable[[str], None]) -> None:
-        """listener(message) runs (on the engine thread) if the engine can no longer serve: a
-        tensor-parallel rank was lost. Every request it held has failed with reason "unavailable"."""
+        """listener(message) runs (on the engine or its watchdog's thread) if the engine can no longer
+        serve: a tensor-parallel rank was lost, or the engine is stuck. Every request it held has failed
+        with reason "unavailable"."""
         self._failure_listeners.append(listener)
 
     def abort(self, request_id: str) -> None:
@@ -251,13 +265,32 @@ class Engine:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
+        if self.step_timeout_s > 0:
+            self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog", daemon=True)
+            self._watchdog.start()
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._thread is not None:
             self._inbox.put(("stop", None))
-            self._thread.join()
+            # a stuck engine thread never reads "stop": after a stall, give it a moment, then leave it
+            # (a daemon thread; the process is going down)
+            self._thread.join(timeout=STUCK_JOIN_S if self.failure is not None else None)
+            if self._thread.is_alive():
+                log.error("the engine thread is still stuck; leaving it behind")
             self._thread = None
+        if self._watchdog is not None:
+            self._watchdog.join()
+            self._watchdog = None
         self._stop_peers()
+
+    @property
+    def step_timeout_s(self) -> float:
+        """How long one step may run before the watchdog declares the engine stuck (0: never)."""
+        timeout = self.config.step_timeout_s
+        if timeout > 0 and self.config.tp_size > 1:
+            return max(timeout, self.config.tp_timeout_s + TP_STEP_MARGIN_S)
+        return timeout
 
     def _stop_peers(self) -> None:
         if self.peers is not None:
@@ -286,7 +319,13 @@ class Engine:
                 if not self._drain_inbox(block=not self.scheduler.has_work):
                     return
                 if self.scheduler.has_work:
-                    self.step()
+                    self._step_started = time.monotonic()
+                    try:
+                        self.step()
+                    finally:
+                        self._step_started = None
+                if self.failure is not None:  # the watchdog gave up on a step that has now returned
+                    return
             except Exception as error:
                 if self.peers is not None:  # the ranks may be out of step: this shard cannot go on
                     log.exception("tensor-parallel step failed; the shard goes down")
@@ -317,7 +356,42 @@ class Engine:
             _call_safely(listener, message)
 
     def _failure_message(self) -> str:
-        return f"this shard lost a tensor-parallel rank ({self.failure}); retry on another shard"
+        return f"this shard can no longer serve ({self.failure}); retry on another shard"
+
+    def _watch(self) -> None:
+        """The watchdog: every second (or quarter timeout), is a step overdue or the thread gone?"""
+        timeout = self.step_timeout_s
+        while not self._stopping.wait(min(1.0, timeout / 4)) and self.failure is None:
+            started = self._step_started
+            if started is not None and time.monotonic() - started > timeout:
+                log.error("raise --step-timeout if engine steps this long are expected")
+                self._give_up(f"the engine is stuck: a step has run for more than {timeout:g} s")
+                return
+            if self._thread is not None and not self._thread.is_alive() and not self._stopping.is_set():
+                self._give_up("the engine thread died")
+                return
+
+    def _give_up(self, message: str) -> None:
+        """`_die` for an engine thread that cannot run it: fail every request held or queued from the
+        watchdog's thread, without touching the scheduler the stuck thread may be inside."""
+        log.error("%s; failing its requests and going down", message)
+        with self._submit_lock:
+            self.failure = message
+        failure = RequestFailed("unavailable", self._failure_message())
+        for request in list(self._requests.values()):  # list() copies under the GIL
+            _call_safely(request.callback, failure)
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                _, callback = payload  # type: ignore[misc]
+                _call_safely(callback, failure)
+        if self.peers is not None:
+            _call_safely(self.peers.fail, message)
+        for listener in self._failure_listeners:
+            _call_safely(listener, message)
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued submits and aborts; False once asked to stop."""

@@ -30,8 +30,8 @@ class TokenOutput:
 @dataclass(frozen=True)
 class RequestFailed:
     """The engine dropped the request: `reason` is "deadline", "error", or "unavailable" (the shard
-    lost a tensor-parallel rank and is going down; the request may be retried elsewhere); `message`
-    says why."""
+    lost a tensor-parallel rank or its engine is stuck, and it is going down; the request may be
+    retried elsewhere); `message` says why."""
 
     reason: str
     message: str

@@ -52,14 +52,14 @@ class ShardConfig:
 
 
 class ShardFailed(RuntimeError):
-    """The shard could not start (a preloaded adapter is bad) or go on (it lost a tensor-parallel rank);
-    it went down cleanly."""
+    """The shard could not start (a preloaded adapter is bad) or go on (it lost a tensor-parallel rank,
+    or its engine is stuck); it went down cleanly."""
 
 
 async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until `stop` is set (or SIGINT/SIGTERM when stop is None). ShardFailed: a preloaded
     adapter is bad and the shard never started, or the engine failed for good (a tensor-parallel rank
-    died) and the shard has deregistered and stopped."""
+    died, or a step ran past its timeout) and the shard has deregistered and stopped."""
     stop = stop or stop_on_signals()
     configure_tracing("loraplex-shard", instance_id=config.shard_id)
     model_dir = await asyncio.to_thread(resolve_model, config.model, config.cache_dir)

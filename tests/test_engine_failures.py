@@ -1,13 +1,23 @@
-"""The engine thread under failure: a broken step fails only the requests in flight."""
+"""The engine thread under failure: a broken step fails only the requests in flight; a stuck one, or a
+dead engine thread, takes the engine (and its shard) down with UNAVAILABLE."""
 
+import asyncio
 import queue
+import threading
+import time
 
+import grpc
+import pytest
 import torch
 
+from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
+from loraplex.registry.store import Registry
 from loraplex.shard.engine import Engine, EngineConfig, EngineRequest
 from loraplex.shard.model_config import ModelConfig
+from loraplex.shard.model_runner import ModelRunner
 from loraplex.shard.outputs import RequestFailed, TokenOutput
 from loraplex.shard.sampling import SamplingParams, TokenSampler
+from loraplex.shard.server import ShardConfig, ShardFailed, serve
 
 from engine_helpers import collect_outputs, tokens
 from peft_fixtures import write_peft_adapter
@@ -193,3 +203,106 @@ def _until_last(outputs: queue.SimpleQueue, timeout: float = 10) -> list:
     while isinstance(collected[-1], TokenOutput) and not collected[-1].finish_reason:
         collected.append(outputs.get(timeout=timeout))
     return collected
+
+
+def test_a_stuck_step_fails_what_the_engine_holds_with_unavailable_and_tells_the_listeners(
+    tiny_model_dir, monkeypatch
+):
+    """A step that never returns (a hung kernel, a deadlock) left its requests, and every later one,
+    waiting for ever while the shard still looked healthy. The watchdog gives up on it after
+    step_timeout_s."""
+    engine = Engine(tiny_model_dir, EngineConfig(kv_cache_bytes=8 << 20, step_timeout_s=0.5))
+    release = threading.Event()
+    run = engine.runner.run
+    monkeypatch.setattr(engine.runner, "run", lambda chunks: release.wait(30) and run(chunks))
+    failures: list[str] = []
+    engine.on_failure(failures.append)
+    engine.start()
+    try:
+        params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+        started = time.monotonic()
+        stuck = collect_outputs(engine, EngineRequest("stuck", [5, 6, 7], params), timeout=10)
+        assert time.monotonic() - started < 5
+        assert [output.reason for output in stuck] == ["unavailable"]  # type: ignore[union-attr]
+        assert "the engine is stuck: a step has run for more than 0.5 s" in stuck[0].message  # type: ignore[union-attr]
+        assert failures and "engine is stuck" in failures[0]
+        later = collect_outputs(engine, EngineRequest("later", [5, 6], params), timeout=10)
+        assert [output.reason for output in later] == ["unavailable"]  # type: ignore[union-attr]
+        stopping = time.monotonic()
+        engine.stop()  # does not wait for the stuck thread for ever
+        assert time.monotonic() - stopping < 5
+    finally:
+        release.set()
+        engine.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread does die
+def test_an_engine_thread_that_dies_fails_its_requests(tiny_model_dir, monkeypatch):
+    """`_loop` keeps serving through an Exception; anything else ended the thread silently."""
+
+    class Escaped(BaseException):
+        pass
+
+    engine = Engine(tiny_model_dir, EngineConfig(kv_cache_bytes=8 << 20, step_timeout_s=0.5))
+
+    def dies(chunks):
+        raise Escaped("simulated: the engine thread was torn down")
+
+    monkeypatch.setattr(engine.runner, "run", dies)
+    failures: list[str] = []
+    engine.on_failure(failures.append)
+    engine.start()
+    try:
+        params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+        failed = collect_outputs(engine, EngineRequest("a", [5, 6, 7], params), timeout=10)
+        assert [output.reason for output in failed] == ["unavailable"]  # type: ignore[union-attr]
+        assert failures == ["the engine thread died"]
+    finally:
+        engine.stop()
+
+
+def test_a_stuck_engine_takes_its_shard_down_and_out_of_the_membership(
+    tiny_model_dir, redis_url, namespace, tmp_path, monkeypatch
+):
+    """A real shard server whose engine hangs in its first step: the call gets UNAVAILABLE (a router
+    retries it elsewhere), the shard deregisters and serve() raises ShardFailed, so its process exits
+    and is restarted, instead of heartbeating on with requests it never serves."""
+    release = threading.Event()
+    run = ModelRunner.run
+    monkeypatch.setattr(ModelRunner, "run", lambda self, chunks: release.wait(60) and run(self, chunks))
+    config = ShardConfig(
+        shard_id="stuck",
+        model=str(tiny_model_dir),
+        cache_dir=tmp_path / "cache",
+        redis_url=redis_url,
+        port=0,
+        namespace=namespace,
+        engine=EngineConfig(kv_cache_bytes=16 << 20, step_timeout_s=1.0),
+    )
+    request = shard_pb2.ShardGenerateRequest(
+        request=common_pb2.GenerateRequest(
+            prompt_token_ids=[5, 6, 7], parameters=common_pb2.SamplingParameters(max_new_tokens=4)
+        )
+    )
+
+    async def scenario() -> tuple[grpc.aio.AioRpcError, list]:
+        registry = Registry(redis_url, namespace)
+        shard = asyncio.create_task(serve(config, asyncio.Event()))
+        try:
+            while not (members := await registry.live_shards()):
+                assert not shard.done(), shard
+                await asyncio.sleep(0.1)
+            async with grpc.aio.insecure_channel(members[0].address) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await shard_pb2_grpc.ShardStub(channel).Generate(request, timeout=30).read()
+            with pytest.raises(ShardFailed, match="the engine is stuck: a step has run for more than 1 s"):
+                await asyncio.wait_for(shard, timeout=30)
+            return raised.value, await registry.live_shards()
+        finally:
+            release.set()
+            await registry.close()
+
+    error, members = asyncio.run(scenario())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+    assert "engine is stuck" in error.details()
+    assert members == []

@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a tensor-parallel rank may keep the others waiting in a step before the shard goes down",
     )
     shard.add_argument(
+        "--step-timeout",
+        type=float,
+        default=60.0,
+        help="seconds one engine step may run before the shard declares itself stuck, fails its requests "
+        "with UNAVAILABLE and exits (0: never; with --tp, at least --tp-timeout + 30)",
+    )
+    shard.add_argument(
         "--dtype",
         default="auto",
         choices=("auto", "float32", "bfloat16", "float16"),
@@ -518,6 +525,7 @@ def _run_shard(args: argparse.Namespace) -> int:
             lora_backend=args.lora_backend,
             tp_size=args.tp,
             tp_timeout_s=args.tp_timeout,
+            step_timeout_s=args.step_timeout,
         ),
         namespace=args.namespace,
         heartbeat_ttl_s=args.heartbeat_ttl,
