@@ -29,6 +29,7 @@ import torch
 
 from loraplex.shard.adapter_slots import AdapterSlots
 from loraplex.shard.block_manager import BlockManager
+from loraplex.shard.context_limits import ContextExceeded
 from loraplex.shard.kv_cache import allocate_kv_cache, kv_budget_bytes, num_blocks_for
 from loraplex.shard.lora import LoraAdapter, load_adapter
 from loraplex.shard.lora_slots import RankAdapters, build_lora_slots, resolve_backend
@@ -37,7 +38,7 @@ from loraplex.shard.model_config import ModelConfig
 from loraplex.shard.model_runner import ChunkResult, ModelRunner
 from loraplex.shard.outputs import OutputProcessor, RequestFailed, TokenOutput
 from loraplex.shard.parallel import TensorParallel
-from loraplex.shard.prompts import PromptEncoder, too_long
+from loraplex.shard.prompts import PromptEncoder
 from loraplex.shard.sampling import SamplingParams
 from loraplex.shard.scheduler import Scheduler
 from loraplex.shard.sequence import Sequence
@@ -451,7 +452,7 @@ class Engine:
         if num_prompt_tokens == 0:
             return "the prompt is empty"
         if num_prompt_tokens > self.max_context:
-            return too_long(num_prompt_tokens, self.max_context)
+            return ContextExceeded(self.max_context, num_prompt_tokens).message()
         return None
 
     def step(self) -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from loraplex.shard.context_limits import ContextExceeded
+
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
@@ -42,14 +44,13 @@ class PromptEncoder:
         """The output budget: the request's, or the default, never past the context."""
         room = self.max_context - num_prompt_tokens
         if room < 1:
-            raise ValueError(too_long(num_prompt_tokens, self.max_context))
+            raise ValueError(ContextExceeded(self.max_context, num_prompt_tokens).message())
         if requested is None:
             return min(DEFAULT_MAX_NEW_TOKENS, room)
-        if not 1 <= requested <= room:
-            raise ValueError(
-                f"max_new_tokens must be in 1..{room} (context {self.max_context} minus "
-                f"{num_prompt_tokens} prompt tokens), got {requested}"
-            )
+        if requested < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {requested}")
+        if requested > room:
+            raise ValueError(ContextExceeded(self.max_context, num_prompt_tokens, requested).message())
         return requested
 
     def token_text(self, token_id: int) -> str:
@@ -57,11 +58,3 @@ class PromptEncoder:
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
-
-
-def too_long(num_prompt_tokens: int, max_context: int) -> str:
-    """What a caller is told when its prompt leaves no room in the shard's context."""
-    return (
-        f"the prompt has {num_prompt_tokens} tokens but this shard's context is {max_context} tokens; "
-        "shorten the prompt"
-    )

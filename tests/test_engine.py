@@ -253,8 +253,10 @@ def test_context_is_the_smaller_of_the_model_and_the_kv_cache_and_limits_are_exp
     assert engine.max_context == min(8192, capacity) == capacity  # 256 MiB holds ~5.8k SmolLM2 tokens
     with pytest.raises(ValueError, match=f"context is {capacity} tokens; shorten the prompt"):
         engine.prompts.resolve_max_new_tokens(capacity, None)
-    with pytest.raises(ValueError, match=rf"1\.\.{capacity - 100} "):
+    with pytest.raises(ValueError, match=rf"must be at most {capacity - 100} \(context {capacity} minus 100"):
         engine.prompts.resolve_max_new_tokens(100, 9000)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1, got 0"):
+        engine.prompts.resolve_max_new_tokens(100, 0)
     assert engine.prompts.resolve_max_new_tokens(capacity - 2, None) == 2
 
 

@@ -305,7 +305,7 @@ def test_tgi_generate_route_in_tgi_shape(mesh):
             "/v1/completions",
             {"model": BASE, "prompt": "hi", "max_tokens": 100000},
             400,
-            "max_new_tokens must be",
+            "maximum context length",
         ),
         ("/v1/completions", {"model": BASE, "prompt": "hi", "temperature": -1}, 400, "temperature"),
         ("/v1/completions", {"model": "no-such-model", "prompt": "hi"}, 404, "GET /v1/models"),
@@ -329,6 +329,37 @@ def test_bad_input_gets_a_4xx_in_openai_shape(mesh, path, body, status, hint):
     assert got == status, payload
     assert hint in payload["error"]["message"]
     assert payload["error"]["type"]
+
+
+def test_a_request_past_the_context_gets_each_apis_own_context_error(mesh, client):
+    """Client libraries match on these to trim a conversation and retry: OpenAI's code
+    `context_length_exceeded` and its 'maximum context length' wording (LiteLLM, CrewAI), TGI's
+    'Input validation error'. They got the shard's gRPC wording, naming `max_new_tokens`."""
+    with grpc.insecure_channel(next(iter(mesh.shards.values()))) as channel:
+        status = shard_pb2_grpc.ShardStub(channel).Status(shard_pb2.ShardStatusRequest(), timeout=10)
+    context = status.max_context
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model=BASE, prompt="Hello", max_tokens=context)
+    error = raised.value
+    assert (error.code, error.param) == ("context_length_exceeded", "prompt")
+    assert error.body["message"].startswith(
+        f"This model's maximum context length is {context} tokens. However, you requested "
+    )
+    assert f"in the prompt, {context} in the completion). Please reduce" in error.body["message"]
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(
+            model=BASE, messages=[{"role": "user", "content": "word " * context}], stream=True
+        )
+    error = raised.value
+    assert (error.code, error.param) == ("context_length_exceeded", "messages")
+    assert error.body["message"].endswith("tokens. Please reduce the length of the messages.")
+    status_code, body = _post(
+        mesh, "/generate", json.dumps({"inputs": "Hello", "parameters": {"max_new_tokens": context}})
+    )
+    assert status_code == 422 and body["error_type"] == "validation"
+    assert body["error"].startswith(
+        f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {context}. Given: "
+    )
 
 
 def test_tgi_bad_input_gets_422_in_tgi_shape(mesh):

@@ -11,11 +11,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 
-from loraplex.protos.v1 import common_pb2
+from loraplex.protos.v1 import common_pb2, jobs_pb2
 from loraplex.router.gateway.app import GatewayConfig, create_app
 from loraplex.router.gateway.convert import sse_events
 from loraplex.router.gateway.errors import APIError, install_error_handlers
+from loraplex.router.gateway.jobs_api import job_to_dict
 from loraplex.router.gateway.schemas import CompletionRequest, TGIParameters
+from loraplex.shard.context_limits import ContextExceeded
 from loraplex.shard.sampling import SamplingParams
 from loraplex.shard.sampling_limits import REPETITION_PENALTY_RANGE
 
@@ -98,3 +100,25 @@ def test_the_gateway_process_does_not_load_torch():
     """It shares the shard's sampling bounds through a module light enough to import anywhere."""
     code = "import sys, loraplex.router.gateway.app; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+@pytest.mark.parametrize("context", [ContextExceeded(2048, 3000), ContextExceeded(2048, 1000, 2000)])
+def test_a_context_error_parses_back_from_the_shards_message(context):
+    """The gateway recognises the shard's message by this parse; a change to one wording must not
+    silently turn its errors back into generic 400s."""
+    assert ContextExceeded.parse(context.message()) == context
+    assert ContextExceeded.parse(f"{context.message()} ") is None
+    assert ContextExceeded.parse("max_new_tokens must be at least 1, got 0") is None
+
+
+def test_an_async_job_past_the_context_reports_openais_context_error():
+    job = jobs_pb2.Job(job_id="j", state=jobs_pb2.JOB_STATE_FAILED)
+    job.error.code = "INVALID_ARGUMENT"
+    job.error.message = ContextExceeded(2048, 1000, 2000).message()
+    error = job_to_dict(job)["error"]
+    assert (error["code"], error["param"], error["type"]) == (
+        "context_length_exceeded",
+        "prompt",
+        "invalid_request_error",
+    )
+    assert error["message"].startswith("This model's maximum context length is 2048 tokens.")

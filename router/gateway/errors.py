@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from loraplex.shard.context_limits import ContextExceeded
+
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 400,
@@ -38,12 +40,20 @@ TGI_TYPES = {400: "validation", 404: "validation", 422: "validation", 429: "over
 class APIError(Exception):
     """An error with the HTTP status it deserves and a message that says what to fix."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        context: ContextExceeded | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.context = context  # the request did not fit the shard's context: said in each API's words
 
     @classmethod
     def bad_request(cls, message: str, param: str | None = None) -> APIError:
@@ -53,28 +63,69 @@ class APIError(Exception):
     def from_rpc_error(cls, error: grpc.aio.AioRpcError) -> APIError:
         status = HTTP_STATUS.get(error.code(), 500)
         code = "model_not_found" if error.code() == grpc.StatusCode.NOT_FOUND else error.code().name.lower()
-        return cls(status, error.details() or error.code().name, code=code)
+        message = error.details() or error.code().name
+        context = None
+        if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            context = ContextExceeded.parse(message)
+        return cls(status, message, code=code, context=context)
 
-    def openai_body(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": OPENAI_TYPES.get(self.status, "server_error"),
-                "param": self.param,
-                "code": self.code,
-            }
+    def openai_body(self, chat: bool = False) -> dict:
+        body = {
+            "message": self.message,
+            "type": OPENAI_TYPES.get(self.status, "server_error"),
+            "param": self.param,
+            "code": self.code,
         }
+        if self.context is not None:  # OpenAI's (and vLLM's) words and code, which clients match on
+            body |= openai_context_error(self.context, "messages" if chat else "prompt")
+        return {"error": body}
 
     def tgi_body(self) -> dict:
-        return {"error": self.message, "error_type": TGI_TYPES.get(self.status, "generation")}
+        message = self.message if self.context is None else tgi_context_error(self.context)
+        return {"error": message, "error_type": TGI_TYPES.get(self.status, "generation")}
+
+
+def openai_context_error(context: ContextExceeded, field: str) -> dict:
+    """OpenAI's error for a request past the context. LiteLLM and CrewAI, among others, recognise
+    the code and the 'maximum context length' wording (to trim the conversation, or fall back)."""
+    if context.max_new_tokens is None:
+        message = (
+            f"This model's maximum context length is {context.max_context} tokens. However, your "
+            f"{field} has {context.prompt_tokens} tokens. Please reduce the length of the {field}."
+        )
+    else:
+        message = (
+            f"This model's maximum context length is {context.max_context} tokens. However, you "
+            f"requested {context.prompt_tokens + context.max_new_tokens} tokens ({context.prompt_tokens} "
+            f"in the {field}, {context.max_new_tokens} in the completion). Please reduce the length of "
+            f"the {field} or completion."
+        )
+    return {"message": message, "param": field, "code": "context_length_exceeded"}
+
+
+def tgi_context_error(context: ContextExceeded) -> str:
+    """TGI's validation message for a request past the context (max_input_tokens, max_total_tokens)."""
+    if context.max_new_tokens is None:
+        return (
+            f"Input validation error: `inputs` must have less than {context.max_context} tokens. "
+            f"Given: {context.prompt_tokens}"
+        )
+    return (
+        f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {context.max_context}. "
+        f"Given: {context.prompt_tokens} `inputs` tokens and {context.max_new_tokens} `max_new_tokens`"
+    )
 
 
 def is_tgi_route(request: Request) -> bool:
     return not request.url.path.startswith("/v1/")
 
 
+def is_chat_route(request: Request) -> bool:
+    return request.url.path == "/v1/chat/completions"
+
+
 def error_response(request: Request, error: APIError) -> JSONResponse:
-    body = error.tgi_body() if is_tgi_route(request) else error.openai_body()
+    body = error.tgi_body() if is_tgi_route(request) else error.openai_body(is_chat_route(request))
     status = 422 if is_tgi_route(request) and error.status == 400 else error.status
     return JSONResponse(body, status_code=status)
 
@@ -84,7 +135,7 @@ def sse_error(request: Request, error: APIError) -> str:
     OpenAI stream still ends with `[DONE]`, as vLLM's does, for clients that read until it."""
     if is_tgi_route(request):
         return f"data: {json.dumps(error.tgi_body())}\n\n"
-    return f"data: {json.dumps(error.openai_body())}\n\ndata: [DONE]\n\n"
+    return f"data: {json.dumps(error.openai_body(is_chat_route(request)))}\n\ndata: [DONE]\n\n"
 
 
 def describe_validation_error(error: RequestValidationError) -> tuple[str, str | None]:

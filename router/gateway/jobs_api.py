@@ -9,9 +9,10 @@ from fastapi.responses import JSONResponse
 from loraplex.protos.v1 import common_pb2, jobs_pb2
 from loraplex.router.gateway.backend import RouterClient
 from loraplex.router.gateway.convert import OPENAI_FINISH, ModelNames, not_found_hint
-from loraplex.router.gateway.errors import HTTP_STATUS, OPENAI_TYPES, APIError
+from loraplex.router.gateway.errors import HTTP_STATUS, OPENAI_TYPES, APIError, openai_context_error
 from loraplex.router.gateway.openai_api import completion_choices
 from loraplex.router.gateway.schemas import CompletionRequest
+from loraplex.shard.context_limits import ContextExceeded
 
 STATES = {
     jobs_pb2.JOB_STATE_QUEUED: "queued",
@@ -76,6 +77,9 @@ def job_to_dict(job: jobs_pb2.Job) -> dict:
             "type": OPENAI_TYPES.get(status, "server_error"),
             "code": job.error.code.lower() or None,
         }
+        context = ContextExceeded.parse(job.error.message) if job.error.code == "INVALID_ARGUMENT" else None
+        if context is not None:  # as /v1/completions would have answered
+            result["error"] |= openai_context_error(context, "prompt")
     return result
 
 
