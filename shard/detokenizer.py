@@ -3,19 +3,27 @@ valid UTF-8 (a token that ends mid-character is held back until the character co
 
 Each push decodes only a short window of recent tokens (the prefix/read offsets TGI and vLLM use),
 so the cost per token stays constant however long the output grows.
+
+The window starts in the prompt's last few tokens, as in TGI and vLLM: SentencePiece-style tokenizers
+(Llama 2, Mistral) drop the space of a word token decoded at the start of a text, so without that
+context the first generated token lost its space ("Paris" where the model wrote " Paris").
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from transformers import PreTrainedTokenizerBase
+
+PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded before the first generated one (TGI's and vLLM's 5)
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int] = ()) -> None:
         self._tokenizer = tokenizer
-        self._ids: list[int] = []
+        self._ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])  # context only, never emitted
         self._prefix_offset = 0  # start of the window decoded for context (spacing depends on it)
-        self._read_offset = 0  # tokens before this have been emitted
+        self._read_offset = len(self._ids)  # tokens before this have been emitted (or are the prompt's)
         self.text = ""  # everything emitted so far
 
     def push(self, token_id: int) -> str:

@@ -438,6 +438,7 @@ class Engine:
             frozenset(self.model_config.eos_token_ids),
             self.max_context,
             request.want_prompt_logprobs,
+            request.prompt_ids,
         )
         self._requests[request.request_id] = _Request(seq, outputs, callback)
         self.scheduler.add(seq)

@@ -6,6 +6,7 @@ service turns into protobuf.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -46,10 +47,11 @@ class OutputProcessor:
         eos_token_ids: frozenset[int],
         max_context: int,
         want_prompt_logprobs: bool = False,
+        prompt_ids: Sequence[int] = (),
     ) -> None:
         self.params = params
         self.sampler = TokenSampler(params)
-        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
         self._eos = frozenset() if params.ignore_eos else eos_token_ids
         self._stop_ids = frozenset(params.stop_token_ids)
         self._holdback = max((len(s) for s in params.stop), default=1) - 1

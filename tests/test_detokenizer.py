@@ -1,0 +1,66 @@
+"""Streamed text against the tokenizer's own decode of the whole sequence, on a SentencePiece-style
+tokenizer (Llama 2 and Mistral: a word token decoded at the start of a text loses its space)."""
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaTokenizerFast
+
+from loraplex.shard.detokenizer import IncrementalDetokenizer
+from loraplex.shard.outputs import OutputProcessor
+from loraplex.shard.sampling import SampledToken, SamplingParams
+
+PROMPT = "The capital of France is"
+COMPLETION = " Paris and the cat sat on the mat."
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer() -> LlamaTokenizerFast:
+    """A small BPE trained here with Llama's Metaspace pre-tokenizer and decoder (no hub access)."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    tokenizer.train_from_iterator(
+        [PROMPT + COMPLETION, "Paris is in France.", "the mat, the cat"] * 20, trainer
+    )
+    return LlamaTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def _split(tokenizer) -> tuple[list[int], list[int]]:
+    ids = tokenizer.encode(PROMPT + COMPLETION, add_special_tokens=False)
+    prompt = tokenizer.encode(PROMPT, add_special_tokens=False)
+    assert ids[: len(prompt)] == prompt
+    return prompt, ids[len(prompt) :]
+
+
+def test_the_first_generated_word_keeps_its_space(sentencepiece_tokenizer):
+    """Decoded alone, '▁Paris' is 'Paris': the stream began 'Paris and ...' where vLLM and TGI, which
+    decode it after the prompt's last tokens, give ' Paris and ...'."""
+    prompt, generated = _split(sentencepiece_tokenizer)
+    assert sentencepiece_tokenizer.decode(generated[:1]) == "Paris"  # the trap
+    detokenizer = IncrementalDetokenizer(sentencepiece_tokenizer, prompt)
+    deltas = [detokenizer.push(token_id) for token_id in generated]
+    assert deltas[0] == " Paris"
+    assert "".join(deltas) == detokenizer.text == COMPLETION
+
+
+def test_the_engines_outputs_carry_the_space(sentencepiece_tokenizer):
+    prompt, generated = _split(sentencepiece_tokenizer)
+    processor = OutputProcessor(
+        SamplingParams(max_new_tokens=len(generated), stop=("mat",)),
+        sentencepiece_tokenizer,
+        frozenset(),
+        max_context=1024,
+        prompt_ids=prompt,
+    )
+    token_ids = list(prompt)
+    text = ""
+    for token_id in generated:
+        token_ids.append(token_id)
+        output = processor.process(SampledToken(token_id, 0.0, ()), token_ids, len(prompt))
+        text += output.text
+        if output.finish_reason:
+            break
+    assert (text, output.finish_reason) == (" Paris and the cat sat on the ", "stop")
