@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jinja2 import TemplateError
 from transformers import AutoTokenizer
 
 from loraplex.shard.context_limits import ContextExceeded
@@ -26,11 +27,14 @@ class PromptEncoder:
     def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
         if self.tokenizer.chat_template is None:
             raise ValueError("this model has no chat template; send `prompt` instead of `messages`")
-        text = self.tokenizer.apply_chat_template(
-            [{"role": role, "content": content} for role, content in messages],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": role, "content": content} for role, content in messages],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        except TemplateError as error:  # raise_exception in the template: the caller's messages, not a bug
+            raise ValueError(f"the model's chat template refused these messages: {error}") from error
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def check_token_ids(self, ids: list[int]) -> None:
