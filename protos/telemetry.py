@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from importlib.metadata import entry_points
 
+import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter, TextMapPropagator
-from opentelemetry.trace import Link, Span, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+
+from loraplex.protos.rpc import ServiceError
 
 log = logging.getLogger("loraplex.telemetry")
 
@@ -184,3 +188,28 @@ def set_error(span: Span, message: str, error: BaseException | None = None) -> N
     if error is not None:
         span.record_exception(error)
     span.set_status(Status(StatusCode.ERROR, message))
+
+
+@contextmanager
+def server_span(tracer: trace.Tracer, name: str, context: grpc.aio.ServicerContext) -> Iterator[Span]:
+    """A unary call's SERVER span, continuing the caller's trace, ended with the call's gRPC status
+    (`rpc.grpc.status_code`) and failed for anything but OK; CANCELLED when the caller left."""
+    span = tracer.start_span(
+        name, context=context_from_metadata(context.invocation_metadata()), kind=SpanKind.SERVER
+    )
+    code = grpc.StatusCode.CANCELLED  # unless it ends otherwise
+    try:
+        yield span
+        code = grpc.StatusCode.OK
+    except ServiceError as error:
+        code = error.code
+        set_error(span, error.message)
+        raise
+    except Exception as error:
+        code = grpc.StatusCode.INTERNAL
+        set_error(span, str(error), error)
+        raise
+    finally:
+        if span.is_recording():
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+        span.end()

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 import redis.exceptions
+from opentelemetry import trace
+from opentelemetry.trace import Span
 
+from loraplex.protos import telemetry
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2
 from loraplex.registry.adapter_source import IncompatibleAdapter, InvalidAdapter, ModelFit, catalogue_record
@@ -21,41 +26,55 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
         self._registry = registry
         self._snapshots = snapshots
         self._base_model = base_model
+        self._tracer = trace.get_tracer("loraplex.router")
 
     async def Create(self, request: adapters_pb2.CreateAdapterRequest, context) -> common_pb2.Adapter:
-        record = await self._record_from_source(request.name, request.source, request.base_model)
-        created = await self._call(self._registry.create_adapter(record))
-        self._snapshots.put_adapter(created)
-        return adapter_to_pb(created)
+        with self._span("create", request.name, context):
+            record = await self._record_from_source(request.name, request.source, request.base_model)
+            created = await self._call(self._registry.create_adapter(record))
+            self._snapshots.put_adapter(created)
+            return adapter_to_pb(created)
 
     async def Update(self, request: adapters_pb2.UpdateAdapterRequest, context) -> common_pb2.Adapter:
-        current = await self._call(self._registry.get_adapter(request.name))
-        record = await self._record_from_source(request.name, request.source, current.base_model)
-        updated = await self._call(self._registry.update_adapter(record))
-        self._snapshots.put_adapter(updated)
-        return adapter_to_pb(updated)
+        with self._span("update", request.name, context):
+            current = await self._call(self._registry.get_adapter(request.name))
+            record = await self._record_from_source(request.name, request.source, current.base_model)
+            updated = await self._call(self._registry.update_adapter(record))
+            self._snapshots.put_adapter(updated)
+            return adapter_to_pb(updated)
 
     async def Delete(self, request: adapters_pb2.DeleteAdapterRequest, context) -> common_pb2.Adapter:
-        deleted = await self._call(self._registry.delete_adapter(request.name))
-        self._snapshots.drop_adapter(request.name)
-        return adapter_to_pb(deleted)
+        with self._span("delete", request.name, context):
+            deleted = await self._call(self._registry.delete_adapter(request.name))
+            self._snapshots.drop_adapter(request.name)
+            return adapter_to_pb(deleted)
 
     async def Get(self, request: adapters_pb2.GetAdapterRequest, context) -> common_pb2.Adapter:
-        record = await self._call(self._registry.get_adapter(request.name))
-        return adapter_to_pb(record, self._snapshots.current.shards)
+        with self._span("get", request.name, context):
+            record = await self._call(self._registry.get_adapter(request.name))
+            return adapter_to_pb(record, self._snapshots.current.shards)
 
     async def List(
         self, request: adapters_pb2.ListAdaptersRequest, context
     ) -> adapters_pb2.ListAdaptersResponse:
-        records = await self._call(self._registry.list_adapters())
-        shards = self._snapshots.current.shards
-        return adapters_pb2.ListAdaptersResponse(
-            adapters=[
-                adapter_to_pb(record, shards)
-                for record in records
-                if not request.base_model or record.base_model == request.base_model
-            ]
-        )
+        with self._span("list", "", context):
+            records = await self._call(self._registry.list_adapters())
+            shards = self._snapshots.current.shards
+            return adapters_pb2.ListAdaptersResponse(
+                adapters=[
+                    adapter_to_pb(record, shards)
+                    for record in records
+                    if not request.base_model or record.base_model == request.base_model
+                ]
+            )
+
+    @contextmanager
+    def _span(self, action: str, name: str, context: grpc.aio.ServicerContext) -> Iterator[Span]:
+        """The call's `router.adapters.<action>` span, naming the adapter it acts on."""
+        with telemetry.server_span(self._tracer, f"router.adapters.{action}", context) as span:
+            if name and span.is_recording():
+                span.set_attribute(telemetry.ADAPTER, name)
+            yield span
 
     async def _record_from_source(self, name: str, source: str, base_model: str) -> AdapterRecord:
         if not source:

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import grpc
 import redis.exceptions
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span
 
 from loraplex.protos import telemetry
 from loraplex.protos.rpc import ServiceError
@@ -33,28 +33,8 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
     ) -> jobs_pb2.SubmitJobResponse:
         """Queue the job in the `router.submit` span, whose context the job keeps: the worker's trace
         for the job links back to it."""
-        span = self._tracer.start_span(
-            "router.submit",
-            context=telemetry.context_from_metadata(context.invocation_metadata()),
-            kind=SpanKind.SERVER,
-        )
-        code = grpc.StatusCode.CANCELLED  # unless it ends otherwise: the caller left
-        try:
-            job_id = await self._queue_job(request, span)
-            code = grpc.StatusCode.OK
-            return jobs_pb2.SubmitJobResponse(job_id=job_id)
-        except ServiceError as error:
-            code = error.code
-            telemetry.set_error(span, error.message)
-            raise
-        except Exception as error:
-            code = grpc.StatusCode.INTERNAL
-            telemetry.set_error(span, str(error), error)
-            raise
-        finally:
-            if span.is_recording():
-                span.set_attribute("rpc.grpc.status_code", code.value[0])
-            span.end()
+        with telemetry.server_span(self._tracer, "router.submit", context) as span:
+            return jobs_pb2.SubmitJobResponse(job_id=await self._queue_job(request, span))
 
     async def _queue_job(self, request: jobs_pb2.SubmitJobRequest, span: Span) -> str:
         _check_input(request.request)
@@ -67,15 +47,18 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
         return job_id
 
     async def Get(self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
-        if not request.job_id:
-            raise ServiceError.invalid("`job_id` is required: the id Jobs/Submit returned")
-        job = await _call(self._queue.get(request.job_id))
-        if job is None:
-            raise ServiceError.not_found(
-                f"job {request.job_id!r} is unknown or expired; a finished job is kept for the worker's "
-                "--job-ttl (24 h by default), then deleted"
-            )
-        return job
+        with telemetry.server_span(self._tracer, "router.get_job", context) as span:
+            if span.is_recording():
+                span.set_attribute(telemetry.JOB_ID, request.job_id)
+            if not request.job_id:
+                raise ServiceError.invalid("`job_id` is required: the id Jobs/Submit returned")
+            job = await _call(self._queue.get(request.job_id))
+            if job is None:
+                raise ServiceError.not_found(
+                    f"job {request.job_id!r} is unknown or expired; a finished job is kept for the "
+                    "worker's --job-ttl (24 h by default), then deleted"
+                )
+            return job
 
 
 def _check_input(request: common_pb2.GenerateRequest) -> None:

@@ -236,6 +236,7 @@ def test_a_request_is_one_trace_from_gateway_to_shard_and_a_job_run_links_to_its
 
             await _check_stopped_requests(exporter, router)
             await _check_async_jobs(exporter, gateway_port, router)
+            await _check_unary_calls(exporter, router, adapter_dir)
         finally:
             gateway.should_exit = True
             stop.set()
@@ -338,6 +339,47 @@ async def _check_async_jobs(memory: InMemorySpanExporter, gateway_port: int, rou
     assert not failed.status.is_ok and "max_new_tokens" in failed.status.description
     assert failed.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert _one(failing_run, "router.generate").parent.span_id == failed.context.span_id
+
+
+async def _check_unary_calls(memory: InMemorySpanExporter, router: str, adapter_dir) -> None:
+    """Admin calls and job look-ups have SERVER spans in the caller's trace, with their status."""
+    job_trace, admin_trace = (f"{n:032x}" for n in (0x10B, 0xAD31))
+    async with grpc.aio.insecure_channel(router) as channel:
+        jobs, admin = jobs_pb2_grpc.JobsStub(channel), adapters_pb2_grpc.AdaptersStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await jobs.Get(
+                jobs_pb2.GetJobRequest(job_id="no-such-job"),
+                timeout=10,
+                metadata=(("traceparent", f"00-{job_trace}-{CALLER_SPAN}-01"),),
+            )
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as exists:
+            await admin.Create(
+                adapters_pb2.CreateAdapterRequest(name="traced", source=str(adapter_dir)),
+                timeout=30,
+                metadata=(("traceparent", f"00-{admin_trace}-{CALLER_SPAN}-01"),),
+            )
+        assert exists.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        await admin.Get(
+            adapters_pb2.GetAdapterRequest(name="traced"),
+            timeout=10,
+            metadata=(("traceparent", f"00-{admin_trace}-{CALLER_SPAN}-01"),),
+        )
+    (get_job,) = await _wait_for_spans(memory, int(job_trace, 16), {"router.get_job"})
+    assert (
+        get_job.parent.span_id == int(CALLER_SPAN, 16)
+        and get_job.attributes["loraplex.job.id"] == "no-such-job"
+    )
+    assert get_job.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert not get_job.status.is_ok and "unknown or expired" in get_job.status.description
+    admin_spans = await _wait_for_spans(
+        memory, int(admin_trace, 16), {"router.adapters.create", "router.adapters.get"}
+    )
+    create, get = _one(admin_spans, "router.adapters.create"), _one(admin_spans, "router.adapters.get")
+    assert create.attributes["loraplex.adapter.name"] == get.attributes["loraplex.adapter.name"] == "traced"
+    assert create.attributes["rpc.grpc.status_code"] == grpc.StatusCode.ALREADY_EXISTS.value[0]
+    assert not create.status.is_ok
+    assert get.attributes["rpc.grpc.status_code"] == 0 and get.status.is_ok
 
 
 def _check_first_trace(spans: list[ReadableSpan]) -> None:
