@@ -7,6 +7,10 @@ so the cost per token stays constant however long the output grows.
 The window starts in the prompt's last few tokens, as in TGI and vLLM: SentencePiece-style tokenizers
 (Llama 2, Mistral) drop the space of a word token decoded at the start of a text, so without that
 context the first generated token lost its space ("Paris" where the model wrote " Paris").
+
+Decoding never "cleans up tokenization spaces": that English-specific rewrite (" ." -> ".", " !" -> "!")
+corrupts what a BPE model wrote ("x != y" -> "x!= y") and, applied to a window, drops characters from the
+stream. Llama 3's tokenizer_config asks for it, and transformers 5.0-5.6 obeys (5.7 ignores it for BPE).
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (possibly empty)."""
         self._ids.append(token_id)
-        decode = self._tokenizer.decode
-        prefix = decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
-        window = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        window = self._decode(self._ids[self._prefix_offset :])
         if len(window) <= len(prefix) or window.endswith("\ufffd"):
             return ""
         delta = window[len(prefix) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         self.text += delta
         return delta
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

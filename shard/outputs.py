@@ -40,6 +40,10 @@ class RequestFailed:
 
 
 class OutputProcessor:
+    """eos_token_ids are the model's (config.json and generation_config.json); the tokenizer's eos is
+    added, as vLLM does: a fine-tune may end its turns with a token only its tokenizer names (Llama 3's
+    <|eot_id|> under a config that lists <|end_of_text|>), and would otherwise run to max_new_tokens."""
+
     def __init__(
         self,
         params: SamplingParams,
@@ -52,7 +56,7 @@ class OutputProcessor:
         self.params = params
         self.sampler = TokenSampler(params)
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
-        self._eos = frozenset() if params.ignore_eos else eos_token_ids
+        self._eos = frozenset() if params.ignore_eos else eos_token_ids | _eos_ids(tokenizer)
         self._stop_ids = frozenset(params.stop_token_ids)
         self._holdback = max((len(s) for s in params.stop), default=1) - 1
         self._pending = ""  # decoded text not yet released, kept to match stop strings across tokens
@@ -87,3 +91,7 @@ class OutputProcessor:
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
     hits = [index for index in (text.find(stop) for stop in stops) if index >= 0]
     return min(hits) if hits else None
+
+
+def _eos_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    return frozenset() if tokenizer.eos_token_id is None else frozenset([tokenizer.eos_token_id])
