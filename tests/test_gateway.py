@@ -227,6 +227,42 @@ def test_echoed_completion_with_logprobs_scores_the_prompt_with_null_for_its_fir
     assert tokens[0] is None and tokens[1:] == pytest.approx(logprobs.token_logprobs[1:], abs=1e-5)
 
 
+def test_echo_puts_each_prompt_before_its_own_completion_streamed_or_not(client, generation):
+    """As for one string prompt: with a list of prompts, or token ids (whose text the shard gives),
+    and without logprobs, each choice is its prompt followed by its completion."""
+    prompts = ["Once upon a time", "The capital of France is"]
+    plain = client.completions.create(model=BASE, prompt=prompts, max_tokens=4, temperature=0)
+    expected = [prompt + choice.text for prompt, choice in zip(prompts, plain.choices, strict=True)]
+    echoed = client.completions.create(model=BASE, prompt=prompts, max_tokens=4, temperature=0, echo=True)
+    assert [choice.text for choice in echoed.choices] == expected
+    streamed = client.completions.create(
+        model=BASE, prompt=prompts, max_tokens=4, temperature=0, echo=True, stream=True
+    )
+    texts = ["", ""]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == expected
+    prefill = generation.Generate(
+        common_pb2.GenerateRequest(
+            prompt=prompts[1],
+            decoder_input_details=True,
+            parameters=common_pb2.SamplingParameters(max_new_tokens=1),
+        ),
+        timeout=60,
+    ).prefill_tokens
+    token_ids = [token.id for token in prefill]
+    for logprobs in (None, 0):
+        by_ids = client.completions.create(
+            model=BASE, prompt=token_ids, max_tokens=4, temperature=0, echo=True, logprobs=logprobs
+        )
+        assert by_ids.choices[0].text == expected[1]
+        streamed = client.completions.create(
+            model=BASE, prompt=token_ids, max_tokens=4, temperature=0, echo=True, stream=True
+        )
+        assert "".join(chunk.choices[0].text for chunk in streamed) == expected[1]
+
+
 def test_chat_logprobs(client):
     response = client.chat.completions.create(
         model=BASE,

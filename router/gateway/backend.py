@@ -124,12 +124,14 @@ async def _rest_of(call, first: Chunk) -> AsyncIterator[Chunk]:
 
 
 async def merge_streams(streams: Sequence[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
-    """Interleave several streams as chunks arrive, tagged with their index; the first error stops all."""
+    """Interleave several streams as chunks arrive, tagged with their index; the first error stops all.
+    Each stream is read about as fast as the merged one is, so a slow client holds back the router
+    (gRPC flow control) instead of the gateway buffering whole generations for it."""
     if len(streams) == 1:
         async for chunk in streams[0]:
             yield 0, chunk
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
     done = object()
 
     async def pump(index: int, stream: AsyncIterator[Chunk]) -> None:

@@ -103,7 +103,8 @@ def with_seed_offset(request: common_pb2.GenerateRequest, offset: int) -> common
 
 
 async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T | Response:
-    """Run a non-streamed request, cancelling it (and so its generation) if the client goes away."""
+    """Run a whole request, or a stream's opening (up to its first token, which a long prefill or a
+    queue can delay), cancelling it and so its generation if the client goes away meanwhile."""
     task = asyncio.ensure_future(work)
 
     async def client_left() -> None:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from loraplex.protos.v1 import common_pb2
 from loraplex.router.convert import collect_response
@@ -121,7 +121,9 @@ async def _respond(
             raise not_found_hint(error, body.model, names) from error
 
     if body.stream:
-        streams = await open_all()
+        streams = await run_until_disconnect(request, open_all())
+        if isinstance(streams, Response):  # the client left before the first token
+            return streams
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _stream_events(shape, choices, streams, include_usage)
         return StreamingResponse(
@@ -162,6 +164,12 @@ def _check_common(body: SamplingFields, refused: dict[str, tuple]) -> None:
     name = refused_field(body.model_extra, refused)
     if name:
         raise APIError.bad_request(f"{name} is not supported by loraplex; leave it out", name)
+    if body.stream_options and body.stream_options.continuous_usage_stats:
+        raise APIError.bad_request(
+            "continuous_usage_stats is not supported (token counts come with a generation's last "
+            "chunk); include_usage alone gives one usage chunk at the end of the stream",
+            "stream_options.continuous_usage_stats",
+        )
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name):
             raise APIError.bad_request(
@@ -196,10 +204,10 @@ def completion_choices(body: CompletionRequest, names: ModelNames) -> Choices:
     parameters = _sampling(body, max_tokens, body.logprobs is not None, body.logprobs or 0)
     requests, prompt_of = [], []
     for prompt_index, prompt in enumerate(prompts):
+        # an echo needs the prompt's tokens for their log-probs, or for the text of token ids
+        echo_tokens = body.echo and (body.logprobs is not None or not isinstance(prompt, str))
         request = common_pb2.GenerateRequest(
-            adapter=names.adapter_for(body.model),
-            parameters=parameters,
-            decoder_input_details=body.echo and body.logprobs is not None,
+            adapter=names.adapter_for(body.model), parameters=parameters, decoder_input_details=echo_tokens
         )
         if isinstance(prompt, str):
             request.prompt = prompt
@@ -279,18 +287,16 @@ class _CompletionFormat(_Format):
         super().__init__(body)
         self.logprobs = body.logprobs is not None
         self.echo = body.echo
-        self.prompt = body.prompt if isinstance(body.prompt, str) else None
+        # each prompt's text, None for token ids; choices are prompt-major, `n` to a prompt
+        self.prompts = [p if isinstance(p, str) else None for p in _prompts(body.prompt)]
+        self.n = body.n
         self._offsets: dict[int, int] = {}
 
     def choice(self, index: int, response: common_pb2.GenerateResponse) -> dict:
         text = response.text
         tokens = list(response.tokens)
         if self.echo:
-            text = (
-                "".join(t.text for t in response.prefill_tokens)
-                if self.prompt is None
-                else self.prompt + text
-            )
+            text = self._echoed(index, response.prefill_tokens) + text
             tokens = list(response.prefill_tokens) + tokens
         return {
             "index": index,
@@ -302,7 +308,7 @@ class _CompletionFormat(_Format):
     def stream_chunk(self, index: int, chunk: Chunk) -> list[dict]:
         text, tokens = chunk.text, list(chunk.tokens)
         if self.echo and index not in self._offsets:
-            text = (self.prompt or "".join(t.text for t in chunk.prefill_tokens)) + text
+            text = self._echoed(index, chunk.prefill_tokens) + text
             tokens = list(chunk.prefill_tokens) + tokens
         choice = {
             "index": index,
@@ -312,6 +318,11 @@ class _CompletionFormat(_Format):
         }
         self._offsets.setdefault(index, 0)
         return [{**self.envelope(chunk=True), "choices": [choice]}]
+
+    def _echoed(self, index: int, prefill_tokens: Sequence[common_pb2.Token]) -> str:
+        """The choice's prompt as sent, or for token ids the text of the shard's prompt tokens."""
+        prompt = self.prompts[index // self.n]
+        return "".join(token.text for token in prefill_tokens) if prompt is None else prompt
 
     def _logprobs(self, index: int, tokens: list[common_pb2.Token]) -> dict:
         """The legacy completions shape; text offsets continue across a stream's chunks."""

@@ -76,6 +76,7 @@ def refused_field(extra: Mapping[str, Any] | None, refused: Mapping[str, tuple])
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's usage on every chunk: refused, not honoured
 
 
 class SamplingFields(BaseModel):

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from importlib.metadata import version
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from loraplex.protos.v1 import common_pb2
 from loraplex.router.convert import collect_response
@@ -46,13 +46,15 @@ def build_router(client: RouterClient, names: ModelNames) -> APIRouter:
 
         return await run_until_disconnect(request, whole())
 
-    async def generate_stream(body: TGIRequest, request: Request) -> StreamingResponse:
+    async def generate_stream(body: TGIRequest, request: Request) -> Response:
         if body.parameters.decoder_input_details:  # TGI's rule: a stream has no place for the prompt
             raise APIError.bad_request(
                 "decoder_input_details is not supported when streaming tokens; use /generate",
                 "decoder_input_details",
             )
-        stream = await open_stream(body)
+        stream = await run_until_disconnect(request, open_stream(body))
+        if isinstance(stream, Response):  # the client left before the first token
+            return stream
         return StreamingResponse(
             sse_events(request, _token_events(body, stream)),
             media_type="text/event-stream",
