@@ -55,6 +55,7 @@ async def collect_response(
         response.request_id = chunk.request_id
         if chunk.finish_reason:
             response.finish_reason = chunk.finish_reason
+            response.stop_text = chunk.stop_text
             response.usage.CopyFrom(chunk.usage)
             response.served_by.CopyFrom(chunk.served_by)
     response.text = "".join(texts)

@@ -24,6 +24,7 @@ class TokenOutput:
     num_prompt_tokens: int
     num_generated: int
     prompt_logprobs: tuple[float | None, ...] = ()  # with the first token, when asked for
+    stop_text: str = ""  # finished by a stop string: the text it cut off, the stop string first
     # with the last token (finish_reason set); measurements, so not part of equality
     times: SequenceTimes | None = field(default=None, compare=False)
 
@@ -68,6 +69,7 @@ class OutputProcessor:
         """token has just been appended to token_ids; decide what to release and whether to stop."""
         num_generated = len(token_ids) - num_prompt_tokens
         finish = None
+        stop_text = ""
         if token.token_id in self._eos:
             finish = "eos"
         elif token.token_id in self._stop_ids:
@@ -76,7 +78,7 @@ class OutputProcessor:
             self._pending += self._detokenizer.push(token.token_id)
             cut = _first_stop(self._pending, self.params.stop)
             if cut is not None:
-                self._pending, finish = self._pending[:cut], "stop"
+                self._pending, stop_text, finish = self._pending[:cut], self._pending[cut:], "stop"
         if finish is None and (
             num_generated >= self.params.max_new_tokens or len(token_ids) >= self._max_context
         ):
@@ -85,7 +87,9 @@ class OutputProcessor:
         released, self._pending = self._pending[:release_upto], self._pending[release_upto:]
         first = num_generated == 1 and self._want_prompt_logprobs
         prompt_logprobs = tuple(self.prompt_logprobs) if first else ()
-        return TokenOutput(token, released, finish, num_prompt_tokens, num_generated, prompt_logprobs)
+        return TokenOutput(
+            token, released, finish, num_prompt_tokens, num_generated, prompt_logprobs, stop_text
+        )
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

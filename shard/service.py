@@ -221,6 +221,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 )
         if output.finish_reason:
             chunk.finish_reason = FINISH_REASONS[output.finish_reason]
+            chunk.stop_text = output.stop_text
             chunk.usage.CopyFrom(
                 common_pb2.Usage(
                     prompt_tokens=output.num_prompt_tokens,

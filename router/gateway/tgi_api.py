@@ -145,17 +145,17 @@ def _top_tokens(token: common_pb2.Token) -> list[dict]:
     ]
 
 
-def _generated_text(body: TGIRequest, text: str, tokens: list[common_pb2.Token], finish_reason: int) -> str:
-    """TGI's generated_text keeps the stop sequence that ended it (the shard's text leaves it out, its
-    tokens hold it), and starts with the prompt when return_full_text is set."""
-    if finish_reason == common_pb2.FINISH_REASON_STOP:
-        text = "".join(token.text for token in tokens if not token.special)
+def _generated_text(body: TGIRequest, text: str, stop_text: str) -> str:
+    """TGI's generated_text keeps the stop sequence that ended it, to the end of its token (the shard's
+    text leaves that out and sends it as stop_text), and starts with the prompt when
+    return_full_text is set."""
+    text += stop_text
     return body.inputs + text if body.parameters.return_full_text else text
 
 
 def _generated(body: TGIRequest, response: common_pb2.GenerateResponse) -> dict:
     p = body.parameters
-    text = _generated_text(body, response.text, list(response.tokens), response.finish_reason)
+    text = _generated_text(body, response.text, response.stop_text)
     result: dict = {"generated_text": text}
     if p.details:
         result["details"] = {
@@ -178,11 +178,9 @@ async def _token_events(body: TGIRequest, stream: AsyncIterator[Chunk]) -> Async
     p = body.parameters
     pending: dict | None = None
     texts: list[str] = []
-    tokens: list[common_pb2.Token] = []
     index = 0
     async for chunk in stream:
         texts.append(chunk.text)
-        tokens.extend(chunk.tokens)
         for token in chunk.tokens:
             if pending is not None:
                 yield pending
@@ -197,7 +195,7 @@ async def _token_events(body: TGIRequest, stream: AsyncIterator[Chunk]) -> Async
         if chunk.finish_reason:
             if pending is None:  # nothing was generated; TGI still ends with an event
                 pending = {"index": 0, "token": {"id": 0, "text": "", "logprob": 0.0, "special": True}}
-            pending["generated_text"] = _generated_text(body, "".join(texts), tokens, chunk.finish_reason)
+            pending["generated_text"] = _generated_text(body, "".join(texts), chunk.stop_text)
             pending["details"] = (
                 {
                     "finish_reason": TGI_FINISH.get(chunk.finish_reason, "length"),
