@@ -245,7 +245,10 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             logprob=logprob,
             special=self._prompts.is_special(token_id),
             top_logprobs=[
-                common_pb2.TopLogprob(id=i, text=self._prompts.token_text(i), logprob=lp) for i, lp in top
+                common_pb2.TopLogprob(
+                    id=i, text=self._prompts.token_text(i), logprob=lp, special=self._prompts.is_special(i)
+                )
+                for i, lp in top
             ],
         )
 

@@ -344,6 +344,12 @@ def test_tgi_generate_route_in_tgi_shape(mesh):
             "maximum context length",
         ),
         ("/v1/completions", {"model": BASE, "prompt": "hi", "temperature": -1}, 400, "temperature"),
+        (
+            "/v1/chat/completions",
+            {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "stream_options": {}},
+            400,
+            "stream_options is only allowed with stream: true",
+        ),
         ("/v1/completions", {"model": "no-such-model", "prompt": "hi"}, 404, "GET /v1/models"),
         (
             "/v1/completions",

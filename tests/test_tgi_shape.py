@@ -1,8 +1,9 @@
-"""TGI's answer built from a generation, without a mesh: generated_text after a stop sequence."""
+"""TGI's answer built from a generation, without a mesh: generated_text after a stop sequence, and
+top tokens marked special."""
 
 from loraplex.protos.v1 import common_pb2
 from loraplex.router.gateway.schemas import TGIRequest
-from loraplex.router.gateway.tgi_api import _generated
+from loraplex.router.gateway.tgi_api import _generated, _top_tokens
 
 
 def test_generated_text_after_a_stop_keeps_multibyte_characters_whole():
@@ -20,3 +21,16 @@ def test_generated_text_after_a_stop_keeps_multibyte_characters_whole():
     assert _generated(body, response)["generated_text"] == " 日本語 END"
     full = TGIRequest(inputs="Say it:", parameters={"stop": ["END"], "return_full_text": True})
     assert _generated(full, response)["generated_text"] == "Say it: 日本語 END"
+
+
+def test_a_special_top_token_is_marked_special():
+    """TGI marks special tokens among the alternatives too; every one read `special: false`."""
+    token = common_pb2.Token(
+        id=5,
+        text=" Paris",
+        top_logprobs=[
+            common_pb2.TopLogprob(id=5, text=" Paris", logprob=-0.1),
+            common_pb2.TopLogprob(id=2, text="<|im_end|>", logprob=-2.5, special=True),
+        ],
+    )
+    assert [top["special"] for top in _top_tokens(token)] == [False, True]

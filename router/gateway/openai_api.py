@@ -164,6 +164,8 @@ def _check_common(body: SamplingFields, refused: dict[str, tuple]) -> None:
     name = refused_field(body.model_extra, refused)
     if name:
         raise APIError.bad_request(f"{name} is not supported by loraplex; leave it out", name)
+    if body.stream_options and not body.stream:  # as OpenAI and vLLM answer
+        raise APIError.bad_request("stream_options is only allowed with stream: true", "stream_options")
     if body.stream_options and body.stream_options.continuous_usage_stats:
         raise APIError.bad_request(
             "continuous_usage_stats is not supported (token counts come with a generation's last "

@@ -140,7 +140,7 @@ def _token(token: common_pb2.Token) -> dict:
 
 def _top_tokens(token: common_pb2.Token) -> list[dict]:
     return [
-        {"id": top.id, "text": top.text, "logprob": top.logprob, "special": False}
+        {"id": top.id, "text": top.text, "logprob": top.logprob, "special": top.special}
         for top in token.top_logprobs
     ]
 
