@@ -64,6 +64,5 @@ def test_the_engines_outputs_carry_the_space(sentencepiece_tokenizer):
         if output.finish_reason:
             break
     assert (text, output.finish_reason) == (" Paris and the cat sat on the ", "stop")
-    assert (
-        output.stop_text == "mat."
-    )  # the stop string and the rest of its token: TGI's generated_text has it
+    # the stop string and the rest of its token, which TGI's generated_text keeps
+    assert output.stop_text == "mat."
