@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -182,3 +183,109 @@ def test_banner_names_the_component_behind_each_metrics_endpoint(capsys, tmp_pat
     print_endpoints("h:50051", "http://h:8080", ["h:50061"], "redis://h:6379/0", tmp_path, [], metrics)
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("metrics")]
     assert "gateway http://h:8080/metrics, router http://h:1/metrics, shard-0 http://h:2/metrics" in line
+
+
+def _up_args(model, cache_dir, router_port: int | None = None) -> list[str]:
+    """`loraplex up`'s arguments for model, every component on a free port unless given."""
+    ports = [router_port or free_port(), free_port(), free_port()]
+    flags = ["--router-port", "--shard-base-port", "--gateway-port"]
+    return ["--model", str(model), "--cache-dir", str(cache_dir)] + [
+        part for flag, port in zip(flags, ports, strict=True) for part in (flag, str(port))
+    ]
+
+
+def _up_until_banner_or_exit(*args: str, env: dict | None = None, timeout_s: float = 90):
+    """Run `loraplex up` until it exits or prints its banner (then stop it); returns (code, output),
+    code None when the mesh came up."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loraplex.tools.cli", "up", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    output, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (line := process.stdout.readline()):
+        output.append(line)
+        if "loraplex mesh is up" in line:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=30)
+            return None, "".join(output)
+    process.kill()  # its children die with it
+    return process.wait(), "".join(output)
+
+
+def test_up_refuses_a_port_another_mesh_listens_on(tiny_model_dir, cache_dir):
+    """gRPC servers bind with SO_REUSEPORT: a router started on a taken port would share it with the
+    other process, each answering a random share of the calls, so `up` must refuse the port."""
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as a gRPC server binds
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, output = _up_until_banner_or_exit(*_up_args(tiny_model_dir, cache_dir, router_port=port))
+    assert code == 2, f"expected a usage error, got {code}:\n{output}"
+    assert f"port {port} (--router-port) on 127.0.0.1 is in use" in output
+
+
+def test_up_with_a_redis_url_nobody_answers_stops_at_once(tiny_model_dir, cache_dir):
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    code, output = _up_until_banner_or_exit(*_up_args(tiny_model_dir, cache_dir), "--redis-url", url)
+    assert code == 2, f"expected a usage error, got {code}:\n{output}"
+    assert f"no Redis answers at --redis-url {url}" in output
+
+
+def test_up_without_redis_server_on_path_says_what_to_do(tiny_model_dir, cache_dir, tmp_path):
+    env = os.environ | {"PATH": str(tmp_path)}  # an empty directory: no redis-server
+    code, output = _up_until_banner_or_exit(*_up_args(tiny_model_dir, cache_dir), env=env)
+    assert code == 2, output
+    assert "redis-server is not on PATH" in output and "--redis-url" in output
+
+
+def test_a_component_that_fails_to_start_is_named_with_the_end_of_its_log(cache_dir, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    code, output = _up_until_banner_or_exit(*_up_args(model, cache_dir))
+    assert code == 1, output
+    assert "loraplex up: shard-" in output and "did not start" in output, output
+    assert "no-such-architecture" in output, "the end of the shard's log says why"
+    assert "Traceback" not in output.split("the end of")[0], "the launcher's own error is no traceback"
+
+
+@pytest.mark.parametrize("to_process_group", [True, False], ids=["ctrl-c", "sigterm"])
+def test_a_signal_while_starting_stops_the_mesh_at_once(tiny_model_dir, cache_dir, to_process_group):
+    """Ctrl-C in a terminal reaches the launcher and its children, SIGTERM from a supervisor the
+    launcher alone: either stops the start-up there, not once every component is up, leaving nothing."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loraplex.tools.cli", "up", *_up_args(tiny_model_dir, cache_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while len(_children(process.pid)) < 2 and time.monotonic() < deadline:  # redis-server and a shard
+        time.sleep(0.05)
+    children = _children(process.pid)
+    assert len(children) >= 2, "the launcher did not start its children"
+    if to_process_group:
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=20)
+    assert process.returncode == 130, output
+    assert "loraplex mesh is up" not in output and "Traceback" not in output, output
+    assert "stopping the mesh" in output
+    assert not [pid for pid in children if _alive(pid)]
+
+
+def test_up_refuses_a_port_number_past_65535(tiny_model_dir, cache_dir):
+    """gRPC binds 70000 as 70000 - 65536: the banner would name a port nobody serves."""
+    code, output = _up_until_banner_or_exit(*_up_args(tiny_model_dir, cache_dir, router_port=70000))
+    assert code == 2, f"expected a usage error, got {code}:\n{output}"
+    assert "--router-port: '70000' is not a port" in output
+    args = _up_args(tiny_model_dir, cache_dir)
+    args[args.index("--shard-base-port") + 1] = "65535"  # the second shard would get 65536
+    code, output = _up_until_banner_or_exit(*args)
+    assert code == 2 and "--shard-base-port 65535 leaves no port for shard 1" in output, output

@@ -47,11 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="use this Redis instead of starting a private redis-server",
     )
-    up.add_argument("--num-shards", type=int, default=2)
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--router-port", type=int, default=50051)
-    up.add_argument("--shard-base-port", type=int, default=50061)
-    up.add_argument("--gateway-port", type=int, default=8080)
+    up.add_argument("--num-shards", type=int, default=2, help="shard processes (default: 2)")
+    up.add_argument("--host", default="127.0.0.1", help="address every server binds (default: 127.0.0.1)")
+    up.add_argument(
+        "--router-port", type=_parse_port, default=50051, help="router gRPC port (default: 50051)"
+    )
+    up.add_argument(
+        "--shard-base-port",
+        type=_parse_port,
+        default=50061,
+        help="the first shard's gRPC port; the next shards take the ports after it (default: 50061)",
+    )
+    up.add_argument(
+        "--gateway-port", type=_parse_port, default=8080, help="REST gateway port (default: 8080)"
+    )
 
     shard = commands.add_parser("shard", help="run one shard server")
     _add_common(shard)
@@ -239,15 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--consumer", default="", help="name in the consumer group (default: hostname-pid)")
 
     adapters = commands.add_parser("adapters", help="manage the adapter catalogue through a router")
-    adapters.add_argument("--router", default=DEFAULT_ROUTER)
+    adapters.add_argument(
+        "--router", default=DEFAULT_ROUTER, help=f"router gRPC address (default: {DEFAULT_ROUTER})"
+    )
     actions = adapters.add_subparsers(dest="action", required=True)
-    for action in ("add", "update"):
-        sub = actions.add_parser(action)
+    for action, summary in (("add", "register a new adapter"), ("update", "give an adapter a new version")):
+        sub = actions.add_parser(action, help=summary)
         sub.add_argument("name")
         sub.add_argument("source", help="local path or file:// URI of a PEFT directory or .tar.gz")
-    actions.add_parser("rm").add_argument("name")
-    actions.add_parser("show").add_argument("name")
-    actions.add_parser("ls")
+    actions.add_parser("rm", help="delete an adapter from the catalogue").add_argument("name")
+    actions.add_parser("show", help="one adapter, with the shards holding it and their tiers").add_argument(
+        "name"
+    )
+    actions.add_parser("ls", help="every registered adapter")
 
     model = commands.add_parser("model", help="manage the local model cache")
     model_actions = model.add_subparsers(dest="action", required=True)
@@ -441,6 +454,14 @@ def parse_bytes(text: str) -> int:
     return int(float(number) * _BYTE_UNITS[unit])
 
 
+def _parse_port(text: str) -> int:
+    """A TCP port: gRPC would take 70000 as 70000 % 65536 and the banner would name a port nobody serves."""
+    port = int(text) if text.strip().isdigit() else 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port; write a number from 1 to 65535")
+    return port
+
+
 def _parse_keepalive(text: str) -> float:
     from loraplex.protos.rpc import MIN_KEEPALIVE_S
 
@@ -476,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"loraplex: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early, as by `loraplex adapters ls | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit's flush
+        return 1
 
 
 def _run_up(args: argparse.Namespace) -> int:
@@ -620,9 +644,29 @@ def _run_adapters(args: argparse.Namespace) -> int:
             reply = calls[args.action]()
         except grpc.RpcError as error:
             print(f"loraplex: {error.code().name}: {error.details()}", file=sys.stderr)
+            if error.code() == grpc.StatusCode.UNAVAILABLE and not _connected(channel):
+                print(
+                    f"no router answers at {args.router}: start the mesh (`loraplex up`), or name a running "
+                    "router with `loraplex adapters --router HOST:PORT ...` (or LORAPLEX_ROUTER)",
+                    file=sys.stderr,
+                )
             return 1
-    print(json.dumps(MessageToDict(reply), indent=2))
+    # the proto's field names, as grpcurl prints them, and empty lists too (`"adapters": []`)
+    record = MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    print(json.dumps(record, indent=2), flush=True)
     return 0
+
+
+def _connected(channel) -> bool:
+    """Whether the channel reached its server: an UNAVAILABLE over a connection is the router's own
+    answer (its Redis is away, say); without one, no router is there."""
+    import grpc
+
+    try:
+        grpc.channel_ready_future(channel).result(timeout=0.5)
+    except grpc.FutureTimeoutError:
+        return False
+    return True
 
 
 def _source_for_router(source: str) -> str:
@@ -630,7 +674,7 @@ def _source_for_router(source: str) -> str:
     their own working directories, not the caller's. Anything else (absolute, file://, a path only the
     servers see) goes as typed."""
     path = Path(source).expanduser()
-    if "://" not in source and not path.is_absolute() and path.exists():
+    if source and "://" not in source and not path.is_absolute() and path.exists():  # '' is not '.'
         return str(path.resolve())
     return source
 

@@ -3,14 +3,21 @@ on this machine, until Ctrl-C."""
 
 from __future__ import annotations
 
+import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
+import redis
 
 from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc
 from loraplex.tools.demo_adapters import demo_adapter_dirs
@@ -24,6 +31,8 @@ from loraplex.tools.processes import (
     wait_http_ok,
     wait_serving,
 )
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,25 +49,44 @@ class MeshConfig:
     log_level: str = "INFO"
 
 
+class MeshStartError(Exception):
+    """A component did not come up; the message names it and quotes the end of its log."""
+
+
 def run_mesh(config: MeshConfig) -> int:
+    """Start the mesh, print its endpoints and supervise it until SIGINT or SIGTERM. Returns 0 once
+    stopped, 1 when a component failed to start, 130 when stopped while starting."""
+    check_ports_free(config)
+    if config.redis_url:
+        check_redis(config.redis_url)
+    elif shutil.which("redis-server") is None:
+        raise FileNotFoundError(
+            "redis-server is not on PATH: install it (apt-get install redis-server, as tools/dev.sh does) "
+            "or point --redis-url at a running Redis"
+        )
     model_dir = resolve_model(config.model, config.cache_dir)
     workdir = Path(tempfile.mkdtemp(prefix="loraplex-up-"))
     processes: list[subprocess.Popen] = []  # in start order; stopped newest first
     names: dict[int, str] = {}  # pid -> what it is, for messages
     stopping = False
+    starting = True
 
     def request_stop(signum, frame) -> None:
         nonlocal stopping
         stopping = True
+        if starting:  # Ctrl-C while the shards load stops at once, not once everything is up
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
         redis_url = config.redis_url
         if not redis_url:
-            redis, redis_url = start_private_redis(workdir)
-            processes.append(redis)
-            names[redis.pid] = "redis-server"
+            redis_server, redis_url = _started(
+                "redis-server", workdir / "redis.log", partial(start_private_redis, workdir)
+            )
+            processes.append(redis_server)
+            names[redis_server.pid] = "redis-server"
         common = [
             "--model",
             str(model_dir),
@@ -91,8 +119,10 @@ def run_mesh(config: MeshConfig) -> int:
             shards[address] = spawn(command, workdir / f"shard-{index}.log")
             processes.append(shards[address])
             names[shards[address].pid] = f"shard-{index}"
-        for address, process in shards.items():
-            wait_serving(address, process)
+        for index, (address, process) in enumerate(shards.items()):
+            _started(
+                f"shard-{index}", workdir / f"shard-{index}.log", partial(wait_serving, address, process)
+            )
         router_address = f"{config.host}:{config.router_port}"
         router = spawn(
             loraplex_command(
@@ -109,7 +139,7 @@ def run_mesh(config: MeshConfig) -> int:
         )
         processes.append(router)
         names[router.pid] = "router"
-        wait_serving(router_address, router)
+        _started("router", workdir / "router.log", partial(wait_serving, router_address, router))
         gateway_url = f"http://{config.host}:{config.gateway_port}"
         gateway = spawn(
             loraplex_command(
@@ -147,11 +177,12 @@ def run_mesh(config: MeshConfig) -> int:
         )
         processes.append(worker)
         names[worker.pid] = "worker"
-        wait_http_ok(f"{gateway_url}/health", gateway)
+        _started("gateway", workdir / "gateway.log", partial(wait_http_ok, f"{gateway_url}/health", gateway))
         demo_names = register_demo_adapters(router_address, demo_adapter_dirs())
         metrics = {"gateway": f"{gateway_url}/metrics"} | {
             name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items()
         }
+        starting = False
         print_endpoints(router_address, gateway_url, list(shards), redis_url, workdir, demo_names, metrics)
         exited: set[int] = set()
         while not stopping:
@@ -162,8 +193,92 @@ def run_mesh(config: MeshConfig) -> int:
             time.sleep(0.5)
         print("\nstopping the mesh ...", flush=True)
         return 0
+    except (KeyboardInterrupt, MeshStartError) as error:  # only while starting
+        starting = False  # from here on a signal only asks to stop
+        if stopping:  # Ctrl-C in a terminal reaches the children too: they did not fail
+            print("\nstopping the mesh ...", flush=True)
+            return 130
+        print(f"loraplex up: {error}", file=sys.stderr, flush=True)
+        return 1
     finally:
         stop_all(processes[::-1])
+
+
+def check_ports_free(config: MeshConfig) -> None:
+    """Refuse ports something already listens on, before anything starts. gRPC servers bind with
+    SO_REUSEPORT, so a router or shard started on a taken port comes up sharing it with the other
+    process, which then answers a random share of its calls (and the health checks waited on here)."""
+    flags = [("--router-port", config.router_port), ("--gateway-port", config.gateway_port)]
+    flags += [
+        ("--shard-base-port" + (f" + {index}" if index else ""), config.shard_base_port + index)
+        for index in range(config.num_shards)
+    ]
+    if config.shard_base_port + config.num_shards - 1 > 65535:
+        raise ValueError(
+            f"--shard-base-port {config.shard_base_port} leaves no port for shard {config.num_shards - 1}"
+        )
+    taken: dict[int, str] = {}
+    for flag, port in flags:
+        if port in taken:
+            raise ValueError(f"{taken[port]} and {flag} are both port {port}; give each component its own")
+        taken[port] = flag
+        if _port_in_use(config.host, port):
+            raise ValueError(
+                f"port {port} ({flag}) on {config.host} is in use, by another mesh perhaps; "
+                f"stop that or choose another port with {flag.split()[0]}"
+            )
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    """Whether host:port cannot be bound. SO_REUSEADDR, which the servers set too, keeps connections of
+    an earlier run waiting in TIME_WAIT from counting."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise ValueError(f"--host {host!r} does not resolve: {error}") from error
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError:
+                return True
+    return False
+
+
+def check_redis(url: str) -> None:
+    """Fail now when --redis-url does not answer, rather than come up with every shard, router and
+    worker retrying it in their logs."""
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    except ValueError as error:
+        raise ValueError(f"--redis-url {url!r} is not a Redis URL: {error}") from error
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        raise ValueError(
+            f"no Redis answers at --redis-url {url}: {error}; start it, or leave --redis-url out for a "
+            "private redis-server"
+        ) from error
+    finally:
+        client.close()
+
+
+def _started(name: str, log: Path, start: Callable[[], T]) -> T:
+    """start() one component or wait for it to serve; when it exits or hangs instead, name it and quote
+    the end of its log, which says why."""
+    try:
+        return start()
+    except (RuntimeError, TimeoutError) as error:
+        raise MeshStartError(f"{name} did not start ({error}); the end of {log}:\n{_tail(log)}") from error
+
+
+def _tail(log: Path, num_lines: int = 8) -> str:
+    try:
+        lines = log.read_text(errors="replace").splitlines()[-num_lines:]
+    except OSError:
+        return "  (no log)"
+    return "\n".join(f"  {line}" for line in lines)
 
 
 def register_demo_adapters(router: str, adapters: dict[str, Path]) -> list[str]:
