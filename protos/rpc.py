@@ -44,11 +44,15 @@ def keepalive_options(keepalive_s: float = KEEPALIVE_S) -> list[tuple[str, int]]
 
 def server_options() -> list[tuple[str, int]]:
     """Accept clients' keepalive pings down to MIN_KEEPALIVE_S apart (the default, 5 minutes, answers a
-    client that pings every 10 s on a quiet stream with GOAWAY too_many_pings), and ping clients."""
+    client that pings every 10 s on a quiet stream with GOAWAY too_many_pings), ping clients, and own
+    the port alone."""
     return [
         *keepalive_options(SERVER_KEEPALIVE_S),
         # half: a client's timer fires a little early at times, and one early ping is a strike
         ("grpc.http2.min_ping_interval_without_data_ms", int(MIN_KEEPALIVE_S * 500)),
+        # gRPC binds with SO_REUSEPORT by default: a second server on a taken port would come up
+        # sharing it, answering a random share of the calls meant for the first. Fail the bind instead.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -107,6 +111,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
     if isinstance(error, ServiceError):
         await context.abort(error.code, error.message)
+    if isinstance(error, NotImplementedError):  # a generated servicer's default (health's List, say)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(error) or "method not implemented")
     await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
 
 
@@ -147,7 +153,10 @@ def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:  # grpc's "Failed to bind", e.g. the port is taken
+        raise OSError(f"could not bind {address}: is another server listening on it? ({error})") from error
     if port == 0:
         raise OSError(f"could not bind {address}")
     return server, port, health_servicer

@@ -30,6 +30,7 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
 
     async def Create(self, request: adapters_pb2.CreateAdapterRequest, context) -> common_pb2.Adapter:
         with self._span("create", request.name, context):
+            _require_name(request.name)
             record = await self._record_from_source(request.name, request.source, request.base_model)
             created = await self._call(self._registry.create_adapter(record))
             self._snapshots.put_adapter(created)
@@ -37,7 +38,8 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
 
     async def Update(self, request: adapters_pb2.UpdateAdapterRequest, context) -> common_pb2.Adapter:
         with self._span("update", request.name, context):
-            current = await self._call(self._registry.get_adapter(request.name))
+            _require_name(request.name)
+            current = await self._call(self._registry.get_adapter(request.name), reads=True)
             record = await self._record_from_source(request.name, request.source, current.base_model)
             updated = await self._call(self._registry.update_adapter(record))
             self._snapshots.put_adapter(updated)
@@ -45,20 +47,22 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
 
     async def Delete(self, request: adapters_pb2.DeleteAdapterRequest, context) -> common_pb2.Adapter:
         with self._span("delete", request.name, context):
+            _require_name(request.name)
             deleted = await self._call(self._registry.delete_adapter(request.name))
             self._snapshots.drop_adapter(request.name)
             return adapter_to_pb(deleted)
 
     async def Get(self, request: adapters_pb2.GetAdapterRequest, context) -> common_pb2.Adapter:
         with self._span("get", request.name, context):
-            record = await self._call(self._registry.get_adapter(request.name))
+            _require_name(request.name)
+            record = await self._call(self._registry.get_adapter(request.name), reads=True)
             return adapter_to_pb(record, self._snapshots.current.shards)
 
     async def List(
         self, request: adapters_pb2.ListAdaptersRequest, context
     ) -> adapters_pb2.ListAdaptersResponse:
         with self._span("list", "", context):
-            records = await self._call(self._registry.list_adapters())
+            records = await self._call(self._registry.list_adapters(), reads=True)
             shards = self._snapshots.current.shards
             return adapters_pb2.ListAdaptersResponse(
                 adapters=[
@@ -112,8 +116,9 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
         )
 
     @staticmethod
-    async def _call(operation):
-        """Await a registry operation, mapping its failures to the status codes callers act on."""
+    async def _call(operation, reads: bool = False):
+        """Await a registry operation, mapping its failures to the status codes callers act on; a
+        write that timed out may yet land, which its caller is told (a read's is not)."""
         try:
             return await operation
         except AdapterExists as error:
@@ -121,11 +126,20 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
         except AdapterNotFound as error:
             raise ServiceError.not_found(error.args[0]) from error
         except (redis.exceptions.TimeoutError, TimeoutError) as error:
+            advice = (
+                "retry later"
+                if reads
+                else "the change may still be applied when it recovers, so check with Get before retrying"
+            )
             raise ServiceError.unavailable(
-                f"the registry (Redis) did not answer in time: {error}; the change may still be applied "
-                "when it recovers, so check with Get before retrying"
+                f"the registry (Redis) did not answer in time: {error}; {advice}"
             ) from error
         except (redis.exceptions.RedisError, OSError) as error:
             raise ServiceError.unavailable(
                 f"the registry (Redis) is unreachable: {error}; retry later"
             ) from error
+
+
+def _require_name(name: str) -> None:
+    if not name:
+        raise ServiceError.invalid("`name` is required: the adapter's name in the catalogue")

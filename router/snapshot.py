@@ -65,11 +65,11 @@ class SnapshotKeeper:
                 adapters = await self._registry.list_adapters()
                 shards = await self._registry.live_shards()
             except (redis.exceptions.RedisError, OSError) as error:
-                log.warning(
-                    "registry unreachable, routing on the snapshot from %.1fs ago: %s",
-                    time.time() - self.current.taken_at,
-                    error,
-                )
+                if self.current.taken_at:
+                    age = f"routing on the snapshot from {time.time() - self.current.taken_at:.1f}s ago"
+                else:
+                    age = "no snapshot yet, so no adapter can be routed"
+                log.warning("registry unreachable, %s: %s", age, error)
                 return False
             self.current = RoutingSnapshot(
                 adapters=self._with_later_writes({record.name: record for record in adapters}, seen_writes),

@@ -40,3 +40,37 @@ def test_a_quiet_stream_survives_keepalive_pings_every_second():
 def test_keepalives_more_often_than_servers_accept_are_refused():
     with pytest.raises(ValueError, match="keepalive must be at least 1 s"):
         keepalive_options(0.5)
+
+
+def test_a_second_server_cannot_share_a_taken_port():
+    """gRPC binds with SO_REUSEPORT by default: a second router or shard on a taken port came up and
+    answered a random share of the first one's calls."""
+
+    async def scenario() -> None:
+        first, port, _ = create_server("127.0.0.1:0", [])
+        await first.start()
+        try:
+            with pytest.raises(OSError, match=f"could not bind 127.0.0.1:{port}: is another server"):
+                create_server(f"127.0.0.1:{port}", [])
+        finally:
+            await first.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_a_method_the_servicer_leaves_unimplemented_is_unimplemented_not_internal():
+    """grpc.health.v1.Health/List: the servicer's default raises NotImplementedError, a RuntimeError,
+    which the error interceptor turned into INTERNAL."""
+
+    async def scenario() -> grpc.StatusCode:
+        server, port, _ = create_server("127.0.0.1:0", [])
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest(), timeout=10)
+                return raised.value.code()
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(scenario()) == grpc.StatusCode.UNIMPLEMENTED

@@ -12,7 +12,13 @@ import pytest
 
 from loraplex.protos.generate_many import serve_generate_many
 from loraplex.protos.rpc import create_server
-from loraplex.protos.v1 import common_pb2, generation_pb2_grpc, shard_pb2_grpc
+from loraplex.protos.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    common_pb2,
+    generation_pb2_grpc,
+    shard_pb2_grpc,
+)
 from loraplex.registry.records import AdapterRecord, ShardRecord
 from loraplex.registry.store import Registry
 from loraplex.router.server import RouterConfig, serve
@@ -180,7 +186,7 @@ def test_an_adapter_goes_only_to_shards_whose_rank_limit_holds_it(redis_url, nam
     asyncio.run(scenario())
 
 
-def test_a_router_that_never_read_the_catalogue_answers_unavailable_not_not_found(namespace):
+def test_a_router_that_never_read_the_catalogue_answers_unavailable_not_not_found(namespace, caplog):
     """Redis unreachable since the router started: it cannot know the adapter, so it must not say the
     adapter does not exist (the gateway would answer 404)."""
 
@@ -191,6 +197,40 @@ def test_a_router_that_never_read_the_catalogue_answers_unavailable_not_not_foun
         assert "not yet read the registry" in refused.value.details()
 
     asyncio.run(_with_router(f"redis://127.0.0.1:{free_port()}/0", namespace, routed))
+    # not "the snapshot from 1795560794.2s ago", an age counted from the epoch
+    assert "registry unreachable, no snapshot yet" in caplog.text
+
+
+def test_admin_calls_without_a_name_are_invalid_not_not_found(redis_url, namespace):
+    """`Adapters/Get {}` answered NOT_FOUND "adapter '' is not registered"."""
+    port = free_port()
+
+    async def scenario() -> list[tuple[grpc.StatusCode, str]]:
+        stop = asyncio.Event()
+        router = asyncio.create_task(
+            serve(RouterConfig(redis_url, "m", port=port, namespace=namespace), stop)
+        )
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await channel.channel_ready()
+                admin = adapters_pb2_grpc.AdaptersStub(channel)
+                refusals = []
+                for call, request in (
+                    (admin.Get, adapters_pb2.GetAdapterRequest()),
+                    (admin.Delete, adapters_pb2.DeleteAdapterRequest()),
+                    (admin.Update, adapters_pb2.UpdateAdapterRequest(source="/nowhere")),
+                    (admin.Create, adapters_pb2.CreateAdapterRequest(source="/nowhere")),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await call(request, timeout=10)
+                    refusals.append((refused.value.code(), refused.value.details()))
+                return refusals
+        finally:
+            stop.set()
+            await router
+
+    for code, message in asyncio.run(scenario()):
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "`name` is required" in message
 
 
 def test_every_live_shard_left_out_after_failures_says_so(redis_url, namespace):

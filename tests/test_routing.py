@@ -216,6 +216,10 @@ def test_routing_survives_a_redis_outage(mesh, routers, redis_server, tiny_model
             admin.Create(adapters_pb2.CreateAdapterRequest(name="late", source=str(source)), timeout=30)
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "registry" in raised.value.details() and "Get before retrying" in raised.value.details()
+        with pytest.raises(grpc.RpcError) as raised:  # a read changes nothing: no Get to check with
+            admin.List(adapters_pb2.ListAdaptersRequest(), timeout=30)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert raised.value.details().endswith("retry later"), raised.value.details()
         time.sleep(max(0.0, 10 - (time.monotonic() - frozen_at)))
     finally:
         thawed_at = time.monotonic()
