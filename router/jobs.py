@@ -1,8 +1,9 @@
 """The public Jobs service: queue a generation now, fetch its outcome later.
 
-Submit checks what the router can check at once (the input fields, the adapter is registered) so an
-obvious mistake is answered now rather than stored as a failed job; everything else (sampling limits,
-the prompt's length) is the shard's to judge when a worker runs the job, and ends up in the job's error.
+Submit checks what the router can check at once (the input fields, the sampling parameters' bounds,
+the adapter is registered) so an obvious mistake is answered now rather than stored as a failed job;
+the rest (the prompt's length against the context) is the shard's to judge when a worker runs the job,
+and ends up in the job's error.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from loraplex.protos.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from loraplex.registry.jobs import JobQueue
 from loraplex.router.generation import resolve_adapter
 from loraplex.router.snapshot import SnapshotKeeper
+from loraplex.shard.sampling_limits import check_sampling
 
 
 class JobsService(jobs_pb2_grpc.JobsServicer):
@@ -38,6 +40,7 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
 
     async def _queue_job(self, request: jobs_pb2.SubmitJobRequest, span: Span) -> str:
         _check_input(request.request)
+        _check_sampling(request.request.parameters)
         resolve_adapter(request.request.adapter, self._snapshots.current)
         _check_callback_url(request.callback_url)
         trace_context = telemetry.metadata_for(span)
@@ -67,6 +70,23 @@ def _check_input(request: common_pb2.GenerateRequest) -> None:
         raise ServiceError.invalid(
             "set exactly one of `prompt` (non-empty text), `messages` or `prompt_token_ids`"
         )
+
+
+def _check_sampling(parameters: common_pb2.SamplingParameters) -> None:
+    """The shard's bounds, checked now: a job that could only fail is refused rather than queued (unset
+    fields take the shard's defaults; max_new_tokens is checked against the context when the job runs)."""
+    try:
+        check_sampling(
+            parameters.max_new_tokens if parameters.HasField("max_new_tokens") else 1,
+            parameters.temperature,
+            parameters.top_p if parameters.HasField("top_p") else 1.0,
+            parameters.top_k,
+            parameters.repetition_penalty if parameters.HasField("repetition_penalty") else 1.0,
+            parameters.top_logprobs,
+            parameters.stop,
+        )
+    except ValueError as error:
+        raise ServiceError.invalid(str(error)) from error
 
 
 def _check_callback_url(url: str) -> None:

@@ -3,19 +3,18 @@
 Log-probs are those of the model's raw distribution (before temperature, top-k/p and penalties), as
 vLLM and OpenAI report them.
 
-The parameters are checked so that finite logits always give finite scores: a NaN or infinite score
-would make `torch.multinomial` raise in the middle of an engine step.
+The parameters are checked (sampling_limits.check_sampling) so that finite logits always give finite
+scores: a NaN or infinite score would make `torch.multinomial` raise in the middle of an engine step.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
 import torch
 
-from loraplex.shard.sampling_limits import MAX_TOP_LOGPROBS, REPETITION_PENALTY_RANGE, as_float32
+from loraplex.shard.sampling_limits import check_sampling
 
 # Temperatures below this sample greedily, as in vLLM (_SAMPLING_EPS): dividing logits by a tinier
 # one overflows fp32 to inf, and the distribution is a point mass on the argmax anyway.
@@ -36,24 +35,15 @@ class SamplingParams:
     top_logprobs: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        low, high = REPETITION_PENALTY_RANGE
-        # compared as float32, the wire's width: the bound itself arrives a hair below it
-        if not as_float32(low) <= self.repetition_penalty <= high:
-            raise ValueError(
-                f"repetition_penalty must be in [{low}, {high}] (1 = off), got {self.repetition_penalty}"
-            )
-        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
-        if any(not stop for stop in self.stop):
-            raise ValueError("stop strings must not be empty")
+        check_sampling(
+            self.max_new_tokens,
+            self.temperature,
+            self.top_p,
+            self.top_k,
+            self.repetition_penalty,
+            self.top_logprobs,
+            self.stop,
+        )
 
     @property
     def greedy(self) -> bool:

@@ -413,6 +413,10 @@ def test_the_router_serves_jobs_and_checks_a_submission_at_once(channel, jobs):
     unknown = jobs_pb2.SubmitJobRequest(request=common_pb2.GenerateRequest(prompt="hi", adapter="ghost"))
     code, message = _code(lambda: jobs.Submit(unknown, timeout=5))
     assert code == grpc.StatusCode.NOT_FOUND and "'ghost' is not registered" in message
+    too_wide = _request()
+    too_wide.parameters.top_p = 2
+    code, message = _code(lambda: jobs.Submit(jobs_pb2.SubmitJobRequest(request=too_wide), timeout=5))
+    assert (code, message) == (grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1], got 2.0")
     bad_hook = jobs_pb2.SubmitJobRequest(request=_request(), callback_url="ftp://x")
     assert _code(lambda: jobs.Submit(bad_hook, timeout=5))[0] == grpc.StatusCode.INVALID_ARGUMENT
     code, message = _code(lambda: jobs.Get(jobs_pb2.GetJobRequest(job_id="0123abc"), timeout=5))
@@ -506,15 +510,15 @@ def test_jobs_the_mesh_refuses_end_failed_with_the_error_stored(
     gone.MergeFrom(_request())
     gone_id = _submit(jobs, gone)
     admin.Delete(adapters_pb2.DeleteAdapterRequest(name="brief"), timeout=30)
-    zero_id = _submit(jobs, _request(max_new_tokens=0))
+    too_long_id = _submit(jobs, _request(max_new_tokens=100_000))  # past the context: refused as it runs
     ok_id = _submit(jobs, _request())
 
     _, metrics_port = workers.start("worker-f")
-    gone_job, zero_job, ok_job = _wait_for_jobs(jobs, [gone_id, zero_id, ok_id])
+    gone_job, too_long_job, ok_job = _wait_for_jobs(jobs, [gone_id, too_long_id, ok_id])
     assert (gone_job.state, gone_job.error.code) == (FAILED, "NOT_FOUND")
     assert "'brief' is not registered" in gone_job.error.message
-    assert (zero_job.state, zero_job.error.code) == (FAILED, "INVALID_ARGUMENT")
-    assert "max_new_tokens" in zero_job.error.message
+    assert (too_long_job.state, too_long_job.error.code) == (FAILED, "INVALID_ARGUMENT")
+    assert "max_new_tokens" in too_long_job.error.message
     assert not gone_job.HasField("result") and gone_job.finished_at.seconds > 0
     assert ok_job.state == SUCCEEDED
     assert _wait_until(lambda: _metrics(metrics_port)["loraplex_jobs_failed_total"] == 2, 10)
@@ -617,7 +621,7 @@ def test_a_finished_job_posts_its_outcome_as_the_gateway_shows_it_to_its_callbac
     jobs, workers, receiver
 ):
     ok_id = _submit(jobs, _request(), f"{receiver.url}/hooks/ok")
-    bad_id = _submit(jobs, _request(max_new_tokens=0), f"{receiver.url}/hooks/bad")
+    bad_id = _submit(jobs, _request(max_new_tokens=100_000), f"{receiver.url}/hooks/bad")
     workers.start("worker-c")
     ok_job, bad_job = _wait_for_jobs(jobs, [ok_id, bad_id])
 
@@ -626,7 +630,7 @@ def test_a_finished_job_posts_its_outcome_as_the_gateway_shows_it_to_its_callbac
     assert ok_post["result"]["usage"]["completion_tokens"] == 4
     (bad_post,) = receiver.wait_for("/hooks/bad", 1)
     assert bad_post == job_to_dict(bad_job) and bad_post["status"] == "failed"
-    assert bad_post["error"]["code"] == "invalid_argument"
+    assert bad_post["error"]["code"] == "context_length_exceeded"  # as /v1/completions answers it
     assert receiver.content_types == {"application/json"}
 
 

@@ -299,7 +299,8 @@ async def _check_async_jobs(memory: InMemorySpanExporter, gateway_port: int, rou
     ok_trace, failing_trace = (f"{n:032x}" for n in (0xA5, 0xFA11))
     caller = {"traceparent": f"00-{ok_trace}-{CALLER_SPAN}-01"}
     ok_id = await asyncio.to_thread(_submit_async_completion, gateway_port, "traced", caller)
-    refused = common_pb2.GenerateRequest(prompt="Say nothing.", parameters={"max_new_tokens": 0})
+    # past the context: Submit takes it, the shard refuses it when the job runs
+    refused = common_pb2.GenerateRequest(prompt="Say nothing.", parameters={"max_new_tokens": 100_000})
     async with grpc.aio.insecure_channel(router) as channel:
         submitted = await jobs_pb2_grpc.JobsStub(channel).Submit(
             jobs_pb2.SubmitJobRequest(request=refused),
