@@ -344,17 +344,21 @@ class Engine:
         with self._submit_lock:
             self.failure = message
         self._fail_all(self._failure_message(), reason="unavailable")
+        self._fail_queued(RequestFailed("unavailable", self._failure_message()))
+        _call_safely(self._publish_stats)
+        for listener in self._failure_listeners:
+            _call_safely(listener, message)
+
+    def _fail_queued(self, failure: RequestFailed) -> None:
+        """Empty the inbox, failing the submits in it (the rest, aborts and drops, no longer matter)."""
         while True:
             try:
                 kind, payload = self._inbox.get_nowait()
             except queue.Empty:
-                break
+                return
             if kind == "submit":
                 _, callback = payload  # type: ignore[misc]
-                _call_safely(callback, RequestFailed("unavailable", self._failure_message()))
-        _call_safely(self._publish_stats)
-        for listener in self._failure_listeners:
-            _call_safely(listener, message)
+                _call_safely(callback, failure)
 
     def _failure_message(self) -> str:
         return f"this shard can no longer serve ({self.failure}); retry on another shard"
@@ -381,14 +385,7 @@ class Engine:
         failure = RequestFailed("unavailable", self._failure_message())
         for request in list(self._requests.values()):  # list() copies under the GIL
             _call_safely(request.callback, failure)
-        while True:
-            try:
-                kind, payload = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "submit":
-                _, callback = payload  # type: ignore[misc]
-                _call_safely(callback, failure)
+        self._fail_queued(failure)
         if self.peers is not None:
             _call_safely(self.peers.fail, message)
         for listener in self._failure_listeners:
