@@ -21,7 +21,7 @@ from loraplex.protos.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from loraplex.registry.jobs import JobQueue
 from loraplex.router.generation import resolve_adapter
 from loraplex.router.snapshot import SnapshotKeeper
-from loraplex.shard.sampling_limits import check_sampling
+from loraplex.shard.sampling_limits import check_sampling, sampling_fields
 
 
 class JobsService(jobs_pb2_grpc.JobsServicer):
@@ -73,18 +73,11 @@ def _check_input(request: common_pb2.GenerateRequest) -> None:
 
 
 def _check_sampling(parameters: common_pb2.SamplingParameters) -> None:
-    """The shard's bounds, checked now: a job that could only fail is refused rather than queued (unset
-    fields take the shard's defaults; max_new_tokens is checked against the context when the job runs)."""
+    """The shard's bounds, checked now: a job that could only fail is refused rather than queued
+    (max_new_tokens is checked against the context when the job runs)."""
+    max_new_tokens = parameters.max_new_tokens if parameters.HasField("max_new_tokens") else 1
     try:
-        check_sampling(
-            parameters.max_new_tokens if parameters.HasField("max_new_tokens") else 1,
-            parameters.temperature,
-            parameters.top_p if parameters.HasField("top_p") else 1.0,
-            parameters.top_k,
-            parameters.repetition_penalty if parameters.HasField("repetition_penalty") else 1.0,
-            parameters.top_logprobs,
-            parameters.stop,
-        )
+        check_sampling(max_new_tokens=max_new_tokens, **sampling_fields(parameters))
     except ValueError as error:
         raise ServiceError.invalid(str(error)) from error
 

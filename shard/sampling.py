@@ -35,15 +35,7 @@ class SamplingParams:
     top_logprobs: int = 0
 
     def __post_init__(self) -> None:
-        check_sampling(
-            self.max_new_tokens,
-            self.temperature,
-            self.top_p,
-            self.top_k,
-            self.repetition_penalty,
-            self.top_logprobs,
-            self.stop,
-        )
+        check_sampling(**vars(self))
 
     @property
     def greedy(self) -> bool:

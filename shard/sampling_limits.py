@@ -1,12 +1,16 @@
-"""The bounds of the sampling parameters the shard accepts, and their check. Free of torch, so the
-gateway imports the bounds and refuses a value past them at its edge (a 400 naming the field), and the
-router's Jobs/Submit runs the check before it queues a job that could only fail."""
+"""The bounds of the sampling parameters the shard accepts, their check, and a request's fields with
+the shard's defaults. Free of torch, so the gateway imports the bounds and refuses a value past them at
+its edge (a 400 naming the field), and the router's Jobs/Submit runs the check before it queues a job
+that could only fail."""
 
 from __future__ import annotations
 
 import math
 import struct
 from collections.abc import Sequence
+from typing import Any
+
+from loraplex.protos.v1 import common_pb2
 
 MAX_TOP_LOGPROBS = 20
 # A repetition penalty outside this range could overflow the penalised scores (a logit divided by
@@ -19,7 +23,26 @@ def as_float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
+def sampling_fields(parameters: common_pb2.SamplingParameters) -> dict[str, Any]:
+    """A request's sampling fields but max_new_tokens (which the shard resolves against its context),
+    unset optional ones at their defaults: top_p and repetition_penalty 1.0 (off), no seed."""
+    return {
+        "temperature": parameters.temperature,
+        "top_p": parameters.top_p if parameters.HasField("top_p") else 1.0,
+        "top_k": parameters.top_k,
+        "seed": parameters.seed if parameters.HasField("seed") else None,
+        "repetition_penalty": (
+            parameters.repetition_penalty if parameters.HasField("repetition_penalty") else 1.0
+        ),
+        "stop": tuple(parameters.stop),
+        "stop_token_ids": tuple(parameters.stop_token_ids),
+        "ignore_eos": parameters.ignore_eos,
+        "top_logprobs": parameters.top_logprobs,
+    }
+
+
 def check_sampling(
+    *,
     max_new_tokens: int,
     temperature: float,
     top_p: float,
@@ -27,6 +50,7 @@ def check_sampling(
     repetition_penalty: float,
     top_logprobs: int,
     stop: Sequence[str],
+    **unbounded: object,  # the other fields (seed, stop_token_ids, ignore_eos) have no bounds to check
 ) -> None:
     """ValueError naming the first parameter out of bounds. The bounds keep finite logits giving
     finite scores (a NaN or infinite score would make sampling raise in the middle of a step)."""

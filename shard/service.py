@@ -25,6 +25,7 @@ from loraplex.shard.metrics import ShardMetrics
 from loraplex.shard.outputs import RequestFailed, TokenOutput
 from loraplex.shard.prompts import PromptEncoder
 from loraplex.shard.sampling import SamplingParams
+from loraplex.shard.sampling_limits import sampling_fields
 from loraplex.shard.tracing import RequestSpans
 
 FAILURE_CODES = {  # RequestFailed.reason -> status; anything else is INTERNAL
@@ -327,15 +328,5 @@ def _sampling_params(
     requested = parameters.max_new_tokens if parameters.HasField("max_new_tokens") else None
     return SamplingParams(
         max_new_tokens=prompts.resolve_max_new_tokens(num_prompt_tokens, requested),
-        temperature=parameters.temperature,
-        top_p=parameters.top_p if parameters.HasField("top_p") else 1.0,
-        top_k=parameters.top_k,
-        seed=parameters.seed if parameters.HasField("seed") else None,
-        repetition_penalty=(
-            parameters.repetition_penalty if parameters.HasField("repetition_penalty") else 1.0
-        ),
-        stop=tuple(parameters.stop),
-        stop_token_ids=tuple(parameters.stop_token_ids),
-        ignore_eos=parameters.ignore_eos,
-        top_logprobs=parameters.top_logprobs,
+        **sampling_fields(parameters),
     )
