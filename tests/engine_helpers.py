@@ -7,8 +7,8 @@ import queue
 import torch
 
 from loraplex.shard.engine import Engine, EngineOutput, EngineRequest
-from loraplex.shard.outputs import RequestFailed, TokenOutput
-from loraplex.shard.sampling import SamplingParams
+from loraplex.shard.outputs import OutputProcessor, RequestFailed, TokenOutput
+from loraplex.shard.sampling import SampledToken, SamplingParams
 from loraplex.shard.sequence import Sequence
 
 
@@ -80,3 +80,18 @@ def collect_outputs(engine: Engine, request: EngineRequest, timeout: float = 60)
         collected.append(output)
         if isinstance(output, RequestFailed) or output.finish_reason:
             return collected
+
+
+def feed_until_finish(
+    processor: OutputProcessor, prompt: list[int], generated: list[int]
+) -> tuple[str, TokenOutput]:
+    """Hand the generated tokens to processor one by one, as the engine does, until one finishes the
+    request (or they run out): the text released, and the last output."""
+    token_ids, text = list(prompt), ""
+    for token_id in generated:
+        token_ids.append(token_id)
+        output = processor.process(SampledToken(token_id, 0.0, ()), token_ids, len(prompt))
+        text += output.text
+        if output.finish_reason:
+            break
+    return text, output

@@ -7,7 +7,9 @@ from transformers import LlamaTokenizerFast
 
 from loraplex.shard.detokenizer import IncrementalDetokenizer
 from loraplex.shard.outputs import OutputProcessor
-from loraplex.shard.sampling import SampledToken, SamplingParams
+from loraplex.shard.sampling import SamplingParams
+
+from engine_helpers import feed_until_finish
 
 PROMPT = "The capital of France is"
 COMPLETION = " Paris and the cat sat on the mat."
@@ -55,14 +57,7 @@ def test_the_engines_outputs_carry_the_space(sentencepiece_tokenizer):
         max_context=1024,
         prompt_ids=prompt,
     )
-    token_ids = list(prompt)
-    text = ""
-    for token_id in generated:
-        token_ids.append(token_id)
-        output = processor.process(SampledToken(token_id, 0.0, ()), token_ids, len(prompt))
-        text += output.text
-        if output.finish_reason:
-            break
+    text, output = feed_until_finish(processor, prompt, generated)
     assert (text, output.finish_reason) == (" Paris and the cat sat on the ", "stop")
     # the stop string and the rest of its token, which TGI's generated_text keeps
     assert output.stop_text == "mat."

@@ -30,6 +30,8 @@ from loraplex.shard.outputs import OutputProcessor
 from loraplex.shard.prompts import PromptEncoder
 from loraplex.shard.sampling import SampledToken, SamplingParams
 
+from engine_helpers import feed_until_finish
+
 CORPUS = [
     "The capital of France is Paris and the cat sat on the mat.",
     "Paris is in France, the mat is matte.",
@@ -229,13 +231,7 @@ def test_a_stop_string_spelled_over_byte_tokens_ends_the_text_before_it(llama2):
     assert {"<0xE2>", "<0x98>", "<0x83>"} <= set(tokenizer.convert_ids_to_tokens(generated))  # the snowman
     params = SamplingParams(max_new_tokens=64, stop=("☃,",))
     processor = OutputProcessor(params, tokenizer, frozenset(), 4096, prompt_ids=prompt)
-    token_ids, text = list(prompt), ""
-    for token_id in generated:
-        token_ids.append(token_id)
-        output = processor.process(SampledToken(token_id, 0.0, ()), token_ids, len(prompt))
-        text += output.text
-        if output.finish_reason:
-            break
+    text, output = feed_until_finish(processor, prompt, generated)
     assert (text, output.finish_reason) == (" Paris ", "stop")
 
 
