@@ -24,6 +24,7 @@ from loraplex.shard.lora import IncompatibleAdapter, LoraAdapter
 from loraplex.shard.metrics import ShardMetrics
 from loraplex.shard.outputs import RequestFailed, TokenOutput
 from loraplex.shard.prompts import PromptEncoder
+from loraplex.shard.request_inputs import check_inputs
 from loraplex.shard.sampling import SamplingParams
 from loraplex.shard.sampling_limits import sampling_fields
 from loraplex.shard.tracing import RequestSpans
@@ -171,12 +172,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 self._engine.abort(request.request_id)
 
     def _parse(self, request: common_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
-        inputs = [bool(request.prompt), bool(request.messages), bool(request.prompt_token_ids)]
-        if sum(inputs) != 1:
-            raise ServiceError.invalid(
-                "set exactly one of `prompt` (non-empty text), `messages` or `prompt_token_ids`"
-            )
         try:
+            check_inputs(request)
             if request.prompt:
                 prompt_ids = self._prompts.encode_text(request.prompt, request.apply_chat_template)
             elif request.messages:

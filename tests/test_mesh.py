@@ -110,6 +110,16 @@ def test_chat_messages_are_rendered_with_the_template(generation):
         ({"prompt": "hi", "parameters": {"top_p": 1.5}}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         ({"prompt_token_ids": [42] * 9000}, grpc.StatusCode.INVALID_ARGUMENT, "context is 8192"),
         ({"prompt_token_ids": [10**7]}, grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
+        (
+            {"prompt_token_ids": [42], "apply_chat_template": True},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "`prompt_token_ids` are used as given",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "apply_chat_template": True},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "leave apply_chat_template unset",
+        ),
     ],
 )
 def test_bad_input_gets_a_status_that_says_what_to_fix(generation, request_fields, code, hint):
