@@ -62,3 +62,23 @@ def test_a_value_that_does_not_fit_is_a_usage_error_naming_the_variable(argv, en
         _parse(argv, **environ)
     assert exit_.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_adapters_takes_the_router_before_or_after_the_action():
+    """`adapters ls --router X` as well as `adapters --router X ls`; the variable yields to either."""
+    assert _parse(["adapters", "ls", "--router", "a:1"]).router == "a:1"
+    assert _parse(["adapters", "--router", "b:2", "rm", "x"]).router == "b:2"
+    assert _parse(["adapters", "--router", "b:2", "show", "x"], LORAPLEX_ROUTER="e:3").router == "b:2"
+    assert _parse(["adapters", "ls"], LORAPLEX_ROUTER="e:3").router == "e:3"
+
+
+def test_commands_offer_only_the_flags_they_read():
+    """The gateway reads neither model files nor Redis, the router no model files: `--help` does not
+    offer --cache-dir or --namespace where they would be ignored."""
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["gateway", "--namespace", "x"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["router", "--cache-dir", "/tmp"])
+    assert _parse(["router", "--namespace", "x"]).namespace == "x"
+    assert _parse(["gateway"], LORAPLEX_NAMESPACE="x", LORAPLEX_CACHE_DIR="/tmp").port == 8080

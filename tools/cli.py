@@ -23,14 +23,18 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_ROUTER = "127.0.0.1:50051"
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_common(parser: argparse.ArgumentParser, *, files: bool = True, redis: bool = True) -> None:
+    """--model and --log-level; --cache-dir for commands that read the model's files, --namespace for
+    those that use Redis (the gateway does neither: it names the model and talks to a router)."""
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help="embedded model id or a directory with config.json + safetensors",
     )
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
-    parser.add_argument("--namespace", default="loraplex", help="Redis key prefix")
+    if files:
+        parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    if redis:
+        parser.add_argument("--namespace", default="loraplex", help="Redis key prefix")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -172,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--max-lora-rank", type=int, default=64)
 
     router = commands.add_parser("router", help="run one router")
-    _add_common(router)
+    _add_common(router, files=False)
     router.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--port", type=int, default=50051)
@@ -204,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics_options(router)
 
     gateway = commands.add_parser("gateway", help="run the REST gateway (OpenAI and TGI APIs) over a router")
-    _add_common(gateway)
+    _add_common(gateway, files=False, redis=False)
     gateway.add_argument("--router", default=DEFAULT_ROUTER, help="router gRPC address")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8080)
@@ -252,15 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--router", default=DEFAULT_ROUTER, help=f"router gRPC address (default: {DEFAULT_ROUTER})"
     )
     actions = adapters.add_subparsers(dest="action", required=True)
+    # --router after the action too (`adapters ls --router X`); not given there, the one before stands
+    router_after = argparse.ArgumentParser(add_help=False)
+    router_after.add_argument("--router", default=argparse.SUPPRESS, help="router gRPC address")
     for action, summary in (("add", "register a new adapter"), ("update", "give an adapter a new version")):
-        sub = actions.add_parser(action, help=summary)
+        sub = actions.add_parser(action, help=summary, parents=[router_after])
         sub.add_argument("name")
         sub.add_argument("source", help="local path or file:// URI of a PEFT directory or .tar.gz")
-    actions.add_parser("rm", help="delete an adapter from the catalogue").add_argument("name")
-    actions.add_parser("show", help="one adapter, with the shards holding it and their tiers").add_argument(
-        "name"
-    )
-    actions.add_parser("ls", help="every registered adapter")
+    actions.add_parser(
+        "rm", help="delete an adapter from the catalogue", parents=[router_after]
+    ).add_argument("name")
+    actions.add_parser(
+        "show", help="one adapter, with the shards holding it and their tiers", parents=[router_after]
+    ).add_argument("name")
+    actions.add_parser("ls", help="every registered adapter", parents=[router_after])
 
     model = commands.add_parser("model", help="manage the local model cache")
     model_actions = model.add_subparsers(dest="action", required=True)

@@ -38,7 +38,8 @@ def parse_args(
     chosen = parser.parse_args(argv)
     for command in _chosen_parsers(parser, chosen):
         for action in command._actions:
-            if action.option_strings and action.dest != "help":
+            # a flag with no default of its own repeats one the parent command reads (adapters --router)
+            if action.option_strings and action.dest != "help" and action.default is not argparse.SUPPRESS:
                 _apply(command, action, environ)
     return parser.parse_args(argv)
 

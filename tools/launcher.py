@@ -94,8 +94,6 @@ def run_mesh(config: MeshConfig) -> int:
             redis_url,
             "--namespace",
             config.namespace,
-            "--cache-dir",
-            str(config.cache_dir),
             "--log-level",
             config.log_level,
         ]
@@ -107,6 +105,8 @@ def run_mesh(config: MeshConfig) -> int:
             command = loraplex_command(
                 "shard",
                 *common,
+                "--cache-dir",
+                str(config.cache_dir),
                 "--shard-id",
                 f"shard-{index}",
                 "--host",
