@@ -181,3 +181,19 @@ def test_a_rope_type_whose_frequencies_change_with_length_is_refused_at_load(
     model_dir = write_tiny_model(tmp_path, smollm2_dir, rope_parameters=rope)
     with pytest.raises(ValueError, match=f"rope_type '{rope_type}' is not supported"):
         _engine(model_dir)
+
+
+def test_a_tiny_model_has_room_for_tokens_added_past_the_vocabulary(smollm2_dir, tmp_path):
+    """Llama 3 numbers its special tokens after the BPE vocabulary: the tiny model's embedding must
+    hold them, or a prompt with one indexes past the table."""
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer_dir.mkdir()
+    tokenizer = json.loads((smollm2_dir / "tokenizer.json").read_text())
+    base = len(tokenizer["model"]["vocab"])
+    tokenizer["added_tokens"].append(
+        {"id": base + 2, "content": "<|eot_id|>", "single_word": False, "lstrip": False, "rstrip": False}
+        | {"normalized": False, "special": True}
+    )
+    (tokenizer_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    model_dir = write_tiny_model(tmp_path / "model", tokenizer_dir)
+    assert json.loads((model_dir / "config.json").read_text())["vocab_size"] == base + 3

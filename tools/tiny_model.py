@@ -37,8 +37,8 @@ def write_tiny_model(
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-    vocab_size = int(config_overrides.pop("vocab_size", 0)) or len(  # type: ignore[call-overload]
-        json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    vocab_size = int(config_overrides.pop("vocab_size", 0)) or _tokenizer_vocab_size(  # type: ignore[call-overload]
+        json.loads((tokenizer_dir / "tokenizer.json").read_text())
     )
     common = dict(
         vocab_size=vocab_size,
@@ -68,3 +68,11 @@ def write_tiny_model(
         if (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, out_dir / name)
     return out_dir
+
+
+def _tokenizer_vocab_size(tokenizer_json: dict) -> int:
+    """Room for every id the tokenizer can produce: the model's vocabulary and the added tokens, which
+    some tokenizers (Llama 3's specials) number past it."""
+    ids = list(tokenizer_json["model"]["vocab"].values())
+    ids += [token["id"] for token in tokenizer_json.get("added_tokens", [])]
+    return max(ids) + 1
