@@ -7,7 +7,8 @@ flight uses or waits for (the tier may run over its limit until that request end
 of the adapters' two files under `disk_cache_dir`, least recently used first out past `max_bytes`, but
 never one being fetched or read. Disk entries are keyed by the weights' checksum as well as name and
 version, so a cache that outlives the process (or a registry) never serves other weights under a
-reused name.
+reused name. A copy that fails to load is dropped; one that loaded before (damaged on disk since) is
+fetched again from the source.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import secrets
 import shutil
 import tempfile
@@ -24,9 +26,17 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from loraplex.registry.adapter_source import CONFIG_FILE, WEIGHTS_FILE, InvalidAdapter, read_adapter_files
+from loraplex.registry.adapter_source import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    IncompatibleAdapter,
+    InvalidAdapter,
+    read_adapter_files,
+)
 from loraplex.shard.adapter_slots import TierCounters
 from loraplex.shard.lora import LoraAdapter
+
+log = logging.getLogger("loraplex.shard")
 
 AdapterLoader = Callable[[str, str, int], LoraAdapter]  # (local source, name, version) -> adapter
 Key = tuple[str, int]  # (name, version)
@@ -46,6 +56,7 @@ class DiskCache:
         self._seen: set[Key] = set()
         self._lock = threading.Lock()
         self._pins: Counter[str] = Counter()  # entry name -> fetches and reads of it in progress
+        self._over_cap = False  # the last eviction pass left the cache over max_bytes (pinned entries)
         directory.mkdir(parents=True, exist_ok=True)
         for leftover in [*directory.glob(".*.partial"), *directory.glob(".*.evicted")]:  # a process died
             shutil.rmtree(leftover, ignore_errors=True)
@@ -68,10 +79,14 @@ class DiskCache:
         try:
             yield self._fetch_pinned(source, entry, (name, version), checksum)
         finally:
+            doomed: list[Path | None] = []
             with self._lock:
                 self._pins[entry.name] -= 1
                 if not self._pins[entry.name]:
                     del self._pins[entry.name]
+                    if self._over_cap:  # pinned entries kept it over its cap: evict what is free now
+                        doomed = self._evict()
+            _remove(doomed)
 
     def drop(self, name: str, version: int) -> None:
         with self._lock:
@@ -85,6 +100,7 @@ class DiskCache:
         """Adapters asked for since start whose files are here (older entries are not advertised:
         their names may belong to another registry; they still serve as hits)."""
         with self._lock:
+            self._seen &= {_key_of(entry.name) for entry in self._entries()}  # less what was evicted
             return sorted(self._seen)
 
     def _fetch_pinned(self, source: str, entry: Path, key: Key, checksum: str) -> tuple[Path, bool]:
@@ -121,7 +137,8 @@ class DiskCache:
 
     def _evict(self) -> list[Path | None]:
         """Least recently used entries out until the cache fits, skipping pinned ones (the lock is held);
-        they are set aside for the caller to remove. An entry that vanished meanwhile is skipped."""
+        they are set aside for the caller to remove. An entry that vanished meanwhile is skipped. If
+        pinned entries keep the cache over its cap, the pass runs again as the last of them is let go."""
         entries = sorted(
             ((mtime, entry) for entry in self._entries() if (mtime := _mtime(entry)) is not None),
             key=lambda item: item[0],
@@ -135,6 +152,7 @@ class DiskCache:
                 total -= sizes[entry]
                 doomed.append(_set_aside(entry))
                 self.counters.evictions += 1
+        self._over_cap = total > self.max_bytes
         return doomed
 
 
@@ -265,6 +283,10 @@ class AdapterStore:
     def held(self) -> list[Key]:
         return list(self._adapters)
 
+    def loading(self) -> list[Key]:
+        """Adapters being loaded: each ends up held unless dropped meanwhile (`drop` covers them too)."""
+        return list(self._loading)
+
     async def _load_once(self, source: str, key: Key, checksum: str) -> tuple[LoraAdapter, str]:
         """One load per key however many ask; it runs as its own task, so a caller that goes away
         (a cancelled request) never cancels the load the others are waiting for."""
@@ -277,15 +299,19 @@ class AdapterStore:
         return await asyncio.shield(task)
 
     async def _load_and_keep(self, source: str, key: Key, checksum: str) -> tuple[LoraAdapter, str]:
-        adapter, tier = await asyncio.to_thread(self._load_from_tiers, source, key, checksum)
-        if key in self._dropped_while_loading:
+        try:
+            adapter, tier = await asyncio.to_thread(self._load_from_tiers, source, key, checksum)
+        finally:  # a drop applies to this load only: a later load of the key (a retry) is kept
+            dropped = key in self._dropped_while_loading
             self._dropped_while_loading.discard(key)
+        if dropped:
             self._on_evict(adapter)
             if self.disk is not None:
                 self.disk.drop(*key)
             return adapter, tier
         self._adapters[key] = adapter
         self._checksums[key] = checksum
+        self._evict()  # its waiters hold it (see acquire_with_tier); if they all left, it may go too
         return adapter, tier
 
     def _load_from_tiers(self, source: str, key: Key, checksum: str) -> tuple[LoraAdapter, str]:
@@ -294,7 +320,15 @@ class AdapterStore:
         if self.disk is None or not checksum:  # without a checksum a cached copy can't be trusted
             return self._timed_load(source, key), "source"
         with self.disk.pinned_copy(source, *key, checksum) as (path, hit):  # not evicted while read
-            return self._timed_load(str(path), key), "disk" if hit else "source"
+            try:
+                return self._timed_load(str(path), key), "disk" if hit else "source"
+            except (InvalidAdapter, IncompatibleAdapter):
+                self.disk.drop(*key)  # a copy that does not load is neither kept nor advertised
+                if not hit:
+                    raise
+        # the cached copy was damaged on disk since its fetch (it passed the checksum then): fetch again
+        log.warning("the disk cache's copy of %s v%d does not load; fetching it from its source", *key)
+        return self._load_from_tiers(source, key, checksum)
 
     def _timed_load(self, local: str, key: Key) -> LoraAdapter:
         started = time.perf_counter()

@@ -1,10 +1,11 @@
 """Keeps a shard's adapter tiers in step with the registry's catalogue, without a restart.
 
-On a delete the shard drops every version it holds (requests in flight finish on their copy; its
-slot goes once they end). On an update it drops the older versions and, if it held one, loads the
-new version in the background, so the adapter stays warm where traffic was going to it. Events come
-from the registry's change channel; since a pub/sub message missed while disconnected is lost, the
-follower also resyncs against the full catalogue after every (re)subscription and periodically.
+On a delete the shard drops every version it holds or is loading (requests in flight finish on their
+copy; its slot goes once they end). On an update it drops the older versions and, if it held or was
+loading one, loads the new version in the background, so the adapter stays warm where traffic was
+going to it. Events come from the registry's change channel; since a pub/sub message missed while
+disconnected is lost, the follower also resyncs against the full catalogue after every
+(re)subscription and periodically.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class CatalogueFollower:
                         await self.apply(event)
                 except REGISTRY_ERRORS as error:
                     log.warning("catalogue events interrupted, resubscribing: %s", error)
+                except Exception:  # a malformed event or record: the follower must outlive it
+                    log.exception("could not apply a catalogue event, resubscribing")
                 await asyncio.sleep(1.0)
         finally:
             periodic.cancel()
@@ -60,20 +63,30 @@ class CatalogueFollower:
 
     async def resync(self) -> None:
         """Drop what the catalogue no longer has (or has newer), and warm what was updated."""
+        # what was known before the read: an adapter a request brings in meanwhile may be newer than it
+        known = {name for name, _ in self._known()}
         try:
             catalogue = {record.name: record for record in await self._registry.list_adapters()}
         except REGISTRY_ERRORS as error:
             log.warning("catalogue resync failed, will retry: %s", error)
             return
-        for name in {name for name, _ in self._adapters.held()}:
+        except Exception:  # a malformed record: the resyncs go on, and succeed once it is fixed
+            log.exception("catalogue resync could not read the catalogue, will retry")
+            return
+        for name in known:
             record = catalogue.get(name)
             if record is None:
                 self._adapters.drop(name)
             else:
                 self._refresh(record)
 
+    def _known(self) -> list[tuple[str, int]]:
+        """(name, version) held or being loaded: a load under way (say, for a request that arrived just
+        before an update) would otherwise bring an outdated version in after the event."""
+        return [*self._adapters.held(), *self._adapters.loading()]
+
     def _refresh(self, record: AdapterRecord) -> None:
-        held = [version for name, version in self._adapters.held() if name == record.name]
+        held = [version for name, version in self._known() if name == record.name]
         outdated = [version for version in held if version < record.version]
         for version in outdated:
             self._adapters.drop(record.name, version)

@@ -236,12 +236,13 @@ def test_the_disk_cache_serves_repeat_loads_and_checks_the_checksum(tiny_engine,
 
 
 def test_the_disk_cache_stays_under_its_size_cap(fifty_adapters, tmp_path):
-    one = sum(f.stat().st_size for f in fifty_adapters[0].iterdir())
-    disk = DiskCache(tmp_path / "disk", max_bytes=int(2.5 * one))
+    newest = sum(f.stat().st_size for f in fifty_adapters[4].iterdir())
+    disk = DiskCache(tmp_path / "disk", max_bytes=int(2.5 * newest))  # a2 alone is larger: never kept
     for i in range(5):
         disk.local_copy(str(fifty_adapters[i]), f"a{i}", 1, read_metadata(str(fifty_adapters[i])).checksum)
     entries = [e for e in (tmp_path / "disk").iterdir() if not e.name.startswith(".")]
     assert len(entries) <= 3 and disk.counters.evictions >= 2
+    assert sum(f.stat().st_size for e in entries for f in e.iterdir()) <= disk.max_bytes
     assert any(e.name.startswith("a4-v1-") for e in entries)  # the newest stays
 
 
