@@ -144,8 +144,10 @@ def catalogue_record(name: str, source: str, base_model: str, fit: ModelFit | No
 
 def validate_name(name: str) -> None:
     if not ADAPTER_NAME.fullmatch(name):  # match's $ would let a trailing newline through
+        # a name quoted whole could outgrow what a gRPC status message may carry (16 KiB of metadata)
+        shown = repr(name) if len(name) <= 140 else f"{name[:40]!r}... ({len(name)} characters)"
         raise InvalidAdapter(
-            f"adapter name {name!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
+            f"adapter name {shown} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
 

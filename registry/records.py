@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 TIERS = ("gpu", "cpu", "disk")
 
@@ -78,12 +78,20 @@ class ShardRecord:
 
     @classmethod
     def from_json(cls, text: str) -> ShardRecord:
-        fields = json.loads(text)
-        fields["adapters"] = tuple(HeldAdapter(**held) for held in fields.get("adapters", ()))
-        fields["lora_features"] = tuple(tuple(feature) for feature in fields.get("lora_features", ()))
-        return cls(**fields)
+        """The record; fields a newer release added are ignored, so a rolling upgrade reads both."""
+        values = _known_fields(cls, json.loads(text))
+        values["adapters"] = tuple(
+            HeldAdapter(**_known_fields(HeldAdapter, held)) for held in values.get("adapters", ())
+        )
+        values["lora_features"] = tuple(tuple(feature) for feature in values.get("lora_features", ()))
+        return cls(**values)
 
     def tier_of(self, adapter: str) -> str | None:
         """The best tier in which this shard holds any version of adapter, or None."""
         tiers = [held.tier for held in self.adapters if held.name == adapter]
         return min(tiers, key=TIERS.index) if tiers else None
+
+
+def _known_fields(cls: type, values: dict) -> dict:
+    """values without the keys that are no field of the dataclass cls."""
+    return {item.name: values[item.name] for item in fields(cls) if item.name in values}

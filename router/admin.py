@@ -14,7 +14,13 @@ from opentelemetry.trace import Span
 from loraplex.protos import telemetry
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2
-from loraplex.registry.adapter_source import IncompatibleAdapter, InvalidAdapter, ModelFit, catalogue_record
+from loraplex.registry.adapter_source import (
+    IncompatibleAdapter,
+    InvalidAdapter,
+    ModelFit,
+    catalogue_record,
+    validate_name,
+)
 from loraplex.registry.records import AdapterRecord
 from loraplex.registry.store import AdapterExists, AdapterNotFound, Registry
 from loraplex.router.convert import adapter_to_pb
@@ -49,7 +55,7 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
         with self._span("delete", request.name, context):
             _require_name(request.name)
             deleted = await self._call(self._registry.delete_adapter(request.name))
-            self._snapshots.drop_adapter(request.name)
+            self._snapshots.drop_adapter(deleted)
             return adapter_to_pb(deleted)
 
     async def Get(self, request: adapters_pb2.GetAdapterRequest, context) -> common_pb2.Adapter:
@@ -141,5 +147,10 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
 
 
 def _require_name(name: str) -> None:
+    """INVALID_ARGUMENT for a name no adapter can have (none was ever registered outside the pattern)."""
     if not name:
         raise ServiceError.invalid("`name` is required: the adapter's name in the catalogue")
+    try:
+        validate_name(name)
+    except InvalidAdapter as error:
+        raise ServiceError.invalid(str(error)) from error

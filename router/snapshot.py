@@ -8,7 +8,12 @@ which it is avoided (mark_suspect) and the request goes to the next candidate.
 
 This router's own catalogue writes apply at once (put_adapter, drop_adapter). A refresh may have read
 the registry before such a write and finish after it; each write is numbered, and a refresh re-applies
-those numbered past the last write it could have seen, so it never undoes one.
+those numbered past the last write it could have seen, so it never undoes one. Nor does a write undo a
+later change read from the registry (another router's, whose effect may be read before this router
+handles its own write's reply): versions only go up, so a write applies only over older ones. One case
+stays open until the next refresh: a write whose adapter another router has since deleted, which the
+refresh reads as an absence it cannot date. (Redis restarted empty issues versions from 1 again; a
+write is then held back until the next refresh, which replaces the snapshot's adapters whole.)
 """
 
 from __future__ import annotations
@@ -46,8 +51,8 @@ class SnapshotKeeper:
         self.inflight = InflightTracker()  # this router's requests the snapshot's reports don't count yet
         self._refreshing = asyncio.Lock()  # one refresh at a time, so an older read never lands last
         self._num_writes = 0
-        # this router's catalogue writes a refresh may not have seen: name -> (number, record; None: deleted)
-        self._writes: dict[str, tuple[int, AdapterRecord | None]] = {}
+        # this router's catalogue writes a refresh may not have seen: name -> (number, record, deleted)
+        self._writes: dict[str, tuple[int, AdapterRecord, bool]] = {}
 
     async def start(self) -> None:
         await self.refresh()
@@ -82,12 +87,13 @@ class SnapshotKeeper:
     def _with_later_writes(
         self, adapters: dict[str, AdapterRecord], seen_writes: int
     ) -> dict[str, AdapterRecord]:
-        """adapters with this router's writes numbered past seen_writes applied over them; the others are
-        in adapters already and are forgotten."""
-        for name, (number, record) in list(self._writes.items()):
-            if number <= seen_writes:
+        """adapters with this router's writes numbered past seen_writes applied over them, unless what was
+        read is as new; the others are in adapters already (or superseded) and are forgotten."""
+        for name, (number, record, deleted) in list(self._writes.items()):
+            read = adapters.get(name)
+            if number <= seen_writes or (read is not None and _change(record, deleted) <= _change(read)):
                 del self._writes[name]
-            elif record is None:
+            elif deleted:
                 adapters.pop(name, None)
             else:
                 adapters[name] = record
@@ -107,19 +113,29 @@ class SnapshotKeeper:
         return tuple(shard for _, shard in self._departed.values())
 
     def put_adapter(self, record: AdapterRecord) -> None:
-        """Apply this router's own catalogue write at once, ahead of the next refresh."""
-        self._note_write(record.name, record)
-        self.current = replace(self.current, adapters={**self.current.adapters, record.name: record})
+        """Apply this router's own create or update at once, ahead of the next refresh."""
+        self._apply_write(record, deleted=False)
 
-    def drop_adapter(self, name: str) -> None:
-        self._note_write(name, None)
-        adapters = dict(self.current.adapters)
-        adapters.pop(name, None)
-        self.current = replace(self.current, adapters=adapters)
+    def drop_adapter(self, deleted: AdapterRecord) -> None:
+        """Apply this router's own delete (the record it removed) at once."""
+        self._apply_write(deleted, deleted=True)
 
-    def _note_write(self, name: str, record: AdapterRecord | None) -> None:
+    def _apply_write(self, record: AdapterRecord, deleted: bool) -> None:
+        """Apply a write unless the snapshot or a write of this router already has a later change."""
+        known = self.current.adapters.get(record.name)
+        if known is not None and _change(record, deleted) <= _change(known):
+            return
+        pending = self._writes.get(record.name)
+        if pending is not None and _change(record, deleted) <= _change(*pending[1:]):
+            return
         self._num_writes += 1
-        self._writes[name] = (self._num_writes, record)
+        self._writes[record.name] = (self._num_writes, record, deleted)
+        adapters = dict(self.current.adapters)
+        if deleted:
+            adapters.pop(record.name, None)
+        else:
+            adapters[record.name] = record
+        self.current = replace(self.current, adapters=adapters)
 
     def mark_suspect(self, shard_id: str, for_s: float) -> None:
         """A call to this shard failed to connect: avoid it until its heartbeat would have expired."""
@@ -136,3 +152,9 @@ class SnapshotKeeper:
                 await self.refresh()
             except Exception:  # a bug here must not freeze routing on an ever older snapshot
                 log.exception("snapshot refresh failed; keeping the previous snapshot")
+
+
+def _change(record: AdapterRecord, deleted: bool = False) -> tuple[int, bool]:
+    """Where a write falls among the changes to its adapter's name: the registry issues each name's
+    versions in increasing order (across deletes too), and a version's delete follows it."""
+    return (record.version, deleted)

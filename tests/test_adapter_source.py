@@ -43,10 +43,20 @@ def test_missing_or_unconfigured_sources_are_refused(source):
         read_metadata(source)
 
 
-@pytest.mark.parametrize("name", ["", "-x", "a/b", "x" * 129, "spaces no", "demo\n"])
+@pytest.mark.parametrize(
+    "name", ["", "-x", "a/b", "x" * 129, "spaces no", "demo\n", "ns:adapter", "café", "\uff11", "a*"]
+)
 def test_bad_names_are_refused(name):
     with pytest.raises(InvalidAdapter, match="name"):
         validate_name(name)
+
+
+def test_a_huge_bad_name_is_not_quoted_whole():
+    """gRPC carries a status message in 16 KiB of metadata: a longer one reached the caller as
+    RESOURCE_EXHAUSTED 'received metadata size exceeds hard limit', not as the refusal."""
+    with pytest.raises(InvalidAdapter, match=r"\(100000 characters\) is invalid") as refused:
+        validate_name("x" * 100_000)
+    assert len(str(refused.value)) < 300
 
 
 def _with_config(adapter, **changes):
