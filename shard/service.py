@@ -256,19 +256,32 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         if not request.adapter.name or not request.adapter.source:
             raise ServiceError.invalid("`adapter` needs at least a name and a source")
         started = time.perf_counter()
-        self.adapters.release((await self._adapter(request.adapter))[0])
+        adapter = (await self._adapter(request.adapter))[0]
+        self.adapters.release(adapter)
+        load_ms = (time.perf_counter() - started) * 1000
         return shard_pb2.LoadAdapterResponse(
-            tier=common_pb2.TIER_CPU, load_ms=(time.perf_counter() - started) * 1000
+            tier=self._tier_of((adapter.name, adapter.version)), load_ms=load_ms
         )
 
     async def UnloadAdapter(
         self, request: shard_pb2.UnloadAdapterRequest, context
     ) -> shard_pb2.UnloadAdapterResponse:
-        if not self.adapters.drop(request.name, request.version):
+        loading = any(
+            name == request.name and request.version in (0, version)
+            for name, version in self.adapters.loading()
+        )
+        # a load under way is not kept (its waiters are still served): that unloads it too
+        if not self.adapters.drop(request.name, request.version) and not loading:
             raise ServiceError.not_found(
                 f"adapter {request.name!r} (version {request.version or 'any'}) is not loaded"
             )
         return shard_pb2.UnloadAdapterResponse()
+
+    def _tier_of(self, key: tuple[str, int]) -> int:
+        """The fastest tier holding a just-loaded adapter: host memory, a GPU slot if requests use it,
+        only the disk cache if the CPU tier let it go at once (all else in use), or none."""
+        tiers = {(name, version): tier for name, version, tier in self.held_adapters()}
+        return TIERS[tiers[key]] if key in tiers else common_pb2.TIER_UNSPECIFIED
 
     async def Status(self, request: shard_pb2.ShardStatusRequest, context) -> shard_pb2.ShardStatus:
         stats = self._engine.stats

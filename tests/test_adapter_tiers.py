@@ -439,3 +439,62 @@ def test_a_name_and_version_back_with_other_weights_shares_no_prefix_cache(tiny_
     prefix_hits(old, "old")
     assert prefix_hits(new, "new") == 0, "other weights compute their own K/V"
     assert prefix_hits(old, "old-again") == 3 * tiny_engine.blocks.block_size, "the same copy reuses its own"
+
+
+def test_load_and_unload_adapter_over_grpc(tiny_engine, fifty_adapters, tmp_path):
+    """The shard's own LoadAdapter / UnloadAdapter: a load answers with the tier it left the adapter in;
+    an unload of a load still under way answers OK and the load is not kept; an unload of what is not
+    there is NOT_FOUND; a load without a source is INVALID_ARGUMENT."""
+    release_load = threading.Event()
+
+    def load(source: str, name: str, version: int) -> LoraAdapter:
+        if name == "slow":
+            release_load.wait(timeout=10)
+        return tiny_engine.load_adapter(source, name, version)
+
+    def record(name: str, index: int) -> common_pb2.Adapter:
+        source = str(fifty_adapters[index])
+        return common_pb2.Adapter(
+            name=name, source=source, version=1, checksum=read_metadata(source).checksum
+        )
+
+    async def code(call) -> grpc.StatusCode:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        return caught.value.code()
+
+    async def scenario() -> None:
+        store = AdapterStore(load, 4, disk=DiskCache(tmp_path / "disk", max_bytes=1 << 30))
+        service = ShardService(tiny_engine, store, "s0", "here", "tiny", None)
+        server, port, _ = create_server("127.0.0.1:0", [])
+        shard_pb2_grpc.add_ShardServicer_to_server(service, server)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = shard_pb2_grpc.ShardStub(channel)
+                loaded = await stub.LoadAdapter(shard_pb2.LoadAdapterRequest(adapter=record("a0", 0)))
+                assert loaded.tier == common_pb2.TIER_CPU and loaded.load_ms > 0
+                status = await stub.Status(shard_pb2.ShardStatusRequest())
+                assert [(p.adapter, p.tier) for p in status.adapters] == [("a0", common_pb2.TIER_CPU)]
+                await stub.UnloadAdapter(shard_pb2.UnloadAdapterRequest(name="a0"))
+                assert not (await stub.Status(shard_pb2.ShardStatusRequest())).adapters
+                unload_again = stub.UnloadAdapter(shard_pb2.UnloadAdapterRequest(name="a0"))
+                assert await code(unload_again) == grpc.StatusCode.NOT_FOUND
+                no_source = shard_pb2.LoadAdapterRequest(adapter=common_pb2.Adapter(name="x"))
+                assert await code(stub.LoadAdapter(no_source)) == grpc.StatusCode.INVALID_ARGUMENT
+
+                slow = asyncio.ensure_future(
+                    stub.LoadAdapter(shard_pb2.LoadAdapterRequest(adapter=record("slow", 1)))
+                )
+                for _ in range(100):
+                    if store.loading():
+                        break
+                    await asyncio.sleep(0.02)
+                await stub.UnloadAdapter(shard_pb2.UnloadAdapterRequest(name="slow", version=1))
+                release_load.set()
+                assert (await slow).tier == common_pb2.TIER_UNSPECIFIED  # answered, and held nowhere
+                assert store.held() == [], "a load unloaded while under way is not kept"
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
