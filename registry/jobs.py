@@ -335,7 +335,8 @@ class JobQueue:
         deliveries = []
         for entry_id, fields in entries:
             entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            job_id = (fields or {}).get(b"job", b"").decode()
+            # not UTF-8: no job of ours (ids are hex), so its record lookup finds nothing and acks it
+            job_id = (fields or {}).get(b"job", b"").decode(errors="replace")
             delivery = await self.mark_running(job_id, entry_id) if job_id else None
             if delivery is not None:
                 deliveries.append(delivery)

@@ -8,6 +8,7 @@ and ends up in the job's error.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlparse
 
 import grpc
@@ -21,7 +22,10 @@ from loraplex.protos.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from loraplex.registry.jobs import JobQueue
 from loraplex.router.generation import resolve_adapter
 from loraplex.router.snapshot import SnapshotKeeper
+from loraplex.shard.request_inputs import check_inputs
 from loraplex.shard.sampling_limits import check_sampling, sampling_fields
+
+_UNSENDABLE = re.compile(r"[\x00-\x20\x7f]")  # http.client refuses these anywhere in a URL
 
 
 class JobsService(jobs_pb2_grpc.JobsServicer):
@@ -65,11 +69,11 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
 
 
 def _check_input(request: common_pb2.GenerateRequest) -> None:
-    inputs = [bool(request.prompt), bool(request.messages), bool(request.prompt_token_ids)]
-    if sum(inputs) != 1:
-        raise ServiceError.invalid(
-            "set exactly one of `prompt` (non-empty text), `messages` or `prompt_token_ids`"
-        )
+    """The shard's own check of the prompt inputs, run now."""
+    try:
+        check_inputs(request)
+    except ValueError as error:
+        raise ServiceError.invalid(str(error)) from error
 
 
 def _check_sampling(parameters: common_pb2.SamplingParameters) -> None:
@@ -83,9 +87,27 @@ def _check_sampling(parameters: common_pb2.SamplingParameters) -> None:
 
 
 def _check_callback_url(url: str) -> None:
+    """Refuse now a callback_url the worker could never POST to, rather than fail its callback after
+    the job ran: the worker's HTTP client sends no user:password@, and no space, control character or
+    (past the host) non-ASCII character in a request."""
+    if not url:
+        return
     parsed = urlparse(url)
-    if url and (parsed.scheme not in ("http", "https") or not parsed.netloc):
+    try:
+        if parsed.port == 0:  # .port raises unless a number in 0..65535
+            raise ValueError("port 0 cannot be connected to")
+    except ValueError as error:
+        raise ServiceError.invalid(f"callback_url {url!r}: {error}") from error
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ServiceError.invalid(f"callback_url {url!r} is not an http(s) URL; leave it empty for none")
+    if parsed.username is not None:
+        raise ServiceError.invalid(
+            f"callback_url {url!r}: user:password@ is not sent; put a token in its path or query instead"
+        )
+    if _UNSENDABLE.search(url) or not parsed._replace(scheme="", netloc="").geturl().isascii():
+        raise ServiceError.invalid(
+            f"callback_url {url!r}: percent-encode its spaces, control and non-ASCII characters"
+        )
 
 
 async def _call(operation):

@@ -7,9 +7,11 @@ Results are stored exactly once (registry/jobs.py), so a job run twice after a r
 SIGTERM drains: no new reads, in-flight jobs finish (up to `drain_timeout_s`), then exit; whatever is
 left unfinished stays pending and another worker reclaims it. A worker leaves the consumer group as it
 exits, and live workers delete the consumers of dead ones once nothing is pending on them.
+An outcome that cannot be stored because Redis is briefly away is stored again until Redis is back
+(for up to `claim_idle_s`), rather than thrown away and the job run again from the start.
 A job submitted with a callback_url has its outcome POSTed there by the worker that stored it, once,
 best-effort: a few tries, each with a short timeout; a callback that fails is logged, and the stored
-outcome stands either way.
+outcome stands either way. Redirects are not followed (urllib would resend a POST as a bodiless GET).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ log = logging.getLogger("loraplex.worker")
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 STORE_ERRORS = (redis.exceptions.RedisError, OSError)
 CALLBACK_ERRORS = (OSError, http.client.HTTPException, ValueError)  # urllib's HTTPError is an OSError
+MAX_STORE_BACKOFF_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,16 @@ class WorkerConfig:
     drain_timeout_s: float = 30.0
     callback_timeout_s: float = 5.0  # per POST to a job's callback_url
     callback_attempts: int = 3  # POSTs at most, backing off as Generate retries do
+
+    def __post_init__(self) -> None:
+        """Refuse values that would break the queue's contract rather than run with them: a claim_idle_s
+        of 0 reclaims live workers' jobs (each runs many times), a job_ttl_s of 0 deletes each result as
+        it is stored, a concurrency of 0 takes no job."""
+        for name in ("claim_idle_s", "job_ttl_s", "request_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"worker {name} must be > 0, got {getattr(self, name)}")
+        if self.concurrency < 1:
+            raise ValueError(f"worker concurrency must be at least 1, got {self.concurrency}")
 
 
 class Failure(NamedTuple):
@@ -197,18 +210,11 @@ class Worker:
 
     async def _settle(self, delivery: Delivery, outcome: common_pb2.GenerateResponse | Failure) -> None:
         """Store the outcome (unless the job already has one) and call back."""
-        try:
-            if isinstance(outcome, Failure):
-                stored = await self._queue.fail(delivery.job_id, delivery.entry_id, *outcome)
-                counter = self._metrics.failed
-            else:
-                stored = await self._queue.complete(delivery.job_id, delivery.entry_id, outcome)
-                counter = self._metrics.completed
-        except STORE_ERRORS as error:  # left pending: it is reclaimed and run again later
-            log.warning("could not store the outcome of job %s: %s", delivery.job_id, error)
-            telemetry.set_error(trace.get_current_span(), f"could not store the outcome: {error}", error)
+        stored = await self._store(delivery, outcome)
+        if stored is None:  # left pending: it is reclaimed and run again later
             return
         if stored:
+            counter = self._metrics.failed if isinstance(outcome, Failure) else self._metrics.completed
             counter.inc()
             if delivery.callback_url:
                 await self._call_back(delivery)
@@ -216,6 +222,27 @@ class Worker:
             log.info(
                 "job %s had already finished (or expired); this run's outcome is dropped", delivery.job_id
             )
+
+    async def _store(self, delivery: Delivery, outcome: common_pb2.GenerateResponse | Failure) -> bool | None:
+        """Whether the outcome was stored (False: the job already had one); None if Redis stayed
+        unreachable for claim_idle_s. Storing again is safe: the finish script stores once, acks always."""
+        deadline = time.monotonic() + self._config.claim_idle_s
+        delay = self._config.retry_backoff_s
+        while True:
+            try:
+                if isinstance(outcome, Failure):
+                    return await self._queue.fail(delivery.job_id, delivery.entry_id, *outcome)
+                return await self._queue.complete(delivery.job_id, delivery.entry_id, outcome)
+            except STORE_ERRORS as error:
+                if time.monotonic() + delay > deadline:
+                    log.warning("could not store the outcome of job %s: %s", delivery.job_id, error)
+                    telemetry.set_error(
+                        trace.get_current_span(), f"could not store the outcome: {error}", error
+                    )
+                    return None
+                log.info("could not store the outcome of job %s, retrying: %s", delivery.job_id, error)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_STORE_BACKOFF_S)
 
     async def _generate(self, request: common_pb2.GenerateRequest) -> common_pb2.GenerateResponse | Failure:
         """One Generate call, retried with backoff while the mesh is unavailable or overloaded."""
@@ -287,12 +314,27 @@ def _trace_outcome(span: Span, outcome: common_pb2.GenerateResponse | Failure) -
     span.set_attribute("rpc.grpc.status_code", code.value[0])
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx answer is an HTTPError: followed, a 301/302/303 would turn the POST into a bodiless GET."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(
+            req.full_url,
+            code,
+            f"{msg}: redirects are not followed; use {newurl} as callback_url",
+            headers,
+            fp,
+        )
+
+
 def _post_json(url: str, body: bytes, timeout_s: float) -> None:
     request = urllib.request.Request(
         url, data=body, method="POST", headers={"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=timeout_s) as reply:
-        reply.read()
+    # the status is the answer (urllib raises HTTPError for any but 2xx); the body is never read, as an
+    # endless one (a streaming endpoint given as callback_url) would hold the job's slot for good
+    with urllib.request.build_opener(_RefuseRedirects).open(request, timeout=timeout_s):
+        pass
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

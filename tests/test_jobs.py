@@ -400,7 +400,8 @@ def _code(call) -> tuple[grpc.StatusCode, str]:
     return caught.value.code(), caught.value.details()
 
 
-def test_the_router_serves_jobs_and_checks_a_submission_at_once(channel, jobs):
+def test_the_router_serves_jobs_and_checks_a_submission_at_once(channel, jobs, redis_url):
+    queued = _backlog(redis_url)
     health = health_pb2_grpc.HealthStub(channel).Check(
         health_pb2.HealthCheckRequest(service="loraplex.v1.Jobs"), timeout=5
     )
@@ -410,6 +411,11 @@ def test_the_router_serves_jobs_and_checks_a_submission_at_once(channel, jobs):
         grpc.StatusCode.INVALID_ARGUMENT,
         "set exactly one of `prompt` (non-empty text), `messages` or `prompt_token_ids`",
     )
+    templated_chat = common_pb2.GenerateRequest(
+        messages=[common_pb2.ChatMessage(role="user", content="hi")], apply_chat_template=True
+    )
+    code, message = _code(lambda: jobs.Submit(jobs_pb2.SubmitJobRequest(request=templated_chat), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "leave apply_chat_template unset" in message
     unknown = jobs_pb2.SubmitJobRequest(request=common_pb2.GenerateRequest(prompt="hi", adapter="ghost"))
     code, message = _code(lambda: jobs.Submit(unknown, timeout=5))
     assert code == grpc.StatusCode.NOT_FOUND and "'ghost' is not registered" in message
@@ -417,10 +423,29 @@ def test_the_router_serves_jobs_and_checks_a_submission_at_once(channel, jobs):
     too_wide.parameters.top_p = 2
     code, message = _code(lambda: jobs.Submit(jobs_pb2.SubmitJobRequest(request=too_wide), timeout=5))
     assert (code, message) == (grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1], got 2.0")
-    bad_hook = jobs_pb2.SubmitJobRequest(request=_request(), callback_url="ftp://x")
-    assert _code(lambda: jobs.Submit(bad_hook, timeout=5))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert _backlog(redis_url) == queued, "a refused job was queued"
     code, message = _code(lambda: jobs.Get(jobs_pb2.GetJobRequest(job_id="0123abc"), timeout=5))
     assert code == grpc.StatusCode.NOT_FOUND and "unknown or expired" in message
+
+
+def test_a_callback_url_the_worker_could_never_post_to_is_refused_and_nothing_queued(jobs, redis_url):
+    """Each of these was queued, ran, and then failed its callback three times over (urllib refuses
+    spaces and non-ASCII in a request line, a port that is no number, and sends no user:password@)."""
+    queued = _backlog(redis_url)
+    unusable = {
+        "ftp://x": "is not an http(s) URL",
+        "http:///hook": "is not an http(s) URL",
+        "http://127.0.0.1:port/hook": "Port could not be cast to integer",
+        "http://127.0.0.1:8080/my hook": "percent-encode",
+        "http://127.0.0.1:8080/réponse": "percent-encode",
+        "http://user:secret@127.0.0.1:8080/hook": "user:password@ is not sent",
+    }
+    for url, reason in unusable.items():
+        submit = jobs_pb2.SubmitJobRequest(request=_request(), callback_url=url)
+        code, message = _code(lambda submit=submit: jobs.Submit(submit, timeout=5))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (url, message)
+        assert message.startswith(f"callback_url {url!r}") and reason in message, message
+    assert _backlog(redis_url) == queued, "a refused job was queued"
 
 
 def test_every_job_succeeds_exactly_once_although_a_worker_is_killed_half_way(
