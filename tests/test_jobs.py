@@ -676,3 +676,18 @@ def test_a_failing_callback_is_retried_a_little_and_never_changes_the_stored_out
     assert (flaky_job.state, nobody_job.state) == (SUCCEEDED, SUCCEEDED)
     assert jobs.Get(jobs_pb2.GetJobRequest(job_id=nobody_id), timeout=10) == nobody_job
     assert len(receiver.posts["/flaky/1"]) == 2, "a delivered callback is not sent again"
+
+
+def test_an_async_completion_over_rest_takes_a_callback_url(gateway, tiny_model_dir, workers, receiver):
+    """REST submissions reach the callback too (it was accepted with 202 and never POSTed), and a URL
+    the worker could not POST to is a 400 before anything is queued."""
+    body = {"model": tiny_model_dir.name, "prompt": "hello", "max_tokens": 2}
+    status, submitted = _http(
+        "POST", f"{gateway}/v1/async/completions", {**body, "callback_url": f"{receiver.url}/rest/1"}
+    )
+    assert status == 202, submitted
+    workers.start("worker-h")
+    (posted,) = receiver.wait_for("/rest/1", 1)
+    assert (posted["id"], posted["status"]) == (submitted["id"], "succeeded")
+    status, refused = _http("POST", f"{gateway}/v1/async/completions", {**body, "callback_url": "ftp://x"})
+    assert status == 400 and "is not an http(s) URL" in refused["error"]["message"], refused

@@ -82,10 +82,10 @@ class RouterClient:
             raise APIError.from_rpc_error(error) from error
         return list(response.adapters)
 
-    async def submit_job(self, request: common_pb2.GenerateRequest) -> str:
+    async def submit_job(self, request: common_pb2.GenerateRequest, callback_url: str = "") -> str:
         try:
             response = await self._jobs.Submit(
-                jobs_pb2.SubmitJobRequest(request=request),
+                jobs_pb2.SubmitJobRequest(request=request, callback_url=callback_url),
                 timeout=10,
                 metadata=metadata_for(trace.get_current_span()),
             )

@@ -11,7 +11,7 @@ from loraplex.router.gateway.backend import RouterClient
 from loraplex.router.gateway.convert import OPENAI_FINISH, ModelNames, not_found_hint
 from loraplex.router.gateway.errors import HTTP_STATUS, OPENAI_TYPES, APIError, openai_context_error
 from loraplex.router.gateway.openai_api import completion_choices
-from loraplex.router.gateway.schemas import CompletionRequest
+from loraplex.router.gateway.schemas import AsyncCompletionRequest
 from loraplex.shard.context_limits import ContextExceeded
 
 STATES = {
@@ -26,7 +26,7 @@ def build_router(client: RouterClient, names: ModelNames) -> APIRouter:
     api = APIRouter()
 
     @api.post("/v1/async/completions", status_code=202)
-    async def submit(body: CompletionRequest) -> JSONResponse:
+    async def submit(body: AsyncCompletionRequest) -> JSONResponse:
         if body.stream or body.n != 1:
             raise APIError.bad_request("an async completion takes one prompt, n = 1 and no stream")
         for param, asked in (("logprobs", body.logprobs is not None), ("echo", body.echo)):
@@ -38,7 +38,7 @@ def build_router(client: RouterClient, names: ModelNames) -> APIRouter:
         if len(choices.requests) != 1:
             raise APIError.bad_request("an async completion takes a single prompt", "prompt")
         try:
-            job_id = await client.submit_job(choices.requests[0])
+            job_id = await client.submit_job(choices.requests[0], body.callback_url or "")
         except APIError as error:
             raise not_found_hint(error, body.model, names) from error
         return JSONResponse(

@@ -116,6 +116,10 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
 
 
+class AsyncCompletionRequest(CompletionRequest):
+    callback_url: str | None = None  # the job's outcome is POSTed there once stored (router/worker.py)
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
