@@ -45,6 +45,7 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXH
 STORE_ERRORS = (redis.exceptions.RedisError, OSError)
 CALLBACK_ERRORS = (OSError, http.client.HTTPException, ValueError)  # urllib's HTTPError is an OSError
 MAX_STORE_BACKOFF_S = 5.0
+MAX_RETRY_BACKOFF_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,10 @@ class WorkerConfig:
     metrics_port: int = 9400  # 0 = no /metrics
     job_ttl_s: float = DEFAULT_TTL_S  # how long a finished job's outcome is kept
     request_timeout_s: float = 600.0  # deadline of one Generate call
-    max_retries: int = 4  # extra Generate attempts on UNAVAILABLE / RESOURCE_EXHAUSTED
-    retry_backoff_s: float = 0.5  # doubled after each retry
+    # how long a job is retried while the mesh answers UNAVAILABLE / RESOURCE_EXHAUSTED (a burst, a
+    # shard restarting, a router rollout): a queue exists to wait these out, not to fail its jobs
+    retry_for_s: float = 600.0
+    retry_backoff_s: float = 0.5  # doubled after each retry, up to MAX_RETRY_BACKOFF_S
     max_deliveries: int = 5  # a job whose workers keep dying is failed after this many deliveries
     read_block_ms: int = 1000  # also bounds how long SIGTERM waits for the read loop
     backlog_interval_s: float = 1.0
@@ -71,6 +74,8 @@ class WorkerConfig:
         """Refuse values that would break the queue's contract rather than run with them: a claim_idle_s
         of 0 reclaims live workers' jobs (each runs many times), a job_ttl_s of 0 deletes each result as
         it is stored, a concurrency of 0 takes no job."""
+        if self.retry_for_s < 0:
+            raise ValueError(f"worker retry_for_s must be >= 0, got {self.retry_for_s}")
         for name in ("claim_idle_s", "job_ttl_s", "request_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"worker {name} must be > 0, got {getattr(self, name)}")
@@ -245,9 +250,12 @@ class Worker:
             delay = min(delay * 2, MAX_STORE_BACKOFF_S)
 
     async def _generate(self, request: common_pb2.GenerateRequest) -> common_pb2.GenerateResponse | Failure:
-        """One Generate call, retried with backoff while the mesh is unavailable or overloaded."""
+        """One Generate call, retried with backoff for up to retry_for_s while the mesh is unavailable or
+        overloaded (the job holds its slot meanwhile: the worker takes no more than the mesh can run)."""
         config = self._config
-        for attempt in range(config.max_retries + 1):
+        give_up_at = time.monotonic() + config.retry_for_s
+        delay = config.retry_backoff_s
+        while True:
             try:
                 return await self._generation.Generate(
                     request,
@@ -255,11 +263,16 @@ class Worker:
                     metadata=telemetry.metadata_for(trace.get_current_span()),
                 )
             except grpc.aio.AioRpcError as error:
-                if error.code() not in RETRYABLE or attempt == config.max_retries:
-                    return Failure(error.code().name, error.details() or error.code().name)
-                log.info("Generate answered %s, retrying: %s", error.code().name, error.details())
-            await asyncio.sleep(config.retry_backoff_s * 2**attempt)
-        raise AssertionError("unreachable")
+                code, details = error.code(), error.details() or error.code().name
+                if code not in RETRYABLE:
+                    return Failure(code.name, details)
+                if time.monotonic() + delay > give_up_at:
+                    return Failure(
+                        code.name, f"{details} (still so after retrying for {config.retry_for_s:g} s)"
+                    )
+                log.info("Generate answered %s, retrying in %.1f s: %s", code.name, delay, details)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_RETRY_BACKOFF_S)
 
     async def _call_back(self, delivery: Delivery) -> None:
         """POST the stored outcome, as GET /v1/async/jobs/{id} shows it, to the job's callback_url;

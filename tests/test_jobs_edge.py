@@ -296,3 +296,42 @@ def test_the_worker_command_refuses_a_zero_claim_idle_with_a_message():
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert "claim_idle_s must be > 0, got 0.0" in done.stderr
+
+
+class OverloadedRouter(StandInRouter):
+    """Answers RESOURCE_EXHAUSTED, as a router whose shards are all saturated does, until busy_until."""
+
+    def __init__(self, busy_for_s: float) -> None:
+        super().__init__()
+        self.busy_until = time.monotonic() + busy_for_s
+
+    async def Generate(self, request, context) -> common_pb2.GenerateResponse:
+        if time.monotonic() < self.busy_until:
+            self.prompts.append(request.prompt)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "every shard is saturated")
+        return await super().Generate(request, context)
+
+
+@pytest.mark.parametrize(("busy_for_s", "retry_for_s", "state"), [(2.0, 600.0, SUCCEEDED), (60.0, 0.5, None)])
+def test_a_job_waits_out_an_overloaded_mesh_for_retry_for_then_fails_with_its_status(
+    redis_url, namespace, busy_for_s, retry_for_s, state
+):
+    """A burst that saturates every shard is what a queue absorbs: the job is retried (it failed after
+    about 7 s of retries before, for a burst of any length) until retry_for_s, then fails saying so."""
+
+    async def scenario() -> jobs_pb2.Job:
+        router = OverloadedRouter(busy_for_s)
+        config = _config(redis_url, namespace, retry_backoff_s=0.05, retry_for_s=retry_for_s)
+        queue = JobQueue(redis_url, namespace)
+        async with serving(router) as generation, running(config, generation):
+            job = await _finished(queue, await queue.submit(_request("burst")), timeout_s=15)
+        await queue.close()
+        assert len(router.prompts) > 3, "retried"
+        return job
+
+    job = asyncio.run(scenario())
+    if state == SUCCEEDED:
+        assert (job.state, job.result.text) == (SUCCEEDED, "BURST")
+    else:
+        assert (job.state, job.error.code) == (jobs_pb2.JOB_STATE_FAILED, "RESOURCE_EXHAUSTED")
+        assert job.error.message == "every shard is saturated (still so after retrying for 0.5 s)"

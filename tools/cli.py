@@ -249,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=600.0,
         help="deadline in seconds for one generation through the router",
     )
+    worker.add_argument(
+        "--retry-for",
+        type=float,
+        default=600.0,
+        help="seconds a job is retried while the mesh answers UNAVAILABLE or RESOURCE_EXHAUSTED before "
+        "it fails with that status",
+    )
     worker.add_argument("--consumer", default="", help="name in the consumer group (default: hostname-pid)")
 
     adapters = commands.add_parser("adapters", help="manage the adapter catalogue through a router")
@@ -628,6 +635,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         job_ttl_s=args.job_ttl,
         request_timeout_s=args.request_timeout,
+        retry_for_s=args.retry_for,
     )
     run_server(serve(config))
     return 0
