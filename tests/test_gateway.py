@@ -359,6 +359,8 @@ def test_tgi_generate_route_in_tgi_shape(mesh):
         ),
         ("/v1/completions", {"prompt": "hi"}, 400, "model"),
         ("/v1/completions", {"model": BASE, "prompt": "hi", "n": 0}, 400, "n"),
+        ("/v1/completions", {"model": BASE, "prompt": ""}, 400, "a prompt is empty"),
+        ("/v1/completions", {"model": BASE, "prompt": ["hi", ""]}, 400, "a prompt is empty"),
         # past the gRPC fields' 32 bits: named, not a 500
         ("/v1/completions", {"model": BASE, "prompt": [-1]}, 400, "prompt"),
         ("/v1/completions", {"model": BASE, "prompt": [[2**40]]}, 400, "prompt"),

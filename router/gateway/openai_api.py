@@ -222,6 +222,8 @@ def completion_choices(body: CompletionRequest, names: ModelNames) -> Choices:
 
 
 def _prompts(prompt: str | list) -> list[str | list[int]]:
+    if prompt == "" or (isinstance(prompt, list) and "" in prompt):
+        raise APIError.bad_request("a prompt is empty: send some text", "prompt")
     if isinstance(prompt, str):
         return [prompt]
     if not prompt:
