@@ -28,6 +28,11 @@ GenerateFn = Callable[
     AsyncIterator[common_pb2.GenerateStreamResponse],
 ]
 T = TypeVar("T")
+# gRPC refuses a message over 4 MiB (its default, which shards keep), and a refused message ends the
+# whole stream: every request on it fails. Batches stop growing at BATCH_BYTES, so requests that fit
+# one message each never add up to one too large; a router refuses a request too large on its own.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+BATCH_BYTES = 1024 * 1024
 DRAINING_MESSAGE = "the shard is draining and takes no new requests; retry on another shard"
 
 
@@ -53,16 +58,25 @@ async def serve_generate_many(
         stream.cancel_all()
 
 
-async def queued_batches(queue: asyncio.Queue[T | None]) -> AsyncIterator[list[T]]:
+async def queued_batches(
+    queue: asyncio.Queue[T | None], size: Callable[[T], int], max_bytes: int = BATCH_BYTES
+) -> AsyncIterator[list[T]]:
     """Everything queued by the time the writer gets to run, as one batch (one message on the stream,
-    both ways); ends at the None that closes the queue."""
-    while (item := await queue.get()) is not None:
-        batch = [item]
-        while not queue.empty():
+    both ways) of at most max_bytes (by `size`; an item larger goes alone); ends at the None that
+    closes the queue."""
+    carried = None  # the item that would have made the last batch too large: the next one's first
+    while (item := carried if carried is not None else await queue.get()) is not None:
+        batch, num_bytes, carried = [item], size(item), None
+        while carried is None and not queue.empty():
             if (item := queue.get_nowait()) is None:
                 yield batch
                 return
-            batch.append(item)
+            item_bytes = size(item)
+            if num_bytes + item_bytes > max_bytes:
+                carried = item
+            else:
+                batch.append(item)
+                num_bytes += item_bytes
         yield batch
 
 
@@ -76,7 +90,7 @@ class _Multiplexer:
         self._draining = False
 
     async def responses(self) -> AsyncIterator[shard_pb2.ShardStreamResponse]:
-        async for events in queued_batches(self._events):
+        async for events in queued_batches(self._events, shard_pb2.ShardStreamEvent.ByteSize):
             yield shard_pb2.ShardStreamResponse(events=events)
 
     async def read(self, requests: AsyncIterator[shard_pb2.ShardStreamRequest]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import inspect
+import logging
 import signal
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
@@ -15,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 T = TypeVar("T")
+log = logging.getLogger("loraplex.rpc")
 
 # Keepalive. A peer that stops answering without closing its connection (a frozen process, a node
 # that dropped off the network) otherwise holds every call on that connection until TCP gives up, many
@@ -113,6 +115,7 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
         await context.abort(error.code, error.message)
     if isinstance(error, NotImplementedError):  # a generated servicer's default (health's List, say)
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(error) or "method not implemented")
+    log.error("a handler failed", exc_info=error)  # a bug: keep its traceback
     await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
 
 
@@ -120,7 +123,9 @@ def _wrap_unary(behaviour):
     async def wrapper(request, context):
         try:
             return await behaviour(request, context)
-        except (ServiceError, ValueError, RuntimeError, KeyError, OSError) as error:
+        except grpc.aio.AbortError:  # the handler set its status itself
+            raise
+        except Exception as error:
             await _abort(context, error)
 
     return wrapper
@@ -134,7 +139,9 @@ def _wrap_stream(behaviour):
         try:
             async for response in behaviour(request, context):
                 yield response
-        except (ServiceError, ValueError, RuntimeError, KeyError, OSError) as error:
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
             await _abort(context, error)
 
     return wrapper

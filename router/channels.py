@@ -7,7 +7,13 @@ new one.
 
 Every channel pings its shard when the shard has sent nothing for `keepalive_s` (protos.rpc), so a
 shard that freezes without closing its connections fails its requests with UNAVAILABLE within about
-1.5 x keepalive_s (retried elsewhere when no token had streamed) instead of holding them."""
+1.5 x keepalive_s (retried elsewhere when no token had streamed) instead of holding them.
+
+A connection attempt gives up after `connect_timeout_s` (gRPC's default is 20 s): a shard that
+cannot be reached, its packets dropped (a partition, a node gone), would otherwise hold every request
+sent to it for that long, past most callers' deadlines, rather than failing it (UNAVAILABLE) over to
+another shard while it still has time. A shard's messages are taken whatever their size: one over
+gRPC's 4 MiB default would end the stream and every request on it."""
 
 from __future__ import annotations
 
@@ -21,11 +27,21 @@ from loraplex.protos.v1 import shard_pb2_grpc
 from loraplex.router.shard_stream import ShardStream
 
 IDLE_CLOSE_S = 300.0
+CONNECT_TIMEOUT_S = 2.0  # a shard on the same network connects in milliseconds
 
 
 class ShardChannels:
-    def __init__(self, idle_close_s: float = IDLE_CLOSE_S, keepalive_s: float = KEEPALIVE_S) -> None:
-        self._options = keepalive_options(keepalive_s)
+    def __init__(
+        self,
+        idle_close_s: float = IDLE_CLOSE_S,
+        keepalive_s: float = KEEPALIVE_S,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    ) -> None:
+        self._options = [
+            *keepalive_options(keepalive_s),
+            ("grpc.min_reconnect_backoff_ms", int(connect_timeout_s * 1000)),  # the connect timeout
+            ("grpc.max_receive_message_length", -1),
+        ]
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, shard_pb2_grpc.ShardStub] = {}
         self._streams: dict[str, ShardStream] = {}

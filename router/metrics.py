@@ -96,6 +96,6 @@ class _SnapshotCollector(Collector):
         )
         yield GaugeMetricFamily(
             "loraplex_router_inflight_requests",
-            "requests this router has sent to shards since their last reports",
-            sum(self._snapshots.inflight.corrections.values()),
+            "requests this router has sent to shards that have not ended yet",
+            self._snapshots.inflight.num_inflight,
         )

@@ -140,11 +140,13 @@ class InflightTracker:
         self._ended: dict[str, deque[tuple[float, float]]] = {}  # shard -> (started, ended), by end time
         self._snapshot: dict[str, tuple[float, int]] = {}  # shard -> (report time, requests) it reported
         self._fresh: dict[str, tuple[float, int]] = {}  # shard -> (time, requests) from a call's end
+        self.num_inflight = 0  # this router's calls to shards, started and not yet finished
 
     def started(self, shard_id: str) -> float:
         """Returns the call's start time, to give back to finished."""
         now = self._clock()
         self._live.setdefault(shard_id, []).append(now)
+        self.num_inflight += 1
         self._delta[shard_id] = self._delta.get(shard_id, 0) + 1
         return now
 
@@ -152,6 +154,7 @@ class InflightTracker:
         live = self._live.get(shard_id, [])
         if live:  # without started_at, take the oldest call to be the one that ended
             live.remove(started_at if started_at in live else live[0])
+            self.num_inflight -= 1
             ended = self._ended.setdefault(shard_id, deque())
             ended.append((started_at if started_at is not None else 0.0, self._clock()))
         self._delta[shard_id] = self._delta.get(shard_id, 0) - 1

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from loraplex.protos.generate_many import queued_batches
+from loraplex.protos.generate_many import MAX_MESSAGE_BYTES, queued_batches
 from loraplex.protos.load_report import outstanding_requests
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.telemetry import Metadata
@@ -29,6 +29,7 @@ STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 UNSUPPORTED_RECHECK_S = 60.0
 DEADLINE_PASSED = "the caller's deadline had passed before the request could be sent to the shard"
 UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED.value[0]  # only a stream the shard has no method for
+MAX_ACTION_BYTES = MAX_MESSAGE_BYTES - 16  # a start alone, with its ShardStreamRequest around it
 
 
 class ShardStream:
@@ -65,7 +66,10 @@ class ShardStream:
             start = shard_pb2.ShardStreamAction(id=request_id, start=request, timeout_s=timeout or 0.0)
             if metadata:
                 start.metadata.update(metadata)
-            self._outbox.put_nowait(start)
+            if (num_bytes := start.ByteSize()) > MAX_ACTION_BYTES:  # the shard would end the stream
+                inbox.put(_end_event(grpc.StatusCode.INVALID_ARGUMENT, _too_large(num_bytes)))
+            else:
+                self._outbox.put_nowait(start)
         self._requests[request_id] = inbox
         return request_id, inbox
 
@@ -95,7 +99,7 @@ class ShardStream:
 
     async def _messages(self) -> AsyncIterator[shard_pb2.ShardStreamRequest]:
         """Batched: each message written costs the router about as much as a request's routing."""
-        async for actions in queued_batches(self._outbox):
+        async for actions in queued_batches(self._outbox, shard_pb2.ShardStreamAction.ByteSize):
             yield shard_pb2.ShardStreamRequest(actions=actions)
 
     async def _read(self) -> None:
@@ -206,6 +210,13 @@ class _UnaryCall:
             raise ServiceError.from_rpc_error(error) from error
         finally:
             call.cancel()
+
+
+def _too_large(num_bytes: int) -> str:
+    return (
+        f"the request is {num_bytes} bytes as sent to a shard, over the {MAX_ACTION_BYTES} a shard "
+        "accepts; send a shorter prompt (or request_id)"
+    )
 
 
 def _end_event(code: grpc.StatusCode, message: str) -> shard_pb2.ShardStreamEvent:

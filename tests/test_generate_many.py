@@ -7,15 +7,16 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import socket
 import time
 import weakref
-from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing, asynccontextmanager, contextmanager
 
 import grpc
 import pytest
 
-from loraplex.protos.generate_many import serve_generate_many
+from loraplex.protos.generate_many import MAX_MESSAGE_BYTES, serve_generate_many
 from loraplex.protos.load_report import load_metadata
 from loraplex.protos.rpc import ServiceError, create_server
 from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
@@ -23,8 +24,9 @@ from loraplex.router.channels import ShardChannels
 
 
 class ScriptedShard(shard_pb2_grpc.ShardServicer):
-    """Each request's prompt says what to do: "n:K" streams K chunks, "hold" streams one chunk and
-    waits for `release`, "bad" fails with INVALID_ARGUMENT, "boom" raises a plain exception."""
+    """Each request's prompt says what to do: "n:K" streams K chunks (echoing the request's id),
+    "hold" streams one chunk and waits for `release`, "bad" fails with INVALID_ARGUMENT, "boom"
+    raises a plain exception."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
@@ -68,7 +70,9 @@ class ScriptedShard(shard_pb2_grpc.ShardServicer):
                 count = int(prompt.removeprefix("n:"))
                 for i in range(count):
                     await asyncio.sleep(0)  # interleave with the other requests on the stream
-                    yield common_pb2.GenerateStreamResponse(text=f"{i}", finish_reason=int(i == count - 1))
+                    yield common_pb2.GenerateStreamResponse(  # a real shard echoes request_id too
+                        text=f"{i}", finish_reason=int(i == count - 1), request_id=request.request.request_id
+                    )
             finished = True
         finally:
             if not finished:
@@ -107,15 +111,38 @@ async def _shard_and_channels(
         await server.stop(None)
 
 
-def _request(prompt: str) -> shard_pb2.ShardGenerateRequest:
-    return shard_pb2.ShardGenerateRequest(request=common_pb2.GenerateRequest(prompt=prompt))
+def _request(prompt: str, request_id: str = "") -> shard_pb2.ShardGenerateRequest:
+    return shard_pb2.ShardGenerateRequest(
+        request=common_pb2.GenerateRequest(prompt=prompt, request_id=request_id)
+    )
 
 
-async def _texts(channels: ShardChannels, address: str, prompt: str, timeout: float | None = None):
-    call = channels.stream(address).generate(_request(prompt), timeout, None)
+async def _texts(
+    channels: ShardChannels, address: str, prompt: str, timeout: float | None = None, request_id: str = ""
+):
+    call = channels.stream(address).generate(_request(prompt, request_id), timeout, None)
     async with aclosing(call.chunks()) as chunks:
         texts = [chunk.text async for chunk in chunks]
     return texts, call.outstanding_requests
+
+
+@contextmanager
+def unreachable_address() -> Iterator[str]:
+    """An address whose connections never complete, as a shard behind a partition that drops
+    packets: a listener with a full accept queue, which the kernel answers by dropping SYNs."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    fillers = [socket.socket() for _ in range(3)]
+    try:
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(address)
+        yield f"127.0.0.1:{address[1]}"
+    finally:
+        for sock in [*fillers, listener]:
+            sock.close()
 
 
 def test_many_requests_share_one_stream_each_getting_its_own_chunks_in_order() -> None:
@@ -345,5 +372,49 @@ def test_a_channel_left_idle_is_closed_but_never_one_with_a_request_in_flight() 
             await channels.close()
             for server, _ in served:
                 await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_requests_too_large_to_share_a_message_go_one_by_one_and_the_stream_stays_up() -> None:
+    """gRPC ends a stream that receives a message over 4 MiB, failing every request on it: requests
+    that fit one message each must never be batched into one too large (either way), and a request
+    too large alone is refused by itself."""
+
+    async def scenario() -> None:
+        async with _shard_and_channels() as (servicer, _server, address, channels):
+            held = asyncio.ensure_future(_texts(channels, address, "hold"))
+            while not servicer.seen:
+                await asyncio.sleep(0.01)
+            padding = "x" * (MAX_MESSAGE_BYTES // 3)  # the three together are over 4 MiB
+            results = await asyncio.gather(
+                *(_texts(channels, address, "n:1", 30.0, request_id=padding + str(i)) for i in range(3))
+            )
+            assert [texts for texts, _ in results] == [["0"]] * 3
+            with pytest.raises(ServiceError, match="bytes as sent to a shard") as refused:
+                await _texts(channels, address, "n:1", 30.0, request_id="x" * MAX_MESSAGE_BYTES)
+            assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            servicer.release.set()
+            assert (await asyncio.wait_for(held, 5))[0] == ["first", "last"]
+            assert not channels.stream(address).closed
+
+    asyncio.run(scenario())
+
+
+def test_a_shard_that_cannot_be_connected_fails_its_requests_within_the_connect_timeout() -> None:
+    """Not after gRPC's default 20 s, past most callers' deadlines: failed with UNAVAILABLE, the
+    router retries them on another shard while they still have time."""
+
+    async def scenario() -> None:
+        channels = ShardChannels(connect_timeout_s=0.5)
+        try:
+            with unreachable_address() as address:
+                started = time.monotonic()
+                with pytest.raises(ServiceError) as failed:
+                    await asyncio.wait_for(_texts(channels, address, "n:1", 30.0), 10)
+                assert failed.value.code == grpc.StatusCode.UNAVAILABLE
+                assert time.monotonic() - started < 3
+        finally:
+            await channels.close()
 
     asyncio.run(scenario())

@@ -74,12 +74,12 @@ async def _start_shard(
     return servicer, server
 
 
-async def _with_router(redis_url: str, namespace: str, scenario) -> None:
+async def _with_router(redis_url: str, namespace: str, scenario, **options) -> None:
+    """Run scenario(generation stub) against a router; options are RouterConfig fields."""
     port = free_port()
     stop = asyncio.Event()
-    router = asyncio.create_task(
-        serve(RouterConfig(redis_url, "m", port=port, namespace=namespace, refresh_interval_s=60), stop)
-    )
+    config = RouterConfig(redis_url, "m", port=port, namespace=namespace, refresh_interval_s=60, **options)
+    router = asyncio.create_task(serve(config, stop))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             await channel.channel_ready()
