@@ -1,8 +1,10 @@
 """Adapter tiers: GPU slots (engine), CPU memory and the disk cache (shard), on real adapter files."""
 
 import asyncio
+import contextlib
 import random
 import threading
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -282,12 +284,8 @@ def test_a_call_waiting_for_its_adapter_load_counts_in_the_shards_load(tiny_engi
         metrics = ShardMetrics(tiny_engine, store, AdapterLabels())
         service = ShardService(tiny_engine, store, "s0", "here", "tiny", metrics)
         awaiting_gauge = "loraplex_shard_adapter_load_waiting_requests"
-        server, port, _ = create_server("127.0.0.1:0", [])
-        shard_pb2_grpc.add_ShardServicer_to_server(service, server)
-        await server.start()
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = shard_pb2_grpc.ShardStub(channel)
+            async with _serving(service) as stub:
                 assert await waiting_requests(stub, 0) == 0
                 record = common_pb2.Adapter(name="a9", source=str(fifty_adapters[9]), version=1)
                 request = common_pb2.GenerateRequest(adapter="a9", prompt="hi")
@@ -301,7 +299,6 @@ def test_a_call_waiting_for_its_adapter_load_counts_in_the_shards_load(tiny_engi
                 assert metrics.registry.get_sample_value(awaiting_gauge) == 0
         finally:
             release_load.set()
-            await server.stop(None)
 
     asyncio.run(scenario())
 
@@ -471,36 +468,40 @@ def test_load_and_unload_adapter_over_grpc(tiny_engine, fifty_adapters, tmp_path
     async def scenario() -> None:
         store = AdapterStore(load, 4, disk=DiskCache(tmp_path / "disk", max_bytes=1 << 30))
         service = ShardService(tiny_engine, store, "s0", "here", "tiny", None)
-        server, port, _ = create_server("127.0.0.1:0", [])
-        shard_pb2_grpc.add_ShardServicer_to_server(service, server)
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = shard_pb2_grpc.ShardStub(channel)
-                loaded = await stub.LoadAdapter(
-                    shard_pb2.LoadAdapterRequest(adapter=record("grpc-loaded", 0))
-                )
-                assert loaded.tier == common_pb2.TIER_CPU and loaded.load_ms > 0
-                assert await tiers(stub) == [common_pb2.TIER_CPU]
-                await stub.UnloadAdapter(shard_pb2.UnloadAdapterRequest(name="grpc-loaded"))
-                assert await tiers(stub) == []
-                unload_again = stub.UnloadAdapter(shard_pb2.UnloadAdapterRequest(name="grpc-loaded"))
-                assert await code(unload_again) == grpc.StatusCode.NOT_FOUND
-                no_source = shard_pb2.LoadAdapterRequest(adapter=common_pb2.Adapter(name="x"))
-                assert await code(stub.LoadAdapter(no_source)) == grpc.StatusCode.INVALID_ARGUMENT
+        async with _serving(service) as stub:
+            loaded = await stub.LoadAdapter(shard_pb2.LoadAdapterRequest(adapter=record("grpc-loaded", 0)))
+            assert loaded.tier == common_pb2.TIER_CPU and loaded.load_ms > 0
+            assert await tiers(stub) == [common_pb2.TIER_CPU]
+            await stub.UnloadAdapter(shard_pb2.UnloadAdapterRequest(name="grpc-loaded"))
+            assert await tiers(stub) == []
+            unload_again = stub.UnloadAdapter(shard_pb2.UnloadAdapterRequest(name="grpc-loaded"))
+            assert await code(unload_again) == grpc.StatusCode.NOT_FOUND
+            no_source = shard_pb2.LoadAdapterRequest(adapter=common_pb2.Adapter(name="x"))
+            assert await code(stub.LoadAdapter(no_source)) == grpc.StatusCode.INVALID_ARGUMENT
 
-                slow = asyncio.ensure_future(
-                    stub.LoadAdapter(shard_pb2.LoadAdapterRequest(adapter=record("slow", 1)))
-                )
-                for _ in range(100):
-                    if store.loading():
-                        break
-                    await asyncio.sleep(0.02)
-                await stub.UnloadAdapter(shard_pb2.UnloadAdapterRequest(name="slow", version=1))
-                release_load.set()
-                assert (await slow).tier == common_pb2.TIER_UNSPECIFIED  # answered, and held nowhere
-                assert store.held() == [], "a load unloaded while under way is not kept"
-        finally:
-            await server.stop(None)
+            slow = asyncio.ensure_future(
+                stub.LoadAdapter(shard_pb2.LoadAdapterRequest(adapter=record("slow", 1)))
+            )
+            for _ in range(100):
+                if store.loading():
+                    break
+                await asyncio.sleep(0.02)
+            await stub.UnloadAdapter(shard_pb2.UnloadAdapterRequest(name="slow", version=1))
+            release_load.set()
+            assert (await slow).tier == common_pb2.TIER_UNSPECIFIED  # answered, and held nowhere
+            assert store.held() == [], "a load unloaded while under way is not kept"
 
     asyncio.run(scenario())
+
+
+@contextlib.asynccontextmanager
+async def _serving(service: ShardService) -> AsyncIterator[shard_pb2_grpc.ShardStub]:
+    """The service on a loopback gRPC server, and a stub calling it."""
+    server, port, _ = create_server("127.0.0.1:0", [])
+    shard_pb2_grpc.add_ShardServicer_to_server(service, server)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield shard_pb2_grpc.ShardStub(channel)
+    finally:
+        await server.stop(None)

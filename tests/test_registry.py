@@ -234,6 +234,23 @@ def test_a_subscriber_resyncs_after_redis_restarts_empty(restartable_redis):
     asyncio.run(scenario())
 
 
+async def _listening(registry: Registry) -> tuple[list[dict], asyncio.Task]:
+    """Subscribe to registry's events; returns the list they land in and the task to cancel."""
+    heard: list[dict] = []
+    subscribed = asyncio.Event()
+
+    async def on_subscribed():
+        subscribed.set()
+
+    async def listen():
+        async for event in registry.events(on_subscribed=on_subscribed):
+            heard.append(event)
+
+    listener = asyncio.create_task(listen())
+    await subscribed.wait()
+    return heard, listener
+
+
 def test_events_of_one_redis_database_stay_there(redis_url, namespace):
     """Pub/sub channels are server-wide, not per database: two meshes told apart by the database in
     their URL (same namespace) must not hear each other's changes."""
@@ -241,18 +258,7 @@ def test_events_of_one_redis_database_stay_there(redis_url, namespace):
     async def scenario():
         here = Registry(redis_url, namespace)
         there = Registry(redis_url.rsplit("/", 1)[0] + "/1", namespace)
-        heard = []
-        subscribed = asyncio.Event()
-
-        async def on_subscribed():
-            subscribed.set()
-
-        async def listen():
-            async for event in there.events(on_subscribed=on_subscribed):
-                heard.append(event)
-
-        listener = asyncio.create_task(listen())
-        await subscribed.wait()
+        heard, listener = await _listening(there)
         await here.create_adapter(_record("mine"))
         await there.create_adapter(_record("theirs"))
         for _ in range(200):
@@ -369,18 +375,7 @@ def test_a_write_whose_reply_was_lost_is_not_done_twice(redis_url, namespace):
 def test_two_namespaces_on_one_redis_share_nothing(redis_url, namespace):
     async def scenario():
         first, second = Registry(redis_url, namespace), Registry(redis_url, f"{namespace}:adapter")
-        heard = []
-        subscribed = asyncio.Event()
-
-        async def on_subscribed():
-            subscribed.set()
-
-        async def listen():
-            async for event in second.events(on_subscribed=on_subscribed):
-                heard.append(event)
-
-        listener = asyncio.create_task(listen())
-        await subscribed.wait()
+        heard, listener = await _listening(second)
         await first.create_adapter(_record("x"))
         await first.update_adapter(_record("x"))
         await first.heartbeat(ShardRecord("s0", "127.0.0.1:1", "m"), ttl_s=30)
