@@ -74,6 +74,19 @@ class EngineConfig:
     # tp_size > 1 the watchdog waits at least tp_timeout_s + 30 s, so a stuck rank is named as such.
     step_timeout_s: float = 60.0
 
+    def __post_init__(self) -> None:
+        """ValueError naming the first field out of bounds: a negative token budget or running limit
+        would leave every request waiting forever (0 means the device's default)."""
+        bounds = {
+            "block_size": (self.block_size, 1),
+            "kv_cache_bytes": (self.kv_cache_bytes, 0),
+            "max_batch_tokens": (self.max_batch_tokens, 0),
+            "max_running_requests": (self.max_running_requests, 0),
+        }
+        for name, (value, low) in bounds.items():
+            if value < low:
+                raise ValueError(f"{name} must be at least {low}, got {value}")
+
 
 @dataclass(frozen=True)
 class EngineRequest:
@@ -392,13 +405,17 @@ class Engine:
             _call_safely(listener, message)
 
     def _drain_inbox(self, block: bool) -> bool:
-        """Apply queued submits and aborts; False once asked to stop."""
+        """Apply queued submits and aborts, then publish the stats once (each publication counts every
+        sequence: publishing per item made a burst of n submits cost n^2); False once asked to stop."""
+        applied = False
         while True:
             try:
                 kind, payload = self._inbox.get(block=block)
             except queue.Empty:
+                if applied:
+                    self._publish_stats()
                 return True
-            block = False
+            block, applied = False, True
             if kind == "stop":
                 self._fail_all("the shard is shutting down")
                 return False
@@ -413,7 +430,6 @@ class Engine:
                 self.slots.drop(payload)  # type: ignore[arg-type]
                 if self.peers is not None:
                     self.peers.forget_adapter(payload)  # type: ignore[arg-type]
-            self._publish_stats()
 
     def _add(self, request: EngineRequest, callback: OutputCallback) -> None:
         refusal = self._refusal(request)
@@ -443,7 +459,8 @@ class Engine:
     def _refusal(self, request: EngineRequest) -> str | None:
         """Why the engine cannot serve the request at all (None: it can). The service checks prompts
         first; this guards every other caller: a prompt larger than the whole KV cache would wait for
-        blocks forever, an empty one has no position to predict from."""
+        blocks forever, an empty one has no position to predict from, a token id outside the vocabulary
+        has no embedding."""
         if request.request_id in self._requests:  # its entry would be overwritten, its blocks leaked
             return f"request id {request.request_id!r} is already in use by a request in flight"
         num_prompt_tokens = len(request.prompt_ids)
@@ -451,6 +468,10 @@ class Engine:
             return "the prompt is empty"
         if num_prompt_tokens > self.max_context:
             return ContextExceeded(self.max_context, num_prompt_tokens).message()
+        try:  # an id outside the embedding table would fail the step, and every request in it
+            self.prompts.check_token_ids(request.prompt_ids)
+        except ValueError as error:
+            return str(error)
         return None
 
     def step(self) -> None:
@@ -498,25 +519,34 @@ class Engine:
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
-        for seq in self.scheduler.sequences():
-            if seq.deadline is not None and now > seq.deadline:
-                self._finish(seq.request_id, RequestFailed("deadline", "the request's deadline passed"))
+        expired = [
+            seq.request_id
+            for seq in self.scheduler.sequences()
+            if seq.deadline is not None and now > seq.deadline
+        ]
+        if expired:
+            self._fail(expired, RequestFailed("deadline", "the request's deadline passed"))
 
-    def _finish(self, request_id: str, failure: RequestFailed | None = None) -> None:
+    def _finish(self, request_id: str) -> None:
+        """Drop the request and free its blocks and slot at once (no-op if it already ended)."""
         request = self._requests.pop(request_id, None)
-        if request is None:
-            return
-        try:
+        if request is not None:
             self.scheduler.finish(request.seq)
-        finally:  # the caller hears of its failure even if freeing the request's resources failed
-            if failure is not None:
-                _deliver(request, replace(failure, times=request.seq.times(time.time_ns())))
+
+    def _fail(self, request_ids: list[str], failure: RequestFailed) -> None:
+        """Drop the requests, publish stats without them, then tell their callers (stats first, as in
+        `step`). Never raises: each caller hears of its failure even if freeing its request failed."""
+        failed = [request for request_id in request_ids if (request := self._requests.get(request_id))]
+        for request in failed:
+            _call_safely(self._finish, request.seq.request_id)
+        _call_safely(self._publish_stats)
+        for request in failed:
+            _deliver(request, replace(failure, times=request.seq.times(time.time_ns())))
 
     def _fail_all(self, message: str, reason: str = "error") -> None:
         """Fail every request held. Never raises, so that each request is told and the engine thread
         (or `_die`) goes on even if one request's bookkeeping is broken."""
-        for request_id in list(self._requests):
-            _call_safely(self._finish, request_id, RequestFailed(reason, message))
+        self._fail(list(self._requests), RequestFailed(reason, message))
 
     def _publish_stats(self) -> None:
         sequences = self.scheduler.sequences()

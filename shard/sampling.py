@@ -56,7 +56,8 @@ class TokenSampler:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        self._generator = torch.Generator().manual_seed(seed)
+        # torch takes seeds in [-2**63, 2**64) and seeds n and n mod 2**64 alike: any integer works
+        self._generator = torch.Generator().manual_seed(seed % 2**64)
 
     def choose(self, logits: torch.Tensor, context_ids: list[int]) -> SampledToken:
         """logits: [vocab] for the next position; context_ids: prompt + generated ids so far."""

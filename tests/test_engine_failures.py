@@ -42,6 +42,10 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_mod
         assert failed == [
             RequestFailed("error", "the shard hit an internal error while running this request")
         ]
+        # published before the failure was delivered: not left counting the failed request until the
+        # next submit (an idle shard reporting load to the routers meanwhile)
+        assert (engine.stats.running_requests, engine.stats.waiting_requests) == (0, 0)
+        assert engine.stats.kv_blocks_used == 0 and engine.stats.queued_tokens == 0
         served = collect_outputs(engine, EngineRequest("b", [5, 6, 7], params))
         assert all(isinstance(output, TokenOutput) for output in served)
         assert served[-1].finish_reason == "length" and len(served) == 4

@@ -72,3 +72,16 @@ def test_repetition_penalty_steers_greedy_away_from_seen_tokens():
     logits = torch.tensor([2.0, 1.9, -5.0])
     sampler = TokenSampler(SamplingParams(max_new_tokens=1, repetition_penalty=1.5))
     assert sampler.choose(logits, [0]).token_id == 1
+
+
+@pytest.mark.parametrize("seed", [2**64 + 7, 7 - 2**64, -(2**70) + 7])
+def test_any_integer_seed_is_accepted_and_seeds_equal_modulo_2_to_the_64_agree(seed):
+    """torch rejects seeds outside [-2**63, 2**64): such a seed raised while the engine added the
+    request, failing every request in flight and leaving its own caller unanswered."""
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+
+    def draw(seed: int) -> list[int]:
+        sampler = TokenSampler(SamplingParams(max_new_tokens=1, temperature=1.0, seed=seed))
+        return [sampler.choose(logits, []).token_id for _ in range(20)]
+
+    assert draw(seed) == draw(7)
