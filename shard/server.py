@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import redis.exceptions
 
 from loraplex.protos.metrics import DEFAULT_ADAPTER_LABELS, AdapterLabels, serve_metrics
@@ -18,7 +19,7 @@ from loraplex.registry.adapter_source import IncompatibleAdapter, InvalidAdapter
 from loraplex.registry.records import AdapterRecord, HeldAdapter, ShardRecord
 from loraplex.registry.store import AdapterExists, Registry
 from loraplex.shard.adapter_store import AdapterStore, DiskCache
-from loraplex.shard.catalogue_follower import CatalogueFollower
+from loraplex.shard.catalogue_follower import REGISTRY_ERRORS, CatalogueFollower
 from loraplex.shard.engine import Engine, EngineConfig
 from loraplex.shard.metrics import ShardMetrics
 from loraplex.shard.service import ShardService
@@ -61,30 +62,36 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
     adapter is bad and the shard never started, or the engine failed for good (a tensor-parallel rank
     died, or a step ran past its timeout) and the shard has deregistered and stopped."""
     stop = stop or stop_on_signals()
+    _check_preload_names(config.preload)
     configure_tracing("loraplex-shard", instance_id=config.shard_id)
+    # bind before the model loads: a taken port fails the start at once, not minutes later
+    server, port, health = create_server(f"{config.host}:{config.port}", [SERVICE_NAME])
+    address = f"{config.advertise_host or config.host}:{port}"
     model_dir = await asyncio.to_thread(resolve_model, config.model, config.cache_dir)
     engine = await asyncio.to_thread(Engine, model_dir, config.engine)
     loop = asyncio.get_running_loop()
     engine.on_failure(lambda message: loop.call_soon_threadsafe(stop.set))
     engine.start()
-    server, port, health = create_server(f"{config.host}:{config.port}", [SERVICE_NAME])
-    address = f"{config.advertise_host or config.host}:{port}"
-    disk = DiskCache(
-        config.disk_cache_dir or config.cache_dir / "adapters" / config.shard_id, config.disk_cache_bytes
-    )
-    adapters = AdapterStore(
-        engine.load_adapter,
-        config.max_cpu_adapters,
-        disk,
-        on_evict=lambda adapter: engine.drop_adapter(adapter.uid),
-    )
-    metrics = ShardMetrics(engine, adapters, AdapterLabels(config.metrics_adapter_labels))
-    serve_metrics(config.metrics_port, metrics.registry)
-    service = ShardService(engine, adapters, config.shard_id, address, model_dir.name, metrics)
     registry = Registry(config.redis_url, config.namespace)
-    fit = ModelFit(engine.model.lora_targets(), engine.config.max_lora_rank)
-    try:
-        await _preload(registry, adapters, config.preload, model_dir.name, fit)
+    try:  # whatever fails from here on (a bad preload, a taken metrics port) stops the engine first
+        disk = DiskCache(
+            config.disk_cache_dir or config.cache_dir / "adapters" / config.shard_id,
+            config.disk_cache_bytes,
+        )
+        adapters = AdapterStore(
+            engine.load_adapter,
+            config.max_cpu_adapters,
+            disk,
+            on_evict=lambda adapter: engine.drop_adapter(adapter.uid),
+        )
+        metrics = ShardMetrics(engine, adapters, AdapterLabels(config.metrics_adapter_labels))
+        serve_metrics(config.metrics_port, metrics.registry)
+        service = ShardService(engine, adapters, config.shard_id, address, model_dir.name, metrics)
+        fit = ModelFit(engine.model.lora_targets(), engine.config.max_lora_rank)
+        wanted = [
+            await _checked_preload(name, source, model_dir.name, fit) for name, source in config.preload
+        ]
+        unregistered = await _preload(registry, adapters, wanted)
     except BaseException:
         await asyncio.to_thread(engine.stop)
         await registry.close()
@@ -94,6 +101,9 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
     await set_serving(health, [SERVICE_NAME])
     heartbeats = asyncio.create_task(_heartbeat_forever(registry, service, engine, config))
     follower = asyncio.create_task(CatalogueFollower(registry, adapters, config.catalogue_resync_s).run())
+    preloads = asyncio.create_task(
+        _preload_when_reachable(registry, adapters, unregistered, config.heartbeat_interval_s)
+    )
     log.info("shard %s serving %s on %s", config.shard_id, model_dir.name, address)
     print(f"shard {config.shard_id} ready on {address}", flush=True)
     try:
@@ -106,51 +116,111 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
         service.draining.set()
         heartbeats.cancel()
         follower.cancel()
+        preloads.cancel()
         try:
             await asyncio.wait_for(registry.remove_shard(config.shard_id), timeout=2)
         except (redis.exceptions.RedisError, OSError, TimeoutError):
             log.warning("could not remove %s from the registry; its heartbeat will expire", config.shard_id)
-        # a failed engine has already failed its requests: nothing to drain
-        await server.stop(grace=0 if engine.failure else config.drain_timeout_s)
+        await _drain(server, service, engine, config.drain_timeout_s)
         await asyncio.to_thread(engine.stop)
         await registry.close()
     if engine.failure:
         raise ShardFailed(engine.failure)
 
 
-async def _preload(
-    registry: Registry,
-    adapters: AdapterStore,
-    preload: tuple[tuple[str, str], ...],
-    base_model: str,
-    fit: ModelFit,
-) -> None:
-    """Register each (name, source) unless the catalogue has it already, then load it into memory, so
-    the first request finds it warm (TGI's LORA_ADAPTERS). ShardFailed: a bad adapter, or one that does
-    not fit this shard's model (checked before it is registered), stops the shard from starting."""
+async def _drain(server: grpc.aio.Server, service: ShardService, engine: Engine, timeout_s: float) -> None:
+    """Let the requests in flight finish, for up to timeout_s, then stop the server; what is still
+    running then ends UNAVAILABLE. The port stays open meanwhile, so health checks read NOT_SERVING
+    (GenerateMany refuses new requests). A failed engine has already failed its requests."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (0 if engine.failure else timeout_s)
+    while service.outstanding_requests() and loop.time() < deadline and not engine.failure:
+        await asyncio.sleep(0.05)
+    await server.stop(grace=max(0.0, deadline - loop.time()))
+
+
+def _check_preload_names(preload: tuple[tuple[str, str], ...]) -> None:
+    """ShardFailed for a name listed twice: only one of its sources could be served."""
+    sources: dict[str, str] = {}
     for name, source in preload:
-        try:
-            record = await _register(registry, name, source, base_model, fit)
-            adapters.release(
-                await adapters.acquire(record.source, record.name, record.version, record.checksum)
+        if name in sources:
+            raise ShardFailed(
+                f"adapter {name!r} is listed twice to preload ({sources[name]} and {source}); "
+                "give each adapter one name=path entry"
             )
-        except (InvalidAdapter, IncompatibleAdapter) as error:
-            raise ShardFailed(f"cannot preload adapter {name!r} from {source}: {error}") from error
-        log.info("preloaded adapter %s v%d", record.name, record.version)
+        sources[name] = source
 
 
-async def _register(
-    registry: Registry, name: str, source: str, base_model: str, fit: ModelFit
-) -> AdapterRecord:
-    """The catalogue's record for name: the one registered, else one made from source once it is known
-    to fit this shard's model (an adapter that does not is never registered)."""
-    wanted = await asyncio.to_thread(catalogue_record, name, source, base_model, fit)
+async def _checked_preload(name: str, source: str, base_model: str, fit: ModelFit) -> AdapterRecord:
+    """The catalogue record for a preload entry, read from its source and checked against this shard's
+    model (no registry needed). ShardFailed names a bad entry: the shard does not start."""
+    try:
+        return await asyncio.to_thread(catalogue_record, name, source, base_model, fit)
+    except (InvalidAdapter, IncompatibleAdapter) as error:
+        raise ShardFailed(f"cannot preload adapter {name!r} from {source}: {error}") from error
+
+
+async def _preload(
+    registry: Registry, adapters: AdapterStore, wanted: list[AdapterRecord]
+) -> list[AdapterRecord]:
+    """Register and load each checked record (`_preload_one`) at start-up. Returns those not done
+    because the registry is unreachable: the shard starts without them and finishes them later."""
+    for index, record in enumerate(wanted):
+        try:
+            await _preload_one(registry, adapters, record)
+        except REGISTRY_ERRORS as error:
+            log.warning(
+                "registry unreachable (%s): adapters %s will be registered and loaded once it answers",
+                error,
+                ", ".join(pending.name for pending in wanted[index:]),
+            )
+            return wanted[index:]
+    return []
+
+
+async def _preload_when_reachable(
+    registry: Registry, adapters: AdapterStore, unregistered: list[AdapterRecord], retry_s: float
+) -> None:
+    """Finish a preload that the registry's absence interrupted at start-up; meanwhile the shard
+    serves the base model and the adapters already registered."""
+    while unregistered:
+        await asyncio.sleep(retry_s)
+        try:
+            await _preload_one(registry, adapters, unregistered[0])
+        except REGISTRY_ERRORS:
+            continue
+        except ShardFailed as error:  # too late to refuse to start: serve the others
+            log.error("%s", error)
+        unregistered = unregistered[1:]
+
+
+async def _preload_one(registry: Registry, adapters: AdapterStore, wanted: AdapterRecord) -> None:
+    """Register the record unless the catalogue has its name already, then load the registered
+    version into memory, so the first request finds it warm (TGI's LORA_ADAPTERS). ShardFailed: the
+    registered version (other weights, registered earlier) cannot be loaded here."""
+    record = await _register(registry, wanted)
+    try:
+        adapters.release(await adapters.acquire(record.source, record.name, record.version, record.checksum))
+    except (InvalidAdapter, IncompatibleAdapter, OSError) as error:  # OSError: not the registry's
+        raise ShardFailed(
+            f"cannot preload adapter {record.name!r} from {record.source} (its registered source): {error}"
+        ) from error
+    log.info("preloaded adapter %s v%d", record.name, record.version)
+
+
+async def _register(registry: Registry, wanted: AdapterRecord) -> AdapterRecord:
+    """The catalogue's record for the wanted one's name: the one registered, else the wanted one."""
     try:
         return await registry.create_adapter(wanted)
     except AdapterExists:
-        record = await registry.get_adapter(name)
+        record = await registry.get_adapter(wanted.name)
         if record.checksum != wanted.checksum:
-            log.warning("adapter %s is registered with other weights; serving the registered ones", name)
+            log.warning(
+                "adapter %s is registered with other weights (from %s); serving the registered ones, not %s",
+                wanted.name,
+                record.source,
+                wanted.source,
+            )
         return record
 
 
@@ -183,8 +253,12 @@ async def _heartbeat_forever(
             if not healthy:
                 log.info("registry reachable again")
             healthy = True
-        except (redis.exceptions.RedisError, OSError) as error:
+        except REGISTRY_ERRORS as error:
             if healthy:
                 log.warning("heartbeat failed, will keep trying: %s", error)
+            healthy = False
+        except Exception:  # a bug: the shard must not leave the membership while it still serves
+            if healthy:
+                log.exception("heartbeat failed unexpectedly, will keep trying")
             healthy = False
         await asyncio.sleep(config.heartbeat_interval_s)

@@ -12,7 +12,7 @@ from contextlib import aclosing
 import grpc
 from opentelemetry import trace
 
-from loraplex.protos.generate_many import serve_generate_many
+from loraplex.protos.generate_many import DRAINING_MESSAGE, serve_generate_many
 from loraplex.protos.load_report import load_metadata
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.telemetry import Metadata
@@ -60,11 +60,13 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self.base_model = base_model
         self._tracer = trace.get_tracer("loraplex.shard")
         self._awaiting_adapters = 0  # calls waiting for their adapter's load, not yet in the engine
-        self.draining = asyncio.Event()  # set when the shard stops: GenerateMany takes no new requests
+        self.draining = asyncio.Event()  # set when the shard stops: it takes no new requests
 
     async def Generate(
         self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.GenerateStreamResponse]:
+        if self.draining.is_set():  # the port stays open while the shard drains, for health checks
+            raise ServiceError.unavailable(DRAINING_MESSAGE)
         generation = self._serve(request, context.time_remaining(), context.invocation_metadata())
         async with aclosing(generation) as chunks:
             async for chunk in chunks:
