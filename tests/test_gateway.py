@@ -375,6 +375,50 @@ def test_bad_input_gets_a_4xx_in_openai_shape(mesh, path, body, status, hint):
     assert payload["error"]["type"]
 
 
+def test_the_sdk_passing_none_for_an_argument_gets_its_default(client):
+    """openai-python sends an argument passed as None as JSON null, which OpenAI's API and vLLM's
+    take as the default; `n`, `stream`, `logprobs` and `echo` were 400s ("should be a valid integer")."""
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(
+        model=BASE, messages=messages, max_tokens=2, n=None, stream=None, logprobs=None
+    )
+    assert len(chat.choices) == 1 and chat.choices[0].logprobs is None
+    completion = client.completions.create(
+        model=BASE, prompt="Hi", max_tokens=2, n=None, stream=None, echo=None, logprobs=None
+    )
+    assert len(completion.choices) == 1 and not completion.choices[0].text.startswith("Hi")
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        # the shard refused these, and its 400 named no field
+        ({"stop": [""]}, "stop"),
+        ({"stop": ""}, "stop"),
+        # a value matching neither member of a union was located under a member: `stop.str`
+        ({"stop": ["x"] * 17}, "stop"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
+    ],
+)
+def test_a_bad_field_is_a_bad_request_error_whose_param_names_it(client, extra, param):
+    body = {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(**body)
+    assert raised.value.param == param, raised.value.body
+
+
+def test_each_answer_carries_a_request_id_the_sdk_reads(client):
+    raw = client.chat.completions.with_raw_response.create(
+        model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert raw.request_id and raw.parse().choices
+    sent = client.models.with_raw_response.list(extra_headers={"X-Request-Id": "trace-me-42"})
+    assert sent.request_id == "trace-me-42"
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    assert raised.value.request_id
+
+
 def test_a_request_past_the_context_gets_each_apis_own_context_error(mesh, client):
     """Client libraries match on these to trim a conversation and retry: OpenAI's code
     `context_length_exceeded` and its 'maximum context length' wording (LiteLLM, CrewAI), TGI's
@@ -420,6 +464,9 @@ def test_tgi_bad_input_gets_422_in_tgi_shape(mesh):
         mesh, "/generate", json.dumps({"inputs": "hi", "parameters": {"adapter_id": "nope"}})
     )
     assert status == 404 and "nope" in body["error"]
+    # TGI's words, not the router's ("set exactly one of `prompt` ... or `prompt_token_ids`")
+    status, body = _post(mesh, "/generate", json.dumps({"inputs": "", "parameters": {"max_new_tokens": 2}}))
+    assert (status, body["error"]) == (422, "Input validation error: `inputs` cannot be empty")
 
 
 @pytest.mark.parametrize(
@@ -456,6 +503,7 @@ def test_a_refusable_parameter_at_its_off_value_is_accepted(mesh, client):
         model=BASE,
         messages=[{"role": "user", "content": "hi"}],
         max_tokens=2,
+        temperature=0,  # sampled, two tokens may both read empty (a special token, part of a character)
         logit_bias={},
         tool_choice="auto",
         extra_body={"min_p": 0, "skip_special_tokens": True},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplex.protos.telemetry import configure_tracing
 from loraplex.router.gateway import jobs_api, openai_api, tgi_api
@@ -53,6 +56,30 @@ TELEMETRY: TelemetryConfig = {
 }
 
 
+class RequestIdMiddleware:
+    """Every answer carries `x-request-id`, the caller's own or a fresh one, as OpenAI's API does: the
+    OpenAI SDK reads it as a response's `_request_id` and puts it in its logs."""
+
+    MAX_LENGTH = 128
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get("x-request-id", "")
+        request_id = given if 0 < len(given) <= self.MAX_LENGTH else uuid.uuid4().hex
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).append("x-request-id", request_id)
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 def create_app(config: GatewayConfig) -> FastAPI:
     client = RouterClient(config.router, config.request_timeout_s)
     names = config.model_names()
@@ -74,6 +101,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(openai_api.build_router(client, names))
     app.include_router(jobs_api.build_router(client, names))
     app.include_router(tgi_api.build_router(client, names))

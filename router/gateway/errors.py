@@ -4,6 +4,7 @@ sent in the body shape the caller's client parses: OpenAI's under /v1, TGI's on 
 from __future__ import annotations
 
 import json
+from itertools import takewhile
 
 import grpc
 from fastapi import Request
@@ -139,18 +140,23 @@ def sse_error(request: Request, error: APIError) -> str:
 
 
 def describe_validation_error(error: RequestValidationError) -> tuple[str, str | None]:
-    """Pydantic's error list as one sentence naming the offending field."""
-    messages, param = [], None
+    """Pydantic's error list as one sentence naming the offending field. The field (`param`) is where
+    the errors' locations meet: a value matching no member of a union (`stop`: a string or a list)
+    has an error per member, each located under a member's name (`stop.str`, `stop.list[str]`)."""
+    messages, locations = [], []
     for item in error.errors():
         location = [str(part) for part in item.get("loc", ()) if part != "body"]
+        locations.append(location)
         field = ".".join(location)
-        param = param or field or None
         if item.get("type") == "json_invalid":
             messages.append(f"the body is not valid JSON ({item.get('ctx', {}).get('error', 'parse error')})")
         elif field:
             messages.append(f"{field}: {item.get('msg')}")
         else:
             messages.append(str(item.get("msg")))
+    common = takewhile(lambda parts: len(set(parts)) == 1, zip(*locations, strict=False))
+    shared = [parts[0] for parts in common]
+    param = ".".join(shared or (locations[0] if locations else [])) or None
     return "; ".join(messages) or "invalid request", param
 
 

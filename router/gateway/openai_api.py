@@ -172,6 +172,8 @@ def _check_common(body: SamplingFields, refused: dict[str, tuple]) -> None:
             "chunk); include_usage alone gives one usage chunk at the end of the stream",
             "stream_options.continuous_usage_stats",
         )
+    if any(not text for text in body.stop_list()):  # as vLLM: an empty stop string would end every answer
+        raise APIError.bad_request("stop strings must not be empty", "stop")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name):
             raise APIError.bad_request(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from loraplex.shard.sampling_limits import MAX_TOP_LOGPROBS, REPETITION_PENALTY_RANGE
 
@@ -101,6 +101,13 @@ class SamplingFields(BaseModel):
     repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
+
+    @field_validator("n", "stream", "logprobs", "echo", mode="before", check_fields=False)
+    @classmethod
+    def _null_is_the_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """OpenAI's API (and vLLM's) takes `null` for these as "the default", and the SDKs send it for
+        an argument passed as None."""
+        return cls.model_fields[info.field_name].default if value is None else value
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

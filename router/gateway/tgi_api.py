@@ -96,6 +96,8 @@ def build_router(client: RouterClient, names: ModelNames) -> APIRouter:
 
 def _generate_request(body: TGIRequest, names: ModelNames) -> common_pb2.GenerateRequest:
     p = body.parameters
+    if not body.inputs:  # TGI's words; the router's would name its own fields
+        raise APIError.bad_request("Input validation error: `inputs` cannot be empty", "inputs")
     if p.best_of not in (None, 1):
         raise APIError.bad_request("best_of is not supported", "best_of")
     if p.grammar:
