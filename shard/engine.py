@@ -417,7 +417,7 @@ class Engine:
                 return True
             block, applied = False, True
             if kind == "stop":
-                self._fail_all("the shard is shutting down")
+                self._fail_all("the shard is shutting down; retry on another shard", reason="unavailable")
                 return False
             if kind == "fatal":
                 self._die(payload)  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ from loraplex.tools.model_store import resolve_model
 
 log = logging.getLogger("loraplex.shard")
 SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["Shard"].full_name
+FAILURE_DELIVERY_S = 1.0  # for the last messages of requests the drain cut off to reach their callers
 
 
 @dataclass(frozen=True)
@@ -121,22 +122,23 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
             await asyncio.wait_for(registry.remove_shard(config.shard_id), timeout=2)
         except (redis.exceptions.RedisError, OSError, TimeoutError):
             log.warning("could not remove %s from the registry; its heartbeat will expire", config.shard_id)
-        await _drain(server, service, engine, config.drain_timeout_s)
-        await asyncio.to_thread(engine.stop)
+        await _drain(server, service, engine, config.drain_timeout_s)  # stops the engine too
         await registry.close()
     if engine.failure:
         raise ShardFailed(engine.failure)
 
 
 async def _drain(server: grpc.aio.Server, service: ShardService, engine: Engine, timeout_s: float) -> None:
-    """Let the requests in flight finish, for up to timeout_s, then stop the server; what is still
-    running then ends UNAVAILABLE. The port stays open meanwhile, so health checks read NOT_SERVING
-    (GenerateMany refuses new requests). A failed engine has already failed its requests."""
+    """Let the requests in flight finish, for up to timeout_s, then stop the engine and the server; what
+    is still running then ends UNAVAILABLE. The port stays open meanwhile, so health checks read
+    NOT_SERVING (new requests are refused). A failed engine has already failed its requests."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + (0 if engine.failure else timeout_s)
     while service.outstanding_requests() and loop.time() < deadline and not engine.failure:
         await asyncio.sleep(0.05)
-    await server.stop(grace=max(0.0, deadline - loop.time()))
+    # the engine fails what is left, UNAVAILABLE saying why, before the server cuts the calls off
+    await asyncio.to_thread(engine.stop)
+    await server.stop(grace=FAILURE_DELIVERY_S)
 
 
 def _check_preload_names(preload: tuple[tuple[str, str], ...]) -> None:
