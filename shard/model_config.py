@@ -13,6 +13,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # RoPE variants whose frequencies do not depend on the sequence length, so one table serves all steps.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SILU_NAMES = ("silu", "swish")  # transformers' ACT2FN maps both to SiLU
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,13 @@ class ModelConfig:
                 f"model_type {config.model_type!r} is not supported; loraplex serves {SUPPORTED_MODEL_TYPES}"
             )
         hidden_act = getattr(config, "hidden_act", "silu")
-        if hidden_act != "silu":
+        if hidden_act not in SILU_NAMES:
             raise ValueError(f"hidden_act {hidden_act!r} is not supported; Llama-family models use silu")
         num_heads = config.num_attention_heads
-        attention_bias = bool(getattr(config, "attention_bias", False))
+        # Only transformers' Llama reads these two; Mistral and Qwen2 fix their biases whatever they say.
+        is_llama = config.model_type == "llama"
+        attention_bias = is_llama and bool(getattr(config, "attention_bias", False))
+        mlp_bias = is_llama and bool(getattr(config, "mlp_bias", False))
         return cls(
             model_type=config.model_type,
             vocab_size=config.vocab_size,
@@ -72,7 +76,7 @@ class ModelConfig:
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             qkv_bias=config.model_type == "qwen2" or attention_bias,
             o_bias=attention_bias,
-            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            mlp_bias=mlp_bias,
             sliding_window=_sliding_window(config),
             eos_token_ids=_token_ids(config.eos_token_id),
             hf_config=config,
@@ -89,6 +93,11 @@ class ModelConfig:
             exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
             return 1.0 / theta**exponents, 1.0
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](self.hf_config, torch.device("cpu"))
+        if inv_freq.numel() != self.head_dim // 2:  # transformers' Llama rotates whole heads, and fails too
+            raise ValueError(
+                f"rope_type {rope_type!r} rotates {2 * inv_freq.numel()} of the {self.head_dim} dimensions "
+                "of each head (partial_rotary_factor); loraplex serves RoPE over whole heads"
+            )
         return inv_freq.float(), float(scaling)
 
     def kv_bytes_per_token(self, dtype: torch.dtype, tp_size: int = 1) -> int:
@@ -98,9 +107,12 @@ class ModelConfig:
 
 
 def _sliding_window(config: PretrainedConfig) -> int | None:
-    """The attention window every layer uses, or None for full attention. Qwen2 windows only the
-    layers from max_window_layers on (its `layer_types`), and only with use_sliding_window."""
+    """The attention window every layer uses, or None for full attention. Mistral windows every layer,
+    Llama none; Qwen2 windows only the layers from max_window_layers on (its `layer_types`), and only
+    with use_sliding_window."""
     window = getattr(config, "sliding_window", None)
+    if config.model_type == "llama":  # transformers' Llama attends to everything whatever config.json says
+        return None
     if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
         return None
     layer_types = getattr(config, "layer_types", None)

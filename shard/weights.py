@@ -83,8 +83,9 @@ def _check_tied_head(embedding: nn.Parameter, head: torch.Tensor) -> None:
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of the checkpoint: those its index names, or else every one in the
-    directory (an index leaves out other copies some repositories ship, e.g. consolidated.safetensors)."""
+    """The safetensors files of the checkpoint: those its index names, or else model.safetensors, or
+    else every one in the directory (the index and model.safetensors leave out other copies some
+    repositories ship, e.g. consolidated.safetensors, as transformers does)."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         files = [
@@ -94,6 +95,8 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
         if absent:
             raise FileNotFoundError(f"{index.name} names files missing from {model_dir}: {absent}")
         return files
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")

@@ -65,6 +65,25 @@ def test_a_sharded_checkpoint_loads_only_the_files_its_index_names(tmp_path, smo
     _assert_logits_match_transformers(model_dir)
 
 
+def test_a_sharded_checkpoint_missing_a_tensor_or_a_file_is_refused_by_name(tmp_path, smollm2_dir):
+    model_dir = write_tiny_model(tmp_path, smollm2_dir, family="mistral")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    (model_dir / "model.safetensors").unlink()
+    model.save_pretrained(model_dir, max_shard_size="2MB")
+    weight_map = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.down_proj.weight"  # listed in the index, absent from its file
+    shard = model_dir / weight_map[name]
+    weights = load_file(shard)
+    del weights[name]
+    save_file(weights, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"lacks 1 tensors .*'{name}'"):
+        _engine(model_dir)
+    first = model_dir / weight_map["model.embed_tokens.weight"]
+    first.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"index\.json names files missing .*{first.name}"):
+        _engine(model_dir)
+
+
 def test_a_tied_checkpoint_that_also_stores_the_lm_head_loads(tmp_path, smollm2_dir):
     model_dir = write_tiny_model(tmp_path, smollm2_dir, family="llama")  # tied
     _rewrite_weights(
@@ -163,6 +182,15 @@ CONFIG_VARIANTS = {  # settings of real checkpoints that test_engine_families' v
     "head-dim-not-hidden-over-heads": dict(head_dim=32),
     "attention-and-mlp-bias": dict(attention_bias=True, mlp_bias=True),
     "rms-norm-eps": dict(rms_norm_eps=0.25),
+    # transformers' Llama ignores sliding_window (some converted configs carry one): no window
+    "llama-with-a-sliding-window-key": dict(sliding_window=8),
+    # only transformers' Llama reads attention_bias and mlp_bias; Qwen2 and Mistral fix their biases
+    "qwen2-with-attention-bias-key": dict(family="qwen2", attention_bias=True),
+    "mistral-with-mlp-bias-key": dict(family="mistral", mlp_bias=True, attention_bias=True),
+    "swish-act": dict(hidden_act="swish"),  # transformers' name for silu too
+    "qwen2-window-in-every-layer": dict(
+        family="qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0
+    ),
 }
 
 
@@ -181,6 +209,21 @@ def test_a_rope_type_whose_frequencies_change_with_length_is_refused_at_load(
     model_dir = write_tiny_model(tmp_path, smollm2_dir, rope_parameters=rope)
     with pytest.raises(ValueError, match=f"rope_type '{rope_type}' is not supported"):
         _engine(model_dir)
+
+
+def test_a_rope_over_part_of_each_head_is_refused_at_load(tmp_path, smollm2_dir):
+    # transformers' Llama computes yarn for part of the head, then fails at the first forward
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "partial_rotary_factor": 0.5}
+    model_dir = write_tiny_model(tmp_path, smollm2_dir, rope_parameters=rope)
+    with pytest.raises(ValueError, match=r"rotates 8 of the 16 dimensions .*partial_rotary_factor"):
+        _engine(model_dir)
+
+
+def test_a_single_file_checkpoint_ignores_other_safetensors_beside_it(tmp_path, smollm2_dir):
+    # as transformers does: with no index it reads model.safetensors alone
+    model_dir = write_tiny_model(tmp_path, smollm2_dir, family="mistral")
+    save_file({"layers.0.attention.wq.weight": torch.zeros(4, 4)}, model_dir / "consolidated.safetensors")
+    _assert_logits_match_transformers(model_dir)
 
 
 def test_a_tiny_model_has_room_for_tokens_added_past_the_vocabulary(smollm2_dir, tmp_path):
