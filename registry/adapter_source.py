@@ -12,13 +12,16 @@ each tensor to {dtype, shape, data_offsets}, then the data, which the offsets ti
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
 import re
 import struct
 import tarfile
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -30,9 +33,33 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_WEIGHTS_BYTES = 2 << 30  # an adapter's weights past 2 GiB are refused before being read
 MAX_CONFIG_BYTES = 1 << 20  # so is an adapter_config.json past 1 MiB (PEFT writes about 1 KiB)
+MAX_ARCHIVE_MEMBERS = 64  # an adapter archive holds two files (and perhaps a README): more is refused
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])(?:\.[^.]+)?\.weight$")
+# init_lora_weights values whose training changed the base weights: the adapter fits those, not ours
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# PEFT options that make an adapter more than A/B deltas on the shared projections, each refused when set
+UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA (use_dora) is not supported; train a plain LoRA with use_dora=False",
+    "lora_bias": "lora_bias (a bias on lora_B) is not supported; train with lora_bias=False",
+    "modules_to_save": "modules_to_save {value} replace whole modules of the base model that every adapter "
+    "shares, which is not supported; train without modules_to_save",
+    "trainable_token_indices": "trainable_token_indices (trained embedding rows) is not supported; "
+    "train without it",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
+    "layer_replication": "layer_replication changes the base model's layers, which is not supported",
+    "target_parameters": "target_parameters (LoRA on raw parameters) is not supported; use target_modules",
+    "use_qalora": "QALoRA (use_qalora) is not supported",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not supported",
+    "kasa_config": "KaSA (kasa_config) is not supported",
+    "monteclora_config": "MonteCLoRA (monteclora_config) is not supported",
+    "arrow_config": "Arrow routing (arrow_config) is not supported",
+}
+PACK_HINT = (
+    "pack it with: tar -czf adapter.tar.gz -C ADAPTER_DIR adapter_config.json adapter_model.safetensors"
+)
+SAVE_HINT = "save a plain LoRA (only lora_A/lora_B weights) with PEFT's save_pretrained"
 MAX_HEADER_BYTES = 100 << 20  # what the safetensors library itself accepts
 DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -53,7 +80,7 @@ class AdapterMetadata:
     rank: int  # the config's r; rank_pattern may give modules others
     alpha: float
     use_rslora: bool
-    target_modules: tuple[str, ...]
+    target_modules: tuple[str, ...]  # the projection names adapted (from the weights, by read_metadata)
     base_model: str
     checksum: str
     # PEFT's per-module overrides, in the config's order: (pattern, value); a pattern matches a module
@@ -62,6 +89,11 @@ class AdapterMetadata:
     alpha_pattern: tuple[tuple[str, float], ...] = ()
     # (module path, A shape, B shape) per adapted module, from the weights' header (read_metadata)
     module_shapes: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
+    # the config's target_modules as PEFT matches them: a regex fullmatching the module paths it targets
+    target_regex: str = ""
+
+    def targets(self, module_path: str) -> bool:
+        return re.fullmatch(self.target_regex, module_path) is not None
 
     @property
     def max_rank(self) -> int:
@@ -177,8 +209,11 @@ def read_metadata(source: str) -> AdapterMetadata:
         config_bytes, shapes, weights_digest = _read_archive(path)
     metadata = _parse_config(config_bytes, weights_digest)
     modules = lora_modules(shapes, metadata)
+    names = {path.rsplit(".", 1)[-1] for path in modules}
     return replace(
-        metadata, module_shapes=tuple((path, shapes[a], shapes[b]) for path, (a, b) in modules.items())
+        metadata,
+        target_modules=tuple(name for name in SUPPORTED_TARGETS if name in names),
+        module_shapes=tuple((path, shapes[a], shapes[b]) for path, (a, b) in modules.items()),
     )
 
 
@@ -198,7 +233,7 @@ def read_adapter_files(source: str) -> tuple[bytes, bytes]:
         _check_size(weights_file.stat().st_size)
         weights = weights_file.read_bytes()
     else:
-        with tarfile.open(path, "r:gz") as archive:
+        with _open_archive(path) as archive:
             members = _archive_members(archive, path)
             config_bytes = _read_archived_config(archive, members[CONFIG_FILE])
             _check_size(members[WEIGHTS_FILE].size)
@@ -222,21 +257,45 @@ def _check_size(num_bytes: int) -> None:
         raise InvalidAdapter(f"adapter weights are {num_bytes} bytes; the limit is {MAX_WEIGHTS_BYTES}")
 
 
+@contextmanager
+def _open_archive(path: Path) -> Iterator[tarfile.TarFile]:
+    """The archive open for reading; one that is not gzip, is truncated or corrupt is InvalidAdapter."""
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            yield archive
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise InvalidAdapter(f"{path} is not a readable .tar.gz archive ({error}); {PACK_HINT}") from error
+
+
 def _archive_members(archive: tarfile.TarFile, path: Path) -> dict[str, tarfile.TarInfo]:
     """The config and weights members, which must be regular files at the archive's root. Nothing is
-    ever extracted, but an archive with absolute paths, `..`, links or devices is refused outright:
-    whoever built it did not build a plain adapter archive."""
-    for member in archive.getmembers():
+    ever extracted, but an archive with absolute paths, `..`, links, devices or repeated names is
+    refused outright: whoever built it did not build a plain adapter archive. Each member's declared
+    size is checked as its header is read, before tarfile inflates its data to skip it."""
+    members: dict[str, tarfile.TarInfo] = {}
+    num_bytes = 0
+    for member in archive:  # headers one at a time, unlike getmembers()
         parts = Path(member.name).parts
         if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
             raise InvalidAdapter(
                 f"archive {path} holds an unsafe member {member.name!r} (absolute path, '..', link or "
-                "device); pack only adapter_config.json and adapter_model.safetensors at the root"
+                f"device); {PACK_HINT}"
             )
-    members = {member.name.removeprefix("./"): member for member in archive.getmembers()}
+        name = member.name.removeprefix("./")
+        if name in members:
+            raise InvalidAdapter(f"archive {path} holds {name!r} twice; {PACK_HINT}")
+        members[name] = member
+        num_bytes += member.size
+        if len(members) > MAX_ARCHIVE_MEMBERS or num_bytes > MAX_WEIGHTS_BYTES + MAX_CONFIG_BYTES:
+            raise InvalidAdapter(
+                f"archive {path} holds more than {MAX_ARCHIVE_MEMBERS} members or "
+                f"{MAX_WEIGHTS_BYTES + MAX_CONFIG_BYTES} bytes; {PACK_HINT}"
+            )
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if name not in members or not members[name].isfile():
-            raise InvalidAdapter(f"archive {path} has no regular file {name} at its root")
+            nested = [other for other in members if other.endswith(f"/{name}")]
+            found = f" (found {nested[0]!r}: the files must not sit in a folder)" if nested else ""
+            raise InvalidAdapter(f"archive {path} has no regular file {name} at its root{found}; {PACK_HINT}")
     return {name: members[name] for name in (CONFIG_FILE, WEIGHTS_FILE)}
 
 
@@ -276,7 +335,7 @@ def _sha256_file(path: Path) -> str:
 
 def _read_archive(path: Path) -> tuple[bytes, dict[str, tuple[int, ...]], str]:
     """The config, the weights' tensor shapes and their checksum, streamed out of the archive."""
-    with tarfile.open(path, "r:gz") as archive:
+    with _open_archive(path) as archive:
         members = _archive_members(archive, path)
         config_bytes = _read_archived_config(archive, members[CONFIG_FILE])
         weights_member = members[WEIGHTS_FILE]
@@ -292,31 +351,76 @@ def _read_archive(path: Path) -> tuple[bytes, dict[str, tuple[int, ...]], str]:
 def _parse_config(config_bytes: bytes, checksum: str) -> AdapterMetadata:
     try:
         config = json.loads(config_bytes)
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise InvalidAdapter(
+            f"{CONFIG_FILE} must hold a JSON object (PEFT's LoraConfig), not {type(config).__name__}"
+        )
     if config.get("peft_type", "LORA") != "LORA":
         raise InvalidAdapter(f"peft_type {config.get('peft_type')!r} is not supported; only LORA is")
+    _check_plain_lora(config)
     rank = config.get("r")
-    if not isinstance(rank, int) or rank <= 0:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise InvalidAdapter(f"{CONFIG_FILE} needs a positive integer 'r', got {rank!r}")
-    targets = config.get("target_modules") or []
-    if isinstance(targets, str):
-        raise InvalidAdapter("target_modules as a regex is not supported; list the module names")
-    unsupported = sorted(set(targets) - set(SUPPORTED_TARGETS))
-    if not targets or unsupported:
-        raise InvalidAdapter(
-            f"target_modules {sorted(targets)} must be a non-empty subset of {list(SUPPORTED_TARGETS)}"
-        )
+    alpha = config.get("lora_alpha", rank)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < math.inf:
+        raise InvalidAdapter(f"{CONFIG_FILE} needs a positive number 'lora_alpha', got {alpha!r}")
+    target_modules, target_regex = _target_rule(config.get("target_modules"))
     return AdapterMetadata(
         rank=rank,
-        alpha=float(config.get("lora_alpha", rank)),
+        alpha=float(alpha),
         use_rslora=bool(config.get("use_rslora", False)),
-        target_modules=tuple(sorted(targets, key=SUPPORTED_TARGETS.index)),
+        target_modules=target_modules,
         base_model=str(config.get("base_model_name_or_path") or ""),
         checksum=checksum,
         rank_pattern=_patterns(config, "rank_pattern", int),
         alpha_pattern=_patterns(config, "alpha_pattern", float),
+        target_regex=target_regex,
     )
+
+
+def _check_plain_lora(config: dict) -> None:
+    """InvalidAdapter for a config whose adapter is more than plain LoRA on the base model's weights."""
+    for key, message in UNSUPPORTED_OPTIONS.items():
+        if config.get(key):
+            raise InvalidAdapter(message.format(value=config[key]))
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith(BASE_CHANGING_INITS):
+        raise InvalidAdapter(
+            f"init_lora_weights={init!r} changed the base weights in training, so this adapter does not fit "
+            "the original base model; convert it to a plain LoRA with PEFT's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...) or train with init_lora_weights=True"
+        )
+
+
+def _target_rule(targets: object) -> tuple[tuple[str, ...], str]:
+    """PEFT's target_modules as (the projection names it names, a regex fullmatching the module paths it
+    targets): a list entry targets a path equal to it or ending in "." + it; a string is a regex
+    ("all-linear": every linear layer but the output head); the names of a regex come from the weights."""
+    if targets == "all-linear":
+        targets = list(SUPPORTED_TARGETS)
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as error:
+            raise InvalidAdapter(
+                f"target_modules {targets!r} is not a valid regular expression: {error}"
+            ) from error
+        return (), targets
+    if not isinstance(targets, list | tuple) or not targets or not all(isinstance(t, str) for t in targets):
+        raise InvalidAdapter(
+            f"target_modules must be a non-empty list of module names or a regex, got {str(targets)[:200]}"
+        )
+    names = {target.rsplit(".", 1)[-1] for target in targets}
+    unsupported = sorted(target for target in targets if target.rsplit(".", 1)[-1] not in SUPPORTED_TARGETS)
+    if unsupported:
+        shown = unsupported[:5] + ([f"... ({len(unsupported)} in all)"] if len(unsupported) > 5 else [])
+        raise InvalidAdapter(
+            f"target_modules {shown} are not supported; LoRA may target {list(SUPPORTED_TARGETS)}"
+        )
+    regex = r"(.*\.)?(" + "|".join(re.escape(target) for target in sorted(set(targets))) + ")"
+    return tuple(name for name in SUPPORTED_TARGETS if name in names), regex
 
 
 def _patterns(config: dict, key: str, kind: type) -> tuple[tuple[str, float], ...]:
@@ -376,6 +480,23 @@ def header_shapes(stream: BinaryIO, num_bytes: int) -> dict[str, tuple[int, ...]
     return shapes
 
 
+def _unexpected_tensor(key: str) -> str:
+    """What is wrong with a tensor that is no LoRA A/B weight, and what to do."""
+    if "lora_magnitude_vector" in key:
+        return f"tensor {key!r} is a DoRA magnitude: DoRA is not supported; train with use_dora=False"
+    if re.search(r"\.lora_[AB](\.[^.]+)?\.bias$", key):
+        return f"tensor {key!r} is a LoRA bias: lora_bias is not supported; train with lora_bias=False"
+    if re.search(r"\.lora_(embedding_)?[AB](\.[^.]+)?\.weight$", key):
+        if not key.startswith("base_model.model."):
+            return f"tensor {key!r} lacks PEFT's 'base_model.model.' prefix; {SAVE_HINT}"
+        return f"tensor {key!r} is LoRA on an embedding, which is not supported"
+    return (
+        f"unexpected tensor {key!r}: only LoRA A/B weights are supported (a full weight or bias comes from "
+        f"modules_to_save, save_embedding_layers, trainable tokens or bias != 'none'); {SAVE_HINT}, "
+        "save_embedding_layers=False and bias='none'"
+    )
+
+
 def lora_modules(
     shapes: Mapping[str, Sequence[int]], metadata: AdapterMetadata
 ) -> dict[str, tuple[str, str]]:
@@ -385,7 +506,7 @@ def lora_modules(
     for key in shapes:
         match = PEFT_KEY.match(key)
         if not match:
-            raise InvalidAdapter(f"unexpected tensor {key!r}; only LoRA A/B weights are supported")
+            raise InvalidAdapter(_unexpected_tensor(key))
         halves.setdefault(match["module"], {})[match["half"]] = key
     if not halves:
         raise InvalidAdapter("the adapter holds no LoRA weights")
@@ -393,10 +514,12 @@ def lora_modules(
     for path, pair in halves.items():
         if set(pair) != {"A", "B"}:
             raise InvalidAdapter(f"{path} needs both lora_A and lora_B weights")
-        if path.rsplit(".", 1)[-1] not in metadata.target_modules:
+        if path.rsplit(".", 1)[-1] not in SUPPORTED_TARGETS:
             raise InvalidAdapter(
-                f"{path} is not among the adapter's target_modules {list(metadata.target_modules)}"
+                f"{path} is not a supported target; LoRA may target {list(SUPPORTED_TARGETS)}"
             )
+        if not metadata.targets(path):
+            raise InvalidAdapter(f"{path} is not among the modules the adapter's target_modules name")
         a, b = tuple(shapes[pair["A"]]), tuple(shapes[pair["B"]])
         rank = metadata.module_rank(path)
         if len(a) != 2 or len(b) != 2 or a[0] != rank or b[1] != rank:

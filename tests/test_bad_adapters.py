@@ -76,6 +76,8 @@ def _bad_sources(
     (pickle_only / "adapter_model.safetensors").rename(pickle_only / "adapter_model.bin")
     no_config = write_peft_adapter(root / "no-config", model_dir)
     (no_config / "adapter_config.json").unlink()
+    not_gzip = root / "not-gzip.tar.gz"
+    not_gzip.write_bytes(b"plain text")  # was a bare tarfile.ReadError: UNKNOWN, not INVALID_ARGUMENT
     return {
         "corrupt-safetensors": (corrupt, INVALID, "not a valid safetensors file"),
         "wrong-shapes": (write_peft_adapter(root / "other-base", smollm2_dir), PRECONDITION, "do not fit"),
@@ -102,6 +104,7 @@ def _bad_sources(
             INVALID,
             "unsafe member",
         ),
+        "not-gzip-archive": (not_gzip, INVALID, "not a readable .tar.gz archive"),
     }
 
 
@@ -115,6 +118,7 @@ CASES = [
     "dotdot-archive",
     "absolute-archive",
     "symlink-archive",
+    "not-gzip-archive",
 ]
 
 
