@@ -80,7 +80,6 @@ class AdapterMetadata:
     rank: int  # the config's r; rank_pattern may give modules others
     alpha: float
     use_rslora: bool
-    target_modules: tuple[str, ...]  # the projection names adapted (from the weights, by read_metadata)
     base_model: str
     checksum: str
     # PEFT's per-module overrides, in the config's order: (pattern, value); a pattern matches a module
@@ -89,6 +88,8 @@ class AdapterMetadata:
     alpha_pattern: tuple[tuple[str, float], ...] = ()
     # (module path, A shape, B shape) per adapted module, from the weights' header (read_metadata)
     module_shapes: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
+    # the projection names the weights adapt, in SUPPORTED_TARGETS order (read_metadata)
+    target_modules: tuple[str, ...] = ()
     # the config's target_modules as PEFT matches them: a regex fullmatching the module paths it targets
     target_regex: str = ""
 
@@ -366,17 +367,15 @@ def _parse_config(config_bytes: bytes, checksum: str) -> AdapterMetadata:
     alpha = config.get("lora_alpha", rank)
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < math.inf:
         raise InvalidAdapter(f"{CONFIG_FILE} needs a positive number 'lora_alpha', got {alpha!r}")
-    target_modules, target_regex = _target_rule(config.get("target_modules"))
     return AdapterMetadata(
         rank=rank,
         alpha=float(alpha),
         use_rslora=bool(config.get("use_rslora", False)),
-        target_modules=target_modules,
         base_model=str(config.get("base_model_name_or_path") or ""),
         checksum=checksum,
         rank_pattern=_patterns(config, "rank_pattern", int),
         alpha_pattern=_patterns(config, "alpha_pattern", float),
-        target_regex=target_regex,
+        target_regex=_target_regex(config.get("target_modules")),
     )
 
 
@@ -394,10 +393,10 @@ def _check_plain_lora(config: dict) -> None:
         )
 
 
-def _target_rule(targets: object) -> tuple[tuple[str, ...], str]:
-    """PEFT's target_modules as (the projection names it names, a regex fullmatching the module paths it
-    targets): a list entry targets a path equal to it or ending in "." + it; a string is a regex
-    ("all-linear": every linear layer but the output head); the names of a regex come from the weights."""
+def _target_regex(targets: object) -> str:
+    """PEFT's target_modules as a regex fullmatching the module paths it targets: a list entry targets a
+    path equal to it or ending in "." + it; a string is a regex ("all-linear": every linear layer but
+    the output head). Which projections are adapted is read from the weights (read_metadata)."""
     if targets == "all-linear":
         targets = list(SUPPORTED_TARGETS)
     if isinstance(targets, str):
@@ -407,20 +406,18 @@ def _target_rule(targets: object) -> tuple[tuple[str, ...], str]:
             raise InvalidAdapter(
                 f"target_modules {targets!r} is not a valid regular expression: {error}"
             ) from error
-        return (), targets
+        return targets
     if not isinstance(targets, list | tuple) or not targets or not all(isinstance(t, str) for t in targets):
         raise InvalidAdapter(
             f"target_modules must be a non-empty list of module names or a regex, got {str(targets)[:200]}"
         )
-    names = {target.rsplit(".", 1)[-1] for target in targets}
     unsupported = sorted(target for target in targets if target.rsplit(".", 1)[-1] not in SUPPORTED_TARGETS)
     if unsupported:
         shown = unsupported[:5] + ([f"... ({len(unsupported)} in all)"] if len(unsupported) > 5 else [])
         raise InvalidAdapter(
             f"target_modules {shown} are not supported; LoRA may target {list(SUPPORTED_TARGETS)}"
         )
-    regex = r"(.*\.)?(" + "|".join(re.escape(target) for target in sorted(set(targets))) + ")"
-    return tuple(name for name in SUPPORTED_TARGETS if name in names), regex
+    return r"(.*\.)?(" + "|".join(re.escape(target) for target in sorted(set(targets))) + ")"
 
 
 def _patterns(config: dict, key: str, kind: type) -> tuple[tuple[str, float], ...]:
