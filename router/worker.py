@@ -24,6 +24,7 @@ import logging
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -231,15 +232,14 @@ class Worker:
     async def _store(self, delivery: Delivery, outcome: common_pb2.GenerateResponse | Failure) -> bool | None:
         """Whether the outcome was stored (False: the job already had one); None if Redis stayed
         unreachable for claim_idle_s. Storing again is safe: the finish script stores once, acks always."""
-        deadline = time.monotonic() + self._config.claim_idle_s
-        delay = self._config.retry_backoff_s
+        delays = _backoff(self._config.retry_backoff_s, MAX_STORE_BACKOFF_S, self._config.claim_idle_s)
         while True:
             try:
                 if isinstance(outcome, Failure):
                     return await self._queue.fail(delivery.job_id, delivery.entry_id, *outcome)
                 return await self._queue.complete(delivery.job_id, delivery.entry_id, outcome)
             except STORE_ERRORS as error:
-                if time.monotonic() + delay > deadline:
+                if (delay := next(delays, None)) is None:
                     log.warning("could not store the outcome of job %s: %s", delivery.job_id, error)
                     telemetry.set_error(
                         trace.get_current_span(), f"could not store the outcome: {error}", error
@@ -247,14 +247,12 @@ class Worker:
                     return None
                 log.info("could not store the outcome of job %s, retrying: %s", delivery.job_id, error)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_STORE_BACKOFF_S)
 
     async def _generate(self, request: common_pb2.GenerateRequest) -> common_pb2.GenerateResponse | Failure:
         """One Generate call, retried with backoff for up to retry_for_s while the mesh is unavailable or
         overloaded (the job holds its slot meanwhile: the worker takes no more than the mesh can run)."""
         config = self._config
-        give_up_at = time.monotonic() + config.retry_for_s
-        delay = config.retry_backoff_s
+        delays = _backoff(config.retry_backoff_s, MAX_RETRY_BACKOFF_S, config.retry_for_s)
         while True:
             try:
                 return await self._generation.Generate(
@@ -266,13 +264,12 @@ class Worker:
                 code, details = error.code(), error.details() or error.code().name
                 if code not in RETRYABLE:
                     return Failure(code.name, details)
-                if time.monotonic() + delay > give_up_at:
+                if (delay := next(delays, None)) is None:
                     return Failure(
                         code.name, f"{details} (still so after retrying for {config.retry_for_s:g} s)"
                     )
                 log.info("Generate answered %s, retrying in %.1f s: %s", code.name, delay, details)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_RETRY_BACKOFF_S)
 
     async def _call_back(self, delivery: Delivery) -> None:
         """POST the stored outcome, as GET /v1/async/jobs/{id} shows it, to the job's callback_url;
@@ -325,6 +322,16 @@ def _trace_outcome(span: Span, outcome: common_pb2.GenerateResponse | Failure) -
     else:
         code = grpc.StatusCode.OK
     span.set_attribute("rpc.grpc.status_code", code.value[0])
+
+
+def _backoff(first_s: float, cap_s: float, for_s: float) -> Iterator[float]:
+    """Retry delays doubling from first_s up to cap_s; they end when the next one would end past for_s
+    from now (each is drawn when a try has just failed)."""
+    give_up_at = time.monotonic() + for_s
+    delay = first_s
+    while time.monotonic() + delay <= give_up_at:
+        yield delay
+        delay = min(delay * 2, cap_s)
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
