@@ -264,20 +264,14 @@ class AdapterStore:
 
     def drop(self, name: str, version: int = 0) -> list[LoraAdapter]:
         """Remove one version of name, or all when version is 0; requests using them keep their copy."""
-        dropped = [
-            self._adapters.pop(key)
-            for key in list(self._adapters)
-            if key[0] == name and version in (0, key[1])
-        ]
+        dropped = [self._adapters.pop(key) for key in list(self._adapters) if _names(key, name, version)]
         for adapter in dropped:
             del self._checksums[(adapter.name, adapter.version)]
             self._on_evict(adapter)
             if self.disk is not None:
                 self.disk.drop(adapter.name, adapter.version)
         # a load still running for a dropped version serves whoever waits for it, but is not kept
-        self._dropped_while_loading.update(
-            key for key in self._loading if key[0] == name and version in (0, key[1])
-        )
+        self._dropped_while_loading.update(key for key in self._loading if _names(key, name, version))
         return dropped
 
     def held(self) -> list[Key]:
@@ -286,6 +280,10 @@ class AdapterStore:
     def loading(self) -> list[Key]:
         """Adapters being loaded: each ends up held unless dropped meanwhile (`drop` covers them too)."""
         return list(self._loading)
+
+    def is_loading(self, name: str, version: int = 0) -> bool:
+        """Whether a version of name (any, when version is 0) is being loaded."""
+        return any(_names(key, name, version) for key in self._loading)
 
     async def _load_once(self, source: str, key: Key, checksum: str) -> tuple[LoraAdapter, str]:
         """One load per key however many ask; it runs as its own task, so a caller that goes away
@@ -344,3 +342,8 @@ class AdapterStore:
                 del self._checksums[key]
                 self._on_evict(self._adapters.pop(key))
                 self.counters.evictions += 1
+
+
+def _names(key: Key, name: str, version: int) -> bool:
+    """Whether (name, version) names key, version 0 standing for every version."""
+    return key[0] == name and version in (0, key[1])

@@ -268,10 +268,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
     async def UnloadAdapter(
         self, request: shard_pb2.UnloadAdapterRequest, context
     ) -> shard_pb2.UnloadAdapterResponse:
-        loading = any(
-            name == request.name and request.version in (0, version)
-            for name, version in self.adapters.loading()
-        )
+        loading = self.adapters.is_loading(request.name, request.version)
         # a load under way is not kept (its waiters are still served): that unloads it too
         if not self.adapters.drop(request.name, request.version) and not loading:
             raise ServiceError.not_found(
