@@ -14,13 +14,9 @@ from opentelemetry.trace import Span
 from loraplex.protos import telemetry
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2
-from loraplex.registry.adapter_source import (
-    IncompatibleAdapter,
-    InvalidAdapter,
-    ModelFit,
-    catalogue_record,
-    validate_name,
-)
+from loraplex.registry.adapter_config import IncompatibleAdapter, InvalidAdapter
+from loraplex.registry.adapter_source import catalogue_record, validate_name
+from loraplex.registry.adapter_weights import ModelFit
 from loraplex.registry.records import AdapterRecord
 from loraplex.registry.store import AdapterExists, AdapterNotFound, Registry
 from loraplex.router.convert import adapter_to_pb

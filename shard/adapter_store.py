@@ -26,13 +26,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from loraplex.registry.adapter_source import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    IncompatibleAdapter,
-    InvalidAdapter,
-    read_adapter_files,
-)
+from loraplex.registry.adapter_config import CONFIG_FILE, WEIGHTS_FILE, IncompatibleAdapter, InvalidAdapter
+from loraplex.registry.adapter_source import read_adapter_files
 from loraplex.shard.adapter_slots import TierCounters
 from loraplex.shard.lora import LoraAdapter
 

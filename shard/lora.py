@@ -21,14 +21,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from loraplex.registry.adapter_source import (
-    IncompatibleAdapter,
-    InvalidAdapter,
-    ModelFit,
-    check_fit,
-    lora_modules,
-    read_adapter,
-)
+from loraplex.registry.adapter_config import IncompatibleAdapter, InvalidAdapter
+from loraplex.registry.adapter_source import read_adapter
+from loraplex.registry.adapter_weights import ModelFit, check_fit, lora_modules
 
 __all__ = ["IncompatibleAdapter", "LoraAdapter", "load_adapter"]
 

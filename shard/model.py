@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from loraplex.registry.adapter_source import ModelFit
+from loraplex.registry.adapter_weights import ModelFit
 from loraplex.shard.attention import AttentionMetadata, paged_attention
 from loraplex.shard.lora import LoraAdapter
 from loraplex.shard.model_config import ModelConfig

@@ -15,7 +15,9 @@ from loraplex.protos.metrics import DEFAULT_ADAPTER_LABELS, AdapterLabels, serve
 from loraplex.protos.rpc import create_server, set_not_serving, set_serving, stop_on_signals
 from loraplex.protos.telemetry import configure_tracing
 from loraplex.protos.v1 import shard_pb2, shard_pb2_grpc
-from loraplex.registry.adapter_source import IncompatibleAdapter, InvalidAdapter, ModelFit, catalogue_record
+from loraplex.registry.adapter_config import IncompatibleAdapter, InvalidAdapter
+from loraplex.registry.adapter_source import catalogue_record
+from loraplex.registry.adapter_weights import ModelFit
 from loraplex.registry.records import AdapterRecord, HeldAdapter, ShardRecord
 from loraplex.registry.store import AdapterExists, Registry
 from loraplex.shard.adapter_store import AdapterStore, DiskCache

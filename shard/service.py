@@ -17,7 +17,7 @@ from loraplex.protos.load_report import load_metadata
 from loraplex.protos.rpc import ServiceError
 from loraplex.protos.telemetry import Metadata
 from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
-from loraplex.registry.adapter_source import InvalidAdapter
+from loraplex.registry.adapter_config import InvalidAdapter
 from loraplex.shard.adapter_store import AdapterStore
 from loraplex.shard.engine import Engine, EngineOutput, EngineRequest, EngineStats
 from loraplex.shard.lora import IncompatibleAdapter, LoraAdapter

@@ -15,7 +15,9 @@ from safetensors.torch import load, save
 from transformers import AutoModelForCausalLM
 
 from loraplex.registry import adapter_source
-from loraplex.registry.adapter_source import InvalidAdapter, ModelFit, read_metadata
+from loraplex.registry.adapter_config import InvalidAdapter
+from loraplex.registry.adapter_source import read_metadata
+from loraplex.registry.adapter_weights import ModelFit
 from loraplex.shard.lora import load_adapter
 
 from peft_fixtures import PROJECTIONS, pack_adapter

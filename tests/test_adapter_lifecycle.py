@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio
 
-from loraplex.registry.adapter_source import WEIGHTS_FILE, InvalidAdapter, catalogue_record, read_metadata
+from loraplex.registry.adapter_config import WEIGHTS_FILE, InvalidAdapter
+from loraplex.registry.adapter_source import catalogue_record, read_metadata
 from loraplex.registry.store import Registry
 from loraplex.shard.adapter_store import AdapterStore, DiskCache
 from loraplex.shard.catalogue_follower import CatalogueFollower

@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraplex.registry.adapter_source import InvalidAdapter, read_metadata, validate_name
+from loraplex.registry.adapter_config import InvalidAdapter
+from loraplex.registry.adapter_source import read_metadata, validate_name
 
 from peft_fixtures import pack_adapter, write_peft_adapter
 

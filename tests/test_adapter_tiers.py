@@ -13,7 +13,8 @@ import torch
 from loraplex.protos.metrics import AdapterLabels
 from loraplex.protos.rpc import create_server
 from loraplex.protos.v1 import common_pb2, shard_pb2, shard_pb2_grpc
-from loraplex.registry.adapter_source import InvalidAdapter, read_metadata
+from loraplex.registry.adapter_config import InvalidAdapter
+from loraplex.registry.adapter_source import read_metadata
 from loraplex.shard.adapter_slots import NO_SLOT, AdapterSlots
 from loraplex.shard.adapter_store import AdapterStore, DiskCache
 from loraplex.shard.engine import Engine, EngineConfig, EngineRequest

@@ -13,7 +13,8 @@ import pytest
 
 from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2, generation_pb2_grpc
 from loraplex.registry import adapter_source
-from loraplex.registry.adapter_source import InvalidAdapter, read_adapter
+from loraplex.registry.adapter_config import InvalidAdapter
+from loraplex.registry.adapter_source import read_adapter
 from loraplex.tools.local_mesh import start_mesh
 from loraplex.tools.tiny_model import write_tiny_model
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loraplex.registry.adapter_source import WEIGHTS_FILE
+from loraplex.registry.adapter_config import WEIGHTS_FILE
 from loraplex.shard.adapter_store import AdapterStore, DiskCache
 from loraplex.shard.engine import Engine, EngineConfig, EngineOutput, EngineRequest
 from loraplex.shard.outputs import RequestFailed

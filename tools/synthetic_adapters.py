@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from loraplex.registry.adapter_source import pattern_value
+from loraplex.registry.adapter_config import pattern_value
 
 PROJECTIONS = {  # module -> (in features, out features) as functions of (hidden, intermediate, kv dim)
     "q_proj": lambda h, i, kv: (h, h),
