@@ -1,5 +1,7 @@
 """Incremental detokenization: turn a growing list of token ids into text deltas that are always
-valid UTF-8 (a token that ends mid-character is held back until the character completes).
+valid UTF-8 (a token that ends mid-character is held back until the character completes). At the end
+of the output `flush` releases what is still held back, the unfinished character as U+FFFD, so the
+deltas join into the tokenizer's decode of the whole output (as TGI's and vLLM's final text).
 
 Each push decodes only a short window of recent tokens (the prefix/read offsets TGI and vLLM use),
 so the cost per token stays constant however long the output grows.
@@ -37,7 +39,18 @@ class IncrementalDetokenizer:
         window = self._decode(self._ids[self._prefix_offset :])
         if len(window) <= len(prefix) or window.endswith("\ufffd"):
             return ""
-        delta = window[len(prefix) :]
+        return self._release(window[len(prefix) :])
+
+    def flush(self) -> str:
+        """The text held back (tokens that end mid-character, the character as U+FFFD); call it when
+        the output ends, or the stream would lose the last tokens' text."""
+        if self._read_offset == len(self._ids):
+            return ""
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        window = self._decode(self._ids[self._prefix_offset :])
+        return self._release(window[len(prefix) :])
+
+    def _release(self, delta: str) -> str:
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         self.text += delta
         return delta

@@ -68,21 +68,21 @@ class OutputProcessor:
     def process(self, token: SampledToken, token_ids: list[int], num_prompt_tokens: int) -> TokenOutput:
         """token has just been appended to token_ids; decide what to release and whether to stop."""
         num_generated = len(token_ids) - num_prompt_tokens
-        finish = None
         stop_text = ""
-        if token.token_id in self._eos:
+        finish: str | None = None
+        if token.token_id in self._eos:  # the text leaves eos and stop tokens out
             finish = "eos"
         elif token.token_id in self._stop_ids:
             finish = "stop"
         else:
             self._pending += self._detokenizer.push(token.token_id)
-            cut = _first_stop(self._pending, self.params.stop)
-            if cut is not None:
-                self._pending, stop_text, finish = self._pending[:cut], self._pending[cut:], "stop"
-        if finish is None and (
-            num_generated >= self.params.max_new_tokens or len(token_ids) >= self._max_context
-        ):
-            finish = "length"
+            if num_generated >= self.params.max_new_tokens or len(token_ids) >= self._max_context:
+                finish = "length"
+        if finish is not None:  # the text held back mid-character ends the output, as U+FFFD
+            self._pending += self._detokenizer.flush()
+        cut = _first_stop(self._pending, self.params.stop)
+        if cut is not None:
+            self._pending, stop_text, finish = self._pending[:cut], self._pending[cut:], "stop"
         release_upto = len(self._pending) if finish else max(0, len(self._pending) - self._holdback)
         released, self._pending = self._pending[:release_upto], self._pending[release_upto:]
         first = num_generated == 1 and self._want_prompt_logprobs
