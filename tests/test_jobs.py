@@ -416,6 +416,9 @@ def test_the_router_serves_jobs_and_checks_a_submission_at_once(channel, jobs, r
     )
     code, message = _code(lambda: jobs.Submit(jobs_pb2.SubmitJobRequest(request=templated_chat), timeout=5))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "leave apply_chat_template unset" in message
+    wizard = common_pb2.GenerateRequest(messages=[common_pb2.ChatMessage(role="wizard", content="hi")])
+    code, message = _code(lambda: jobs.Submit(jobs_pb2.SubmitJobRequest(request=wizard), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "messages[0].role must be one of" in message
     unknown = jobs_pb2.SubmitJobRequest(request=common_pb2.GenerateRequest(prompt="hi", adapter="ghost"))
     code, message = _code(lambda: jobs.Submit(unknown, timeout=5))
     assert code == grpc.StatusCode.NOT_FOUND and "'ghost' is not registered" in message

@@ -1,10 +1,13 @@
-"""Prompt encoding: a chat template that refuses the messages is the caller's error, named as such."""
+"""Prompt inputs: a chat template that refuses the messages, or a role the contract does not name, is the
+caller's error, named as such."""
 
 import shutil
 
 import pytest
 
+from loraplex.protos.v1 import common_pb2
 from loraplex.shard.prompts import PromptEncoder
+from loraplex.shard.request_inputs import check_inputs
 
 # Like Mistral's and Llama 2's templates: no system role, and roles must alternate.
 STRICT_TEMPLATE = (
@@ -33,3 +36,20 @@ def test_messages_the_chat_template_refuses_are_a_value_error_naming_the_templat
         prompts.encode_chat([("system", "be brief"), ("user", "hi")])
     with pytest.raises(ValueError, match="Conversation roles must alternate"):
         prompts.encode_chat([("user", "hi"), ("user", "again")])
+
+
+@pytest.mark.parametrize("role", ["wizard", "", "tool", "developer", "User"])
+def test_a_role_chat_message_does_not_document_is_refused_naming_the_message(role):
+    """SmolLM2's template renders any role as a turn header ('<|im_start|>wizard'): the shard served a
+    prompt the model was never trained on, where the gateway answers 400 for the same messages."""
+
+    def request(*roles: str) -> common_pb2.GenerateRequest:
+        return common_pb2.GenerateRequest(
+            messages=[common_pb2.ChatMessage(role=r, content="hi") for r in roles]
+        )
+
+    with pytest.raises(
+        ValueError, match=rf"messages\[1\].role must be one of 'system', 'user', 'assistant', got '{role}'"
+    ):
+        check_inputs(request("system", role, "user"))
+    check_inputs(request("system", "user", "assistant", "user"))
