@@ -27,7 +27,7 @@ from loraplex.registry.records import AdapterRecord, ShardRecord
 from loraplex.router.channels import ShardChannels
 from loraplex.router.convert import adapter_to_pb, collect_response
 from loraplex.router.metrics import RouterMetrics
-from loraplex.router.placement import DEFAULT_CAPACITY_FACTOR, Placement, place
+from loraplex.router.placement import DEFAULT_CAPACITY_FACTOR, DEFAULT_SATURATION_FACTOR, Placement, place
 from loraplex.router.snapshot import RoutingSnapshot, SnapshotKeeper
 
 log = logging.getLogger("loraplex.router")
@@ -47,7 +47,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         channels: ShardChannels,
         suspect_for_s: float,
         capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
-        saturation_factor: float = 2.0,
+        saturation_factor: float = DEFAULT_SATURATION_FACTOR,
         metrics: RouterMetrics | None = None,
     ) -> None:
         self._metrics = metrics
@@ -131,6 +131,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 excluded=self._snapshots.suspects() | too_small,
                 inflight=self._snapshots.inflight.corrections,
                 capacity_factor=self._capacity_factor,
+                saturation_factor=self._saturation_factor,
+                version=adapter.version if adapter is not None else 0,
             )
             if span.is_recording():
                 span.set_attributes(_route_attributes(request.adapter, adapter, placement))

@@ -21,8 +21,16 @@ router process agrees and the scale simulator (tools/simulate_placement.py) runs
   says how heavy the rest are.)
 - Ranking: holders under the bound (GPU > CPU > disk, then less loaded, then a per-adapter hash order),
   then the ring walk from the home skipping shards over the bound, then, as a last resort so failover
-  has somewhere to go, the shards over the bound in that same order. When every holder of a hot adapter
-  is at the bound the request goes to the next shard of the adapter's ring, which loads it: a replica.
+  has somewhere to go, the shards over the bound in that same order, and last the saturated ones. When
+  every holder of a hot adapter is at the bound the request goes to the next shard of the adapter's
+  ring, which loads it: a replica.
+- Versions: given the version a request needs, a shard holding only other versions of the adapter ranks
+  after every holder of that version, whatever the tiers: it must load the version like any shard
+  (after an update it does so in the background, so it still comes before the ring walk).
+- Saturated: a shard with saturation_factor x its batch (max_running_requests) outstanding, corrections
+  included, is where the router's RESOURCE_EXHAUSTED test (router/generation.py) finds a queue that only
+  grows. It is never within the bound, so it is chosen only when every other shard is saturated too,
+  whatever its blended load (which queued tokens can keep under the bound).
 - The base model ("") needs no affinity: shards rank least loaded first.
 """
 
@@ -43,6 +51,7 @@ from typing import Literal
 from loraplex.registry.records import TIERS, ShardRecord
 
 DEFAULT_CAPACITY_FACTOR = 1.25
+DEFAULT_SATURATION_FACTOR = 2.0  # the router's --saturation-factor: outstanding requests per batch slot
 # A shard with at most this many outstanding requests (or this much load) is never over the bound: one
 # more request batches with it at almost no cost, while sending the adapter elsewhere costs a load.
 # Without it, at low traffic a heartbeat that still counts one finished request would move adapters
@@ -51,6 +60,8 @@ IDLE_LOAD = 1.0
 VNODES = 160  # points per shard: each shard's share of homes is within about +-8% of 1/n
 Reason = Literal["affinity", "home", "spill", "replicate", "base", "overloaded", "none"]
 _TIER_RANK = {tier: rank for rank, tier in enumerate(TIERS)}
+_STALE = len(TIERS) + 1  # holder ranks: TIERS, any other tier, then only other versions than the one asked
+Tiers = tuple[list[int], ...]  # shard indexes by holder rank
 _SLACK = 1e-9  # float tolerance on the bound
 
 
@@ -231,18 +242,19 @@ class _Table:
         self.total_load = sum(self.loads)
         self.total_weight = sum(self.weights)
         self.tie = [_hash64(shard_id, b"loraplex-tie") for shard_id in self.ids]
-        self.held: list[dict[str, int]] = []  # per shard: adapter -> best tier rank
-        # adapter -> shard indexes by tier rank: GPU, CPU, disk, any other
-        self.holders: dict[str, tuple[list[int], ...]] = {}
+        self.held: list[dict[tuple[str, int], int]] = []  # per shard: (adapter, version) -> best tier rank
+        # adapter -> version -> shard indexes by tier rank: GPU, CPU, disk, any other
+        self.holders: dict[str, dict[int, Tiers]] = {}
         if previous is not None and previous.ids == self.ids:
             self._update_holders(previous)
         else:
             self.held = [_best_tiers(shard) for shard in self.shards]
             for index, held in enumerate(self.held):
-                for name, rank in held.items():
-                    if name not in self.holders:
-                        self.holders[name] = tuple([] for _ in range(len(TIERS) + 1))
-                    self.holders[name][rank].append(index)
+                for (name, version), rank in held.items():
+                    versions = self.holders.setdefault(name, {})
+                    if version not in versions:
+                        versions[version] = tuple([] for _ in range(len(TIERS) + 1))
+                    versions[version][rank].append(index)
 
     def _update_holders(self, previous: _Table) -> None:
         self.held = list(previous.held)
@@ -252,29 +264,55 @@ class _Table:
                 continue
             old, new = previous.held[index], _best_tiers(shard)
             self.held[index] = new
-            for name in old.keys() - new.keys():
-                self._set_holder(name, index, None)
-            for name, rank in new.items():
-                if old.get(name) != rank:
-                    self._set_holder(name, index, rank)
+            for key in old.keys() - new.keys():
+                self._set_holder(key, index, None)
+            for key, rank in new.items():
+                if old.get(key) != rank:
+                    self._set_holder(key, index, rank)
 
-    def _set_holder(self, name: str, index: int, rank: int | None) -> None:
-        tiers = self.holders.get(name) or tuple([] for _ in range(len(TIERS) + 1))
+    def _set_holder(self, key: tuple[str, int], index: int, rank: int | None) -> None:
+        name, version = key
+        versions = dict(self.holders.get(name, {}))
+        tiers = versions.get(version) or tuple([] for _ in range(len(TIERS) + 1))
         tiers = tuple(
             [i for i in held if i != index] + ([index] if r == rank else []) for r, held in enumerate(tiers)
         )
         if any(tiers):
-            self.holders[name] = tiers
+            versions[version] = tiers
+        else:
+            versions.pop(version, None)
+        if versions:
+            self.holders[name] = versions
         else:
             self.holders.pop(name, None)
 
+    def holder_tiers(self, name: str, version: int) -> Tiers | tuple[()]:
+        """The shards holding name, by rank: tiers of the version asked for (0: any), then _STALE for
+        the shards holding only other versions."""
+        versions = self.holders.get(name)
+        if not versions:
+            return ()
+        if len(versions) == 1 and (not version or version in versions):
+            return next(iter(versions.values()))  # the common case: one version held
+        best: dict[int, int] = {}
+        for held_version, tiers in versions.items():
+            for rank, indexes in enumerate(tiers):
+                rank = rank if not version or held_version == version else _STALE
+                for index in indexes:
+                    best[index] = min(rank, best.get(index, _STALE))
+        ranked: Tiers = tuple([] for _ in range(_STALE + 1))
+        for index, rank in best.items():
+            ranked[rank].append(index)
+        return ranked
 
-def _best_tiers(shard: ShardRecord) -> dict[str, int]:
-    best: dict[str, int] = {}
+
+def _best_tiers(shard: ShardRecord) -> dict[tuple[str, int], int]:
+    best: dict[tuple[str, int], int] = {}
     for held in shard.adapters:
         rank = _TIER_RANK.get(held.tier, len(TIERS))
-        if rank < best.get(held.name, len(TIERS) + 1):
-            best[held.name] = rank
+        key = (held.name, held.version)
+        if rank < best.get(key, len(TIERS) + 1):
+            best[key] = rank
     return best
 
 
@@ -312,15 +350,19 @@ def place(
     *,
     inflight: Mapping[str, int] | None = None,
     capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
+    saturation_factor: float = DEFAULT_SATURATION_FACTOR,
+    version: int = 0,
     limit: int | None = None,
 ) -> Placement:
     """Rank the live shards for adapter ("" = base model), leaving out the excluded ids.
 
     inflight: this router's requests per shard not yet in the snapshot (InflightTracker.corrections).
+    saturation_factor: outstanding requests per batch slot at which a shard is saturated (ranked last).
+    version: the adapter version the request needs (its catalogue record's); 0 takes any version held.
     limit: stop once this many shards are ranked (the simulator needs only the first); None ranks all.
     """
     table = _tables.get(shards)
-    view = _LoadView(table, inflight or {}, excluded, capacity_factor)
+    view = _LoadView(table, inflight or {}, excluded, capacity_factor, saturation_factor)
     if view.total_weight <= 0:
         return Placement((), "none")
     limit = len(table.shards) if limit is None else limit
@@ -332,10 +374,14 @@ def place(
             for i in range(len(ids))
             if i not in view.skip
         ]
-        return Placement(tuple(table.shards[i] for *_, i in heapq.nsmallest(limit, keys)), "base")
-    ranked, over, holders = _rank_holders(adapter, table, view, point, limit)
+        best = heapq.nsmallest(limit, keys)
+        if any(view.saturated(key[2]) for key in best):  # saturated shards go last
+            best = heapq.nsmallest(limit, keys, key=lambda key: (view.saturated(key[2]), key))
+        return Placement(tuple(table.shards[i] for *_, i in best), "base")
+    ranked, over, saturated, holders = _rank_holders(adapter, version, table, view, point, limit)
     affinity = bool(ranked)  # holders within the bound come first
-    home = _walk_ring(adapter, table, view, holders, limit, ranked, over)
+    home = _walk_ring(adapter, table, view, holders, limit, ranked, over, saturated)
+    over += saturated
     if not ranked and not over:
         return Placement((), "none")
     if not ranked:
@@ -354,7 +400,12 @@ class _LoadView:
     most load each capacity (max_running_requests) may carry before taking the request."""
 
     def __init__(
-        self, table: _Table, inflight: Mapping[str, int], excluded: Collection[str], capacity_factor: float
+        self,
+        table: _Table,
+        inflight: Mapping[str, int],
+        excluded: Collection[str],
+        capacity_factor: float,
+        saturation_factor: float,
     ) -> None:
         self.get = inflight.get
         self.skip = {table.position[shard_id] for shard_id in excluded if shard_id in table.position}
@@ -369,21 +420,31 @@ class _LoadView:
             for weight in table.distinct_weights
         }
         self.utilisation_caps = {weight: cap / weight for weight, cap in self.caps.items()}
+        # outstanding requests (corrected) at which a shard of this capacity is saturated
+        self.full = {weight: saturation_factor * weight for weight in table.distinct_weights}
+        self._table = table
+
+    def saturated(self, index: int) -> bool:
+        """Whether the shard has saturation_factor x its batch outstanding, corrections included."""
+        table = self._table
+        return table.requests[index] + self.get(table.ids[index], 0) >= self.full[table.weights[index]]
 
 
 def _rank_holders(
-    adapter: str, table: _Table, view: _LoadView, point: int, limit: int
-) -> tuple[list[int], list[int], set[int]]:
-    """Holders within the bound, best first (tier, utilisation, hash), and those over it; then every
-    holder, unless the ranking is already full (no ring walk follows, so the rest do not matter)."""
+    adapter: str, version: int, table: _Table, view: _LoadView, point: int, limit: int
+) -> tuple[list[int], list[int], list[int], set[int]]:
+    """Holders within the bound, best first (tier, utilisation, hash), those over it and those saturated;
+    then every holder, unless the ranking is already full (no ring walk follows, so the rest do not
+    matter)."""
     loads, requests, idle, ids, weights, tie, caps, get, skip = (
         table.loads, table.requests, table.idle, table.ids, table.weights, table.tie,
         view.utilisation_caps, view.get, view.skip,
     )  # fmt: skip
     ranked: list[int] = []
     over: list[int] = []
+    saturated: list[int] = []
     holders: set[int] = set()
-    for tier in table.holders.get(adapter, ()):
+    for tier in table.holder_tiers(adapter, version):
         # The hot path of a popular adapter with hundreds of replicas: comprehensions, no calls.
         keyed = [((loads[i] + get(ids[i], 0)) / weights[i], tie[i] ^ point, i) for i in tier if i not in skip]
         fit = [
@@ -392,14 +453,19 @@ def _rank_holders(
             if key[0] <= caps[weights[key[2]]]
             or (idle[key[2]] and requests[key[2]] + get(ids[key[2]], 0) <= IDLE_LOAD)
         ]
-        ranked += [key[2] for key in heapq.nsmallest(limit - len(ranked), fit)]
+        best = heapq.nsmallest(limit - len(ranked), fit)
+        if any(view.saturated(key[2]) for key in best):  # rare: saturated, yet within the bound
+            fit = [key for key in fit if not view.saturated(key[2])]
+            best = heapq.nsmallest(limit - len(ranked), fit)
+        ranked += [key[2] for key in best]
         if len(ranked) >= limit:
             break
         holders.update(tier)
         if len(fit) < len(keyed):
             fitted = {key[2] for key in fit}
-            over += [key[2] for key in sorted(key for key in keyed if key[2] not in fitted)]
-    return ranked, over, holders
+            for key in sorted(key for key in keyed if key[2] not in fitted):
+                (saturated if view.saturated(key[2]) else over).append(key[2])
+    return ranked, over, saturated, holders
 
 
 def _walk_ring(
@@ -410,10 +476,13 @@ def _walk_ring(
     limit: int,
     ranked: list[int],
     over: list[int],
+    saturated: list[int],
 ) -> int:
-    """Extend ranked (within the bound) and over from the ring walk until limit; the home's index."""
-    loads, requests, idle, ids, weights, caps, get, skip = (
-        table.loads, table.requests, table.idle, table.ids, table.weights, view.caps, view.get, view.skip,
+    """Extend ranked (within the bound), over and saturated from the ring walk until limit; the home's
+    index."""
+    loads, requests, idle, ids, weights, caps, full, get, skip = (
+        table.loads, table.requests, table.idle, table.ids, table.weights, view.caps, view.full, view.get,
+        view.skip,
     )  # fmt: skip
     home = -1
     if len(ranked) >= limit:
@@ -427,6 +496,9 @@ def _walk_ring(
         if i in holders:
             continue
         correction = get(ids[i], 0)
+        if requests[i] + correction >= full[weights[i]]:
+            saturated.append(i)
+            continue
         within = loads[i] + correction <= caps[weights[i]] or (
             idle[i] and requests[i] + correction <= IDLE_LOAD
         )
@@ -443,6 +515,17 @@ def rank_shards(
     *,
     inflight: Mapping[str, int] | None = None,
     capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
+    saturation_factor: float = DEFAULT_SATURATION_FACTOR,
+    version: int = 0,
 ) -> list[ShardRecord]:
     """Every live shard for adapter ("" = base model), best first, leaving out the excluded ids."""
-    return list(place(adapter, shards, excluded, inflight=inflight, capacity_factor=capacity_factor).shards)
+    placement = place(
+        adapter,
+        shards,
+        excluded,
+        inflight=inflight,
+        capacity_factor=capacity_factor,
+        saturation_factor=saturation_factor,
+        version=version,
+    )
+    return list(placement.shards)

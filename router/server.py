@@ -24,7 +24,7 @@ from loraplex.router.channels import ShardChannels
 from loraplex.router.generation import GenerationService
 from loraplex.router.jobs import JobsService
 from loraplex.router.metrics import RouterMetrics
-from loraplex.router.placement import DEFAULT_CAPACITY_FACTOR
+from loraplex.router.placement import DEFAULT_CAPACITY_FACTOR, DEFAULT_SATURATION_FACTOR
 from loraplex.router.snapshot import SnapshotKeeper
 
 log = logging.getLogger("loraplex.router")
@@ -45,7 +45,9 @@ class RouterConfig:
     refresh_interval_s: float = 1.0
     suspect_for_s: float = 5.0  # how long a shard that refused a connection is avoided
     capacity_factor: float = DEFAULT_CAPACITY_FACTOR  # bounded loads: no shard above c x the mean load
-    saturation_factor: float = 2.0  # RESOURCE_EXHAUSTED once every shard has this x its batch outstanding
+    saturation_factor: float = (
+        DEFAULT_SATURATION_FACTOR  # RESOURCE_EXHAUSTED once every shard has this x its batch outstanding
+    )
     drain_timeout_s: float = 10.0
     shard_keepalive_s: float = KEEPALIVE_S  # a shard silent this long is pinged; no answer: it is gone
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off

@@ -5,7 +5,8 @@ from loraplex.router.placement import HashRing, InflightTracker, place, rank_sha
 
 
 def _shards(*held: tuple[str, str], loads: dict[str, int] | None = None, count: int = 5) -> list[ShardRecord]:
-    """count idle shards s0..; held puts adapter "a" on a shard in a tier; loads sets running requests."""
+    """count idle shards s0..; held puts adapter "a" on a shard in a tier; loads sets running requests.
+    Each runs up to 64 requests at once, so none of these loads saturates a shard."""
     tiers = dict(held)
     loads = loads or {}
     return [
@@ -13,6 +14,7 @@ def _shards(*held: tuple[str, str], loads: dict[str, int] | None = None, count: 
             shard_id=f"s{i}",
             address=f"127.0.0.1:{6000 + i}",
             base_model="m",
+            max_running_requests=64,
             running_requests=loads.get(f"s{i}", 0),
             adapters=(HeldAdapter(name="a", version=1, tier=tiers[f"s{i}"]),) if f"s{i}" in tiers else (),
         )
@@ -135,6 +137,7 @@ def test_queued_tokens_count_as_load():
             shard_id=f"s{i}",
             address="x",
             base_model="m",
+            max_running_requests=8,
             running_requests=4,
             queued_tokens=40_000 if i == 1 else 1_000,
             adapters=(HeldAdapter("a", 1, "gpu"),) if i == 1 else (),

@@ -16,7 +16,7 @@ from test_router import _start_shard, _with_router
 from loraplex.protos.generate_many import serve_generate_many
 from loraplex.protos.rpc import create_server
 from loraplex.protos.v1 import common_pb2, generation_pb2_grpc, shard_pb2_grpc
-from loraplex.registry.records import ShardRecord
+from loraplex.registry.records import AdapterRecord, HeldAdapter, ShardRecord
 from loraplex.registry.store import Registry
 from loraplex.router.channels import CONNECT_TIMEOUT_S
 from loraplex.tools.processes import free_port
@@ -197,3 +197,85 @@ def test_an_unexpected_exception_in_a_handler_is_internal_with_its_text(caplog):
         (grpc.StatusCode.INTERNAL, "TypeError: a bug after the first chunk"),
     ]
     assert "a bug after the first chunk" in caplog.text  # logged with its traceback
+
+
+async def _registered_tuned_v2(registry: Registry) -> None:
+    record = AdapterRecord("tuned", "m", "/nowhere", 8, 16.0, ("q_proj",), "c")
+    await registry.create_adapter(record)
+    assert (await registry.update_adapter(record)).version == 2
+
+
+def test_the_router_asks_placement_for_the_adapters_catalogue_version(redis_url, namespace):
+    """After an update, the idle shard still holding v1 on GPU is no holder of v2: the request goes to
+    the busier shard holding v2 on disk (one request running: within the bound at any mean)."""
+
+    async def scenario() -> None:
+        registry = Registry(redis_url, namespace)
+        await _registered_tuned_v2(registry)
+        started = [
+            await _start_shard(
+                registry, "stale", max_running_requests=8, adapters=(HeldAdapter("tuned", 1, "gpu"),)
+            ),
+            await _start_shard(
+                registry,
+                "fresh",
+                max_running_requests=8,
+                running_requests=1,
+                adapters=(HeldAdapter("tuned", 2, "disk"),),
+            ),
+        ]
+        for shard, _ in started:
+            shard.release.set()
+
+        async def routed(generation) -> None:
+            reply = await generation.Generate(
+                common_pb2.GenerateRequest(prompt="hi", adapter="tuned"), timeout=30
+            )
+            assert (reply.served_by.shard, reply.served_by.adapter_version) == ("fresh", 2)
+
+        try:
+            await _with_router(redis_url, namespace, routed)
+        finally:
+            for _, server in started:
+                await server.stop(None)
+            await registry.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("saturation_factor", "served_by"), [(None, "room"), (3.0, "holder")])
+def test_the_router_passes_its_saturation_factor_to_placement(
+    redis_url, namespace, saturation_factor, served_by
+):
+    """The holder has 2x its batch outstanding: saturated under the default --saturation-factor, so the
+    shard with room takes the request though its queued tokens weigh more; at 3x the holder keeps it."""
+
+    async def scenario() -> None:
+        registry = Registry(redis_url, namespace)
+        await _registered_tuned_v2(registry)
+        held = (HeldAdapter("tuned", 2, "gpu"),)
+        started = [
+            await _start_shard(
+                registry, "holder", max_running_requests=8, running_requests=8, waiting_requests=8,
+                queued_tokens=800, adapters=held,
+            ),
+            await _start_shard(registry, "room", max_running_requests=8, running_requests=6, queued_tokens=12_000),
+        ]  # fmt: skip
+        for shard, _ in started:
+            shard.release.set()
+        options = {} if saturation_factor is None else {"saturation_factor": saturation_factor}
+
+        async def routed(generation) -> None:
+            reply = await generation.Generate(
+                common_pb2.GenerateRequest(prompt="hi", adapter="tuned"), timeout=30
+            )
+            assert reply.served_by.shard == served_by
+
+        try:
+            await _with_router(redis_url, namespace, routed, **options)
+        finally:
+            for _, server in started:
+                await server.stop(None)
+            await registry.close()
+
+    asyncio.run(scenario())

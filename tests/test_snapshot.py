@@ -131,3 +131,27 @@ def test_a_shard_leaves_when_its_heartbeat_stops_and_a_new_address_replaces_the_
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_redis_outage_keeps_the_last_snapshot_and_its_corrections(restartable_redis, namespace):
+    """Coverage of behaviour that was already right: while Redis is down a refresh fails, and routing
+    goes on with the adapters, the shards and this router's in-flight corrections it had."""
+
+    async def scenario():
+        registry = Registry(restartable_redis.url, namespace)
+        keeper = SnapshotKeeper(registry, refresh_interval_s=60)
+        await registry.create_adapter(_record("kept"))
+        await registry.heartbeat(ShardRecord("s0", "127.0.0.1:1", "m", running_requests=2), ttl_s=30)
+        assert await keeper.refresh()
+        before = keeper.current
+        keeper.inflight.started("s0")
+        restartable_redis.stop()
+        assert not await keeper.refresh()
+        assert keeper.current is before
+        assert set(keeper.current.adapters) == {"kept"} and [s.shard_id for s in keeper.current.shards] == [
+            "s0"
+        ]
+        assert dict(keeper.inflight.corrections) == {"s0": 1}
+        await registry.close()
+
+    asyncio.run(scenario())
