@@ -12,15 +12,19 @@ os.environ.update(missing_defaults())  # before gRPC and torch load: they read t
 import argparse
 import json
 import logging
+import math
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from loraplex.tools.env_defaults import parse_args
 from loraplex.tools.model_store import DEFAULT_MODEL, default_cache_dir, prepare_model
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_ROUTER = "127.0.0.1:50051"
+N = TypeVar("N", int, float)
 
 
 def _add_common(parser: argparse.ArgumentParser, *, files: bool = True, redis: bool = True) -> None:
@@ -51,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="use this Redis instead of starting a private redis-server",
     )
-    up.add_argument("--num-shards", type=int, default=2, help="shard processes (default: 2)")
+    up.add_argument("--num-shards", type=_positive_int, default=2, help="shard processes (default: 2)")
     up.add_argument("--host", default="127.0.0.1", help="address every server binds (default: 127.0.0.1)")
     up.add_argument(
         "--router-port", type=_parse_port, default=50051, help="router gRPC port (default: 50051)"
@@ -71,24 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--shard-id", default=socket.gethostname())
     shard.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     shard.add_argument("--host", default="127.0.0.1", help="address to bind")
-    shard.add_argument("--port", type=int, default=50061)
+    shard.add_argument("--port", type=_parse_port, default=50061)
     shard.add_argument("--advertise-host", default="", help="host the router dials (default: --host)")
     shard.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     shard.add_argument(
         "--tp",
-        type=int,
+        type=_positive_int,
         default=1,
         help="tensor-parallel ranks: one process per rank (on CUDA, GPUs N, N+1, ... from --device cuda:N)",
     )
     shard.add_argument(
         "--tp-timeout",
-        type=float,
+        type=_positive_seconds,
         default=120.0,
         help="seconds a tensor-parallel rank may keep the others waiting in a step before the shard goes down",
     )
     shard.add_argument(
         "--step-timeout",
-        type=float,
+        type=_seconds_or_zero,
         default=60.0,
         help="seconds one engine step may run before the shard declares itself stuck, fails its requests "
         "with UNAVAILABLE and exits (0: never; with --tp, at least --tp-timeout + 30)",
@@ -107,20 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shard.add_argument(
         "--gpu-memory-fraction",
-        type=float,
+        type=_fraction,
         default=0.9,
         help="share of GPU memory weights plus KV cache may fill when --kv-cache-bytes is 0",
     )
-    shard.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    shard.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block")
     shard.add_argument(
         "--max-batch-tokens",
-        type=int,
+        type=_count,
         default=0,
         help="tokens per engine step, prefill and decode together (0: 512 on CPU, 8192 on GPU)",
     )
     shard.add_argument(
         "--max-running-requests",
-        type=int,
+        type=_count,
         default=0,
         help="sequences batched at once (0: 64 on CPU, 256 on GPU)",
     )
@@ -129,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="recompute every prompt instead of sharing the KV blocks of identical prefixes",
     )
-    shard.add_argument("--heartbeat-ttl", type=float, default=5.0)
+    shard.add_argument("--heartbeat-ttl", type=_positive_seconds, default=5.0)
     _add_metrics_options(shard)
     shard.add_argument(
         "--adapters",
@@ -145,19 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shard.add_argument(
         "--max-gpu-adapters",
-        type=int,
+        type=_positive_int,
         default=16,
         help="adapters active in the batch at once (slots); OPTION_MAX_LORAS is accepted as an alias",
     )
     shard.add_argument(
         "--adapter-cycle-s",
-        type=float,
+        type=_seconds_or_zero,
         default=2.0,
         help="a request that has found every adapter slot busy this long gets the next slot to drain",
     )
     shard.add_argument(
         "--max-cpu-adapters",
-        type=int,
+        type=_count,
         default=32,
         help="adapters kept loaded in host memory; OPTION_MAX_CPU_LORAS is accepted as an alias",
     )
@@ -173,16 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=parse_bytes("10GiB"),
         help="size cap of the adapter disk cache",
     )
-    shard.add_argument("--max-lora-rank", type=int, default=64)
+    shard.add_argument("--max-lora-rank", type=_positive_int, default=64)
 
     router = commands.add_parser("router", help="run one router")
     _add_common(router, files=False)
     router.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     router.add_argument("--host", default="127.0.0.1")
-    router.add_argument("--port", type=int, default=50051)
+    router.add_argument("--port", type=_parse_port, default=50051)
     router.add_argument(
         "--refresh-interval",
-        type=float,
+        type=_positive_seconds,
         default=1.0,
         help="seconds between re-reads of the registry (catalogue and shard loads)",
     )
@@ -194,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     router.add_argument(
         "--saturation-factor",
-        type=float,
+        type=_positive_number,
         default=2.0,
         help="RESOURCE_EXHAUSTED once every shard has this x its max running requests outstanding",
     )
@@ -211,10 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(gateway, files=False, redis=False)
     gateway.add_argument("--router", default=DEFAULT_ROUTER, help="router gRPC address")
     gateway.add_argument("--host", default="127.0.0.1")
-    gateway.add_argument("--port", type=int, default=8080)
+    gateway.add_argument("--port", type=_parse_port, default=8080)
     gateway.add_argument(
         "--request-timeout",
-        type=float,
+        type=_positive_seconds,
         default=600.0,
         help="deadline in seconds for one generation through the router",
     )
@@ -224,34 +228,34 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     worker.add_argument("--namespace", default="loraplex", help="Redis key prefix")
     worker.add_argument("--log-level", default="INFO")
-    worker.add_argument("--concurrency", type=int, default=8, help="jobs run at once")
+    worker.add_argument("--concurrency", type=_positive_int, default=8, help="jobs run at once")
     worker.add_argument(
         "--claim-idle",
-        type=float,
+        type=_positive_seconds,
         default=30.0,
         help="seconds a job may sit unacknowledged before a live worker takes it from a dead one",
     )
     worker.add_argument(
         "--metrics-port",
-        type=int,
+        type=_metrics_port,
         default=9400,
         help="port of the Prometheus /metrics endpoint (0: off)",
     )
     worker.add_argument(
         "--job-ttl",
-        type=float,
+        type=_positive_seconds,
         default=86400.0,
         help="seconds a finished job's result or error is kept",
     )
     worker.add_argument(
         "--request-timeout",
-        type=float,
+        type=_positive_seconds,
         default=600.0,
         help="deadline in seconds for one generation through the router",
     )
     worker.add_argument(
         "--retry-for",
-        type=float,
+        type=_seconds_or_zero,
         default=600.0,
         help="seconds a job is retried while the mesh answers UNAVAILABLE or RESOURCE_EXHAUSTED before "
         "it fails with that status",
@@ -370,13 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_metrics_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port",
-        type=int,
+        type=_metrics_port,
         default=0,
         help="serve Prometheus /metrics on this port (0: off)",
     )
     parser.add_argument(
         "--metrics-adapter-labels",
-        type=int,
+        type=_count,
         default=32,
         help="adapters that get their own metric label value; later ones share 'other'",
     )
@@ -476,6 +480,32 @@ def _parse_port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port; write a number from 1 to 65535")
     return port
+
+
+def _checked(convert: Callable[[str], N], fits: Callable[[N], bool], expected: str) -> Callable[[str], N]:
+    """An argparse type: convert(text), refused unless it fits, saying what is expected. A negative
+    size, a heartbeat TTL of 0 or a port past 65535 would otherwise start a process that cannot work
+    (heartbeats Redis refuses, a port gRPC wraps round), or end in a traceback."""
+
+    def parse(text: str) -> N:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not fits(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}")
+        return value
+
+    return parse
+
+
+_positive_int = _checked(int, lambda number: number >= 1, "a whole number >= 1")
+_count = _checked(int, lambda number: number >= 0, "a whole number >= 0")
+_metrics_port = _checked(int, lambda port: 0 <= port <= 65535, "a port from 1 to 65535, or 0 for none")
+_positive_seconds = _checked(float, lambda seconds: 0 < seconds < math.inf, "a number of seconds > 0")
+_seconds_or_zero = _checked(float, lambda seconds: 0 <= seconds < math.inf, "a number of seconds >= 0")
+_positive_number = _checked(float, lambda number: 0 < number < math.inf, "a number > 0")
+_fraction = _checked(float, lambda share: 0 < share <= 1, "a fraction above 0 and at most 1")
 
 
 def _parse_keepalive(text: str) -> float:

@@ -14,19 +14,21 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 
 PREFIX = "LORAPLEX_"
-# flag -> other systems' names for it: TGI's LORA_ADAPTERS, SageMaker LMI's OPTION_MAX_*; ours win
-ALIASES = {
-    "--adapters": ("LORA_ADAPTERS",),
-    "--max-gpu-adapters": ("OPTION_MAX_LORAS",),
-    "--max-cpu-adapters": ("OPTION_MAX_CPU_LORAS",),
+# command -> flag -> other systems' names for it: TGI's LORA_ADAPTERS, SageMaker LMI's OPTION_MAX_*;
+# ours win. Only where the flag means what theirs does: `simulate placement --adapters` is a count.
+_LMI_ALIASES = {"--max-gpu-adapters": ("OPTION_MAX_LORAS",), "--max-cpu-adapters": ("OPTION_MAX_CPU_LORAS",)}
+ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "shard": {"--adapters": ("LORA_ADAPTERS",), **_LMI_ALIASES},
+    "bench adapters": _LMI_ALIASES,
 }
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
-def env_names(action: argparse.Action) -> tuple[str, ...]:
-    """The variables that set action's flag, first found wins: ours, then the aliases."""
+def env_names(action: argparse.Action, command: str = "") -> tuple[str, ...]:
+    """The variables that set action's flag of command ('shard', 'bench adapters'), first found wins:
+    ours, then the aliases."""
     flag = max(action.option_strings, key=len)
-    return (PREFIX + flag.lstrip("-").upper().replace("-", "_"), *ALIASES.get(flag, ()))
+    return (PREFIX + flag.lstrip("-").upper().replace("-", "_"), *ALIASES.get(command, {}).get(flag, ()))
 
 
 def parse_args(
@@ -57,7 +59,8 @@ def _chosen_parsers(
 
 
 def _apply(parser: argparse.ArgumentParser, action: argparse.Action, environ: Mapping[str, str]) -> None:
-    name = next((name for name in env_names(action) if name in environ), None)
+    command = parser.prog.partition(" ")[2]  # 'loraplex bench adapters' -> 'bench adapters'
+    name = next((name for name in env_names(action, command) if name in environ), None)
     if name is None:
         return
     text = environ[name]
