@@ -289,3 +289,15 @@ def test_up_refuses_a_port_number_past_65535(tiny_model_dir, cache_dir):
     args[args.index("--shard-base-port") + 1] = "65535"  # the second shard would get 65536
     code, output = _up_until_banner_or_exit(*args)
     assert code == 2 and "--shard-base-port 65535 leaves no port for shard 1" in output, output
+
+
+def test_a_worker_that_dies_at_start_stops_up_with_its_error(tiny_model_dir, cache_dir):
+    """The worker is the one child nothing waited on: dead at start (here on a LORAPLEX_* value only it
+    reads), `up` printed its banner and ran on with async jobs that never run."""
+    env = os.environ | {"LORAPLEX_CLAIM_IDLE": "0"}
+    code, output = _up_until_banner_or_exit(
+        *_up_args(tiny_model_dir, cache_dir), "--num-shards", "1", env=env
+    )
+    assert code == 1, f"expected a failed start, got {code}:\n{output}"
+    assert "loraplex mesh is up" not in output
+    assert "loraplex up: worker did not start" in output and "claim" in output.split("the end of")[1], output

@@ -178,6 +178,10 @@ def run_mesh(config: MeshConfig) -> int:
         processes.append(worker)
         names[worker.pid] = "worker"
         _started("gateway", workdir / "gateway.log", partial(wait_http_ok, f"{gateway_url}/health", gateway))
+        # the worker serves its /metrics before it takes jobs: one that dies at start (a LORAPLEX_*
+        # value it refuses, say) stops the start here rather than leave a mesh whose jobs never run
+        worker_metrics = f"http://127.0.0.1:{metrics_ports['worker']}/metrics"
+        _started("worker", workdir / "worker.log", partial(wait_http_ok, worker_metrics, worker))
         demo_names = register_demo_adapters(router_address, demo_adapter_dirs())
         metrics = {"gateway": f"{gateway_url}/metrics"} | {
             name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items()
