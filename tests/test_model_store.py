@@ -1,3 +1,5 @@
+import subprocess
+import sys
 import time
 
 import pytest
@@ -26,3 +28,22 @@ def test_model_argument_resolves_directories_and_refuses_unknown_ids(tiny_model_
     assert resolve_model(str(tiny_model_dir), cache_dir) == tiny_model_dir
     with pytest.raises(FileNotFoundError, match="neither a directory"):
         resolve_model("no-such-model", cache_dir)
+
+
+def test_a_cache_dir_that_cannot_be_written_is_a_usage_error_before_any_conversion(tmp_path):
+    """Not a traceback after a minute of dequantizing: `model prepare` (and `up`, and a shard, which
+    prepare the same way) stop at once naming the directory and the flag that moves it."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cache = blocker / "cache"  # cannot be created: its parent is a file
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "loraplex.tools.cli", "model", "prepare", "--cache-dir", str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert f"cannot write the model cache in {cache}" in run.stderr and "--cache-dir" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert time.monotonic() - started < 20, "it must not convert the model first"

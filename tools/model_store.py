@@ -79,34 +79,46 @@ def prepare_model(model_id: str, cache_dir: Path, dtype: str = "bfloat16") -> Pa
     if marker.is_file() and json.loads(marker.read_text()) == fingerprint:
         return target
 
+    staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:  # before a minute of conversion, not after it
+        staging.mkdir(parents=True)
+    except OSError as error:
+        raise ValueError(
+            f"cannot write the model cache in {cache_dir} ({error.strerror or error}); point --cache-dir "
+            "(or LORAPLEX_CACHE_DIR) at a writable directory"
+        ) from error
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    with tqdm(total=4, desc=f"prepare {model_id}", unit="step") as progress:
-        progress.set_postfix_str("tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        progress.update()
-        progress.set_postfix_str("dequantize weights")
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype)
-        )
-        progress.update()
-        # save_pretrained refuses a GGUF-loaded model while it is still marked as quantized.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        progress.set_postfix_str("write safetensors")
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        progress.update()
-        (staging / _COMPLETE_MARKER).write_text(json.dumps(fingerprint))
-        shutil.rmtree(target, ignore_errors=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(target)
-        progress.set_postfix_str("done")
-        progress.update()
+    try:
+        with tqdm(total=4, desc=f"prepare {model_id}", unit="step") as progress:
+            progress.set_postfix_str("tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            progress.update()
+            progress.set_postfix_str("dequantize weights")
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype)
+            )
+            progress.update()
+            # save_pretrained refuses a GGUF-loaded model while it is still marked as quantized.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            progress.set_postfix_str("write safetensors")
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            progress.update()
+            (staging / _COMPLETE_MARKER).write_text(json.dumps(fingerprint))
+            shutil.rmtree(target, ignore_errors=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging.rename(target)
+            progress.set_postfix_str("done")
+            progress.update()
+    except BaseException:  # Ctrl-C or a failed conversion leaves no staging directory behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return target
 
 
