@@ -4,10 +4,17 @@ accounting (tiers, ratios, targets), not its speed."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
-from loraplex.tools.bench_adapters import AdapterBenchConfig, run_adapter_bench
+import pytest
+import torch
+from peft import PeftModel
+
+from loraplex.tools.bench_adapters import AdapterBenchConfig, run_adapter_bench, run_peft_baseline
 from loraplex.tools.bench_adapters_report import summary_table
+from loraplex.tools.bench_engine import baseline_dtype
+from loraplex.tools.synthetic_adapters import write_peft_adapter
 
 
 def test_levels_baseline_and_tiers_are_reported(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -68,7 +75,13 @@ def test_levels_baseline_and_tiers_are_reported(tiny_model_dir: Path, tmp_path: 
         "adapters_1/base_only": 2,
         "adapters_6/base_only": 2,
     }
-    assert report["workload"]["prefix_caching"] is False
+    workload = report["workload"]
+    assert workload["prefix_caching"] is False
+    # the run's settings, so that the figures can be reproduced from the JSON alone
+    assert workload["seed"] == 0 and workload["zipf_alpha"] == 1.0 and workload["dtype"] == "float32"
+    assert (workload["pairs"], workload["paired_new_tokens"]) == (2, 2)
+    assert (workload["baseline_adapters"], workload["baseline_requests"]) == (6, 2)
+    assert workload["kv_cache_bytes"] == 8 << 20 and report["model_dir"] == str(tiny_model_dir)
     paired = report["paired_batch_ratios"]
     assert set(paired) == {"adapters_1/base_only", "adapters_6/base_only"}
     assert all(len(p["pairs"]) == 2 and p["median"] > 0 for p in paired.values())
@@ -76,3 +89,39 @@ def test_levels_baseline_and_tiers_are_reported(tiny_model_dir: Path, tmp_path: 
     assert "target adapters_6/peft_6" in summary_table(report)
     written = list((tmp_path / "work" / "sources").glob("n6-a*"))
     assert len(written) == six["distinct_adapters_used"]  # adapters no request drew are never written
+
+
+def test_the_peft_baselines_adapter_switch_is_timed_with_its_request(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Switching adapters per request is the system the baseline stands for: its cost counts, as the
+    engine's slot swaps and loads count in the levels' times."""
+    switch_s = 0.2
+    set_adapter = PeftModel.set_adapter
+
+    def slow_set_adapter(self, *args, **kwargs):
+        time.sleep(switch_s)
+        return set_adapter(self, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModel, "set_adapter", slow_set_adapter)
+    sources = {
+        index: write_peft_adapter(tmp_path / f"a{index}", tiny_model_dir, rank=4, seed=index)
+        for index in (0, 1)
+    }
+    config = AdapterBenchConfig(model_dir=tiny_model_dir, max_new_tokens=2, baseline_adapters=2)
+    choices = [0, 1, 0]
+    run = run_peft_baseline(config, [[1, 2, 3]] * len(choices), choices, sources)
+
+    assert run.num_tokens == 2 * len(choices)
+    assert run.wall_s >= len(choices) * switch_s
+    assert all(timing.e2e_s >= switch_s and timing.ttft_s >= switch_s for timing in run.timings)
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"), [("cpu", torch.float32), ("cuda", torch.bfloat16), ("cuda:1", torch.bfloat16)]
+)
+def test_transformers_baselines_load_the_weights_in_the_engines_dtype(
+    device: str, dtype: torch.dtype
+) -> None:
+    # the engine's "auto": fp32 on CPU, bf16 on GPUs; a baseline in fp32 on a GPU would flatter the engine
+    assert baseline_dtype(device) == dtype

@@ -44,6 +44,7 @@ def test_engine_only_run_writes_json_and_png(tiny_model_dir: Path, tmp_path: Pat
         assert system["throughput_tok_s"] > 0
         assert system["num_generated_tokens"] == 4 * 5  # ignore_eos: every request runs to the limit
         assert 0 < system["ttft_ms"]["p50"] <= system["ttft_ms"]["p99"]
+    assert report["workload"]["dtype"] == "float32"  # the engine's, and the baselines' (on CPU)
     assert report["ratios"] == {} and report["target"] is None
 
 

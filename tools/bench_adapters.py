@@ -19,7 +19,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from loraplex.shard.engine import Engine, EngineConfig, EngineOutput, EngineRequ
 from loraplex.shard.outputs import RequestFailed
 from loraplex.shard.sampling import SamplingParams
 from loraplex.tools.bench_adapters_report import TierLatencies, build_report, write_report
-from loraplex.tools.bench_engine import build_workload, hf_generate
+from loraplex.tools.bench_engine import baseline_dtype, build_workload, hf_generate
 from loraplex.tools.bench_report import RequestTiming, SystemRun
 from loraplex.tools.synthetic_adapters import write_peft_adapter
 from loraplex.tools.workload import adapter_choices
@@ -369,13 +369,14 @@ def run_peft_baseline(
     config: AdapterBenchConfig, prompts: list[list[int]], choices: list[int], sources: dict[int, Path]
 ) -> SystemRun:
     """transformers + peft serving one request at a time, switching to the request's adapter before
-    each. Every adapter the requests use is loaded up front, so the timing holds no loading."""
+    each (the switch is timed with the request). Every adapter the requests use is loaded up front, so
+    the timing holds no loading."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    base = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=baseline_dtype(config.device))
     used = sorted(set(choices))
     model = PeftModel.from_pretrained(base, sources[used[0]], adapter_name=f"a{used[0]}")
     for index in used[1:]:
@@ -385,8 +386,9 @@ def run_peft_baseline(
     hf_generate(model, prompts[:1], 4, pad_id, config.device)  # warm-up
     wall_s, timings = 0.0, []
     for prompt, index in zip(prompts, choices, strict=False):
+        switched = time.perf_counter()  # the switch is part of serving the request, as our slot swap is
         model.set_adapter(f"a{index}")
-        seconds, (timing,) = hf_generate(model, [prompt], config.max_new_tokens, pad_id, config.device)
-        wall_s += seconds
-        timings.append(timing)
+        _, (timing,) = hf_generate(model, [prompt], config.max_new_tokens, pad_id, config.device)
+        wall_s += timing.finished - switched
+        timings.append(replace(timing, submitted=switched))
     return SystemRun(f"peft_{config.baseline_adapters}", "hf", 1, wall_s, timings)

@@ -67,6 +67,8 @@ def build_report(
 ) -> dict:
     """round_ratios: each level's throughput over base-only's, per round (runs minutes apart);
     paired_ratios: the same from back-to-back batch pairs seconds apart (steadier on a noisy machine)."""
+    from loraplex.tools.bench_engine import baseline_dtype  # torch and transformers: not at import
+
     systems = {run.name: run.summary() for run in runs}
     for name, figures in tiers.items():
         systems[name].update(figures)
@@ -77,13 +79,18 @@ def build_report(
         "started_at": started.isoformat(timespec="seconds"),
         "machine": machine_info(config.device),
         "model": config.model_dir.name,
+        "model_dir": str(config.model_dir),
         "workload": {
+            "seed": config.seed,
+            "dtype": str(baseline_dtype(config.device)).removeprefix("torch."),
+            "kv_cache_bytes": config.kv_cache_bytes,
             "num_requests_per_level": config.num_requests,
             "concurrency": config.concurrency,
             "max_new_tokens": config.max_new_tokens,
             "ignore_eos": True,
             "sampling": "greedy",
             "popularity": f"zipf, alpha={config.zipf_alpha}",
+            "zipf_alpha": config.zipf_alpha,
             "adapter_counts": list(levels),
             "adapter_ranks": list(config.ranks),
             "adapter_targets": list(config.targets),
@@ -95,11 +102,15 @@ def build_report(
                 "max": max(lengths),
             },
             "rounds": config.rounds,
+            "pairs": config.pairs,
+            "paired_new_tokens": config.paired_new_tokens,
             "prefix_caching": config.prefix_caching,
+            "baseline_adapters": config.baseline_adapters,
+            "baseline_requests": config.baseline_requests,
             "peft_baseline": (
-                f"transformers + peft, one request at a time, set_adapter before each; the first "
-                f"{config.baseline_requests} requests of the {config.baseline_adapters}-adapter level, "
-                "adapters loaded before timing"
+                f"transformers + peft in the engine's dtype, one request at a time, set_adapter before "
+                f"each (timed with it); the first {config.baseline_requests} requests of the "
+                f"{config.baseline_adapters}-adapter level, adapters loaded before timing"
             ),
         },
         "systems": systems,

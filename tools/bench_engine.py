@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
 from loraplex.shard.engine import Engine, EngineConfig, EngineOutput, EngineRequest
 from loraplex.shard.outputs import RequestFailed
 from loraplex.shard.sampling import SamplingParams
+from loraplex.shard.weights import model_dtype
 from loraplex.tools.bench_report import RequestTiming, SystemRun, build_report, write_report
 
 log = logging.getLogger("loraplex.bench")
@@ -204,11 +205,16 @@ class _FirstCallTimer(LogitsProcessor):
         return scores
 
 
+def baseline_dtype(device: str) -> torch.dtype:
+    """The dtype transformers' baselines load the weights in: the engine's on that device (fp32 on CPU,
+    bf16 on GPUs), so that a comparison on a GPU is not bf16 against fp32."""
+    return model_dtype(torch.device(device))
+
+
 def run_hf_baselines(config: BenchConfig, prompts: list[list[int]]) -> list[SystemRun]:
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
-    model = (
-        AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=torch.float32).to(config.device).eval()
-    )
+    dtype = baseline_dtype(config.device)
+    model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=dtype).to(config.device).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     n = config.max_new_tokens
     hf_generate(model, prompts[:1], min(n, 4), pad_id, config.device)  # warm-up

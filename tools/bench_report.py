@@ -94,6 +94,8 @@ def percentiles_ms(seconds: list[float | None]) -> dict[str, float] | None:
 def build_report(
     config: BenchConfig, started: datetime, prompts: list[list[int]], runs: list[SystemRun]
 ) -> dict:
+    from loraplex.tools.bench_engine import baseline_dtype  # a cycle at import: bench_engine imports us
+
     lengths = [len(p) for p in prompts]
     systems = {run.name: run.summary() for run in runs}
     return {
@@ -109,6 +111,7 @@ def build_report(
             "max_new_tokens": config.max_new_tokens,
             "ignore_eos": True,
             "sampling": "greedy",
+            "dtype": str(baseline_dtype(config.device)).removeprefix("torch."),  # engine and transformers
             "baseline_requests": config.baseline_requests,
             "static_batch_size": config.static_batch_size,
             "prompt_tokens": {
