@@ -86,3 +86,20 @@ def test_stand_in_shard_streams_the_asked_number_of_chunks_then_finishes() -> No
     assert outstanding_requests(context.metadata) == 0  # like a shard, it reports its other calls
     with pytest.raises(ValueError):
         StandInShard(0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_latency_requests", 0),  # the report's added latency needs both paths' percentiles
+        ("concurrency", 0),
+        ("num_client_processes", 0),
+        ("throughput_duration_s", 0.0),  # streams/s over a window of no length
+        ("throughput_warmup_s", -1.0),
+    ],
+)
+def test_settings_the_report_cannot_be_built_from_are_refused_before_anything_starts(
+    field: str, value: float
+) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        RouterBenchConfig(**{field: value})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,18 @@ def test_unknown_policy_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> 
         main(["--policies", "bounded_load,nope"])
     assert exit_info.value.code == 2
     assert "unknown policies ['nope']" in capsys.readouterr().err
+
+
+def test_churn_hit_rate_before_removal_reads_the_warm_up_even_when_shorter_than_five_windows() -> None:
+    # warm-up (20 ticks) shorter than the 5 refresh windows (25 ticks) the "before" rate looks back over
+    config = replace(SMALL, warmup_ticks=20, measure_ticks=20)
+    churn = simulate(config, 1.0, "bounded_load", churn=True)
+    windows = churn["hit_rate_timeline"][: config.warmup_ticks // config.refresh_ticks]
+    before = churn["churn"]["hit_rate_before"]
+    assert max(windows) > 0
+    assert min(windows) <= before <= max(windows)
+
+
+def test_too_short_a_measurement_for_the_churn_run_is_refused() -> None:
+    with pytest.raises(ValueError, match="measure_ticks must be >= 2"):
+        replace(SMALL, measure_ticks=1)

@@ -56,6 +56,21 @@ class RouterBenchConfig:
     redis_url: str | None = None  # default: a private redis-server for the run
     output_dir: Path = Path("bench/results")
 
+    def __post_init__(self) -> None:
+        # checked before anything starts: the report needs latencies of both paths and a window with
+        # streams in it, and would otherwise fail only after the whole run
+        counts = {
+            "num_shards": self.num_shards,
+            "num_chunks": self.num_chunks,
+            "num_latency_requests": self.num_latency_requests,
+            "concurrency": self.concurrency,
+            "num_client_processes": self.num_client_processes,
+        }
+        if too_few := [name for name, value in counts.items() if value < 1]:
+            raise ValueError(f"{', '.join(too_few)} must be >= 1")
+        if self.num_warmup_requests < 0 or self.throughput_warmup_s < 0 or not self.throughput_duration_s > 0:
+            raise ValueError("warm-up requests and seconds must be >= 0, and the measured duration > 0")
+
 
 @dataclass(frozen=True)
 class RouterBenchResult:

@@ -60,6 +60,13 @@ class SimConfig:
     seed: int = 0
     workers: int = 2
 
+    def __post_init__(self) -> None:
+        if self.measure_ticks < 2 or self.refresh_ticks < 1:
+            raise ValueError(
+                "measure_ticks must be >= 2 (the churn run removes shards when measuring starts and adds "
+                f"others halfway) and refresh_ticks >= 1, not {self.measure_ticks} and {self.refresh_ticks}"
+            )
+
 
 @dataclass(frozen=True)
 class _Workload:
@@ -378,6 +385,7 @@ def _churn_windows(
     window, counts = config.refresh_ticks, workload.counts.tolist()
 
     def rate(start: int, stop: int) -> float:
+        start = max(start, 0)  # a window reaching back past tick 0 (a short warm-up) starts there
         return round(sum(hits[start:stop]) / max(sum(counts[start:stop]), 1), 4)
 
     removal, addition = event_ticks
