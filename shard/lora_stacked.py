@@ -59,6 +59,11 @@ class StackedLoraWeights:
                 self.b[layer, module][slot, :, :rank].copy_(b, non_blocking=True)
                 self._targets[slot].add((layer, module))
         self.scalings[slot] = adapter.scaling
+        if self.scalings.is_cuda:
+            # The copies from pinned memory are only queued: wait for them here, where the slot's load is
+            # timed (loraplex_adapter_load_seconds{tier="gpu"}), not in the next step, which would
+            # otherwise wait for them unseen while the metric counted only their queueing.
+            torch.cuda.current_stream(self.scalings.device).synchronize()
 
     def targeted(self, projection: Projection, slots: set[int]) -> bool:
         return any(projection in self._targets[slot] for slot in slots)
