@@ -120,6 +120,11 @@ def test_chat_messages_are_rendered_with_the_template(generation):
             grpc.StatusCode.INVALID_ARGUMENT,
             "leave apply_chat_template unset",
         ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "abracadabra"}]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "messages[1].role must be one of 'system', 'user', 'assistant', got 'wizard'",
+        ),
     ],
 )
 def test_bad_input_gets_a_status_that_says_what_to_fix(generation, request_fields, code, hint):
