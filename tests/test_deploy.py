@@ -12,6 +12,7 @@ import argparse
 import functools
 import http.server
 import json
+import math
 import os
 import re
 import subprocess
@@ -117,9 +118,22 @@ def container_env(objects: tuple[Obj, ...], spec: Obj) -> dict[str, str]:
     for var in spec.get("env", []):
         if "value" in var:
             env[var["name"]] = var["value"]
+        elif "resourceFieldRef" in var["valueFrom"]:
+            env[var["name"]] = str(resource_field(spec, var["valueFrom"]["resourceFieldRef"]))
         else:
             env[var["name"]] = f"<{var['valueFrom']['fieldRef']['fieldPath']}>"
     return env
+
+
+def resource_field(spec: Obj, ref: Obj) -> int:
+    """A CPU request or limit as the downward API gives it: in units of the divisor, rounded up."""
+    kind, _, resource = ref["resource"].partition(".")
+    assert resource == "cpu", f"only CPU resource fields are expected, not {ref['resource']}"
+    quantity = str(spec["resources"][{"requests": "requests", "limits": "limits"}[kind]]["cpu"])
+    millicores = int(quantity[:-1]) if quantity.endswith("m") else int(float(quantity) * 1000)
+    divisor = str(ref.get("divisor", "1"))
+    divisor_millicores = int(divisor[:-1]) if divisor.endswith("m") else int(float(divisor) * 1000)
+    return -(-millicores // divisor_millicores)
 
 
 def expand(argument: str, env: dict[str, str]) -> str:
@@ -292,6 +306,16 @@ def test_gpu_count_matches_the_tensor_parallel_degree(overlay: str, objects: tup
             }
     else:
         assert tp == 1
+
+
+def test_torch_threads_follow_the_shards_cpu_request(objects: tuple[Obj, ...]) -> None:
+    """torch sizes its thread pool by the node's cores: on a 64-core node a shard requesting 1-2 CPUs ran
+    (and, with OMP_WAIT_POLICY=ACTIVE, spun) 64 threads. OMP_NUM_THREADS comes from the CPU request."""
+    spec = container(workload(objects, "shard"))
+    (variable,) = [var for var in spec["env"] if var["name"] == "OMP_NUM_THREADS"]
+    assert variable["valueFrom"]["resourceFieldRef"]["resource"] == "requests.cpu"
+    threads = int(container_env(objects, spec)["OMP_NUM_THREADS"])
+    assert threads == math.ceil(float(spec["resources"]["requests"]["cpu"])) >= 1
 
 
 @pytest.mark.parametrize(
