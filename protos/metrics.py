@@ -13,8 +13,9 @@ log = logging.getLogger("loraplex.metrics")
 DEFAULT_ADAPTER_LABELS = 32
 BASE_LABEL = "base"
 OTHER_LABEL = "other"
-# request latency histograms (seconds): from a cached short answer to a long generation
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# request latency histograms (seconds): from a cached short answer to a long generation, up to the
+# 600 s the gateway and the job worker give one by default (vLLM's e2e buckets reach 7680 s)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 class AdapterLabels:

@@ -193,7 +193,8 @@ def set_error(span: Span, message: str, error: BaseException | None = None) -> N
 @contextmanager
 def server_span(tracer: trace.Tracer, name: str, context: grpc.aio.ServicerContext) -> Iterator[Span]:
     """A unary call's SERVER span, continuing the caller's trace, ended with the call's gRPC status
-    (`rpc.grpc.status_code`) and failed for anything but OK; CANCELLED when the caller left."""
+    (`rpc.grpc.status_code`) and failed for anything but OK and CANCELLED (the caller left); a call gRPC
+    stopped at its deadline is DEADLINE_EXCEEDED, a failure."""
     span = tracer.start_span(
         name, context=context_from_metadata(context.invocation_metadata()), kind=SpanKind.SERVER
     )
@@ -208,6 +209,11 @@ def server_span(tracer: trace.Tracer, name: str, context: grpc.aio.ServicerConte
     except Exception as error:
         code = grpc.StatusCode.INTERNAL
         set_error(span, str(error), error)
+        raise
+    except BaseException:  # cancelled: the caller left, or gRPC ended the call at its deadline
+        if stopped_by_deadline(context.time_remaining()):
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+            set_error(span, "the caller's deadline passed")
         raise
     finally:
         if span.is_recording():

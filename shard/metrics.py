@@ -42,6 +42,12 @@ class ShardMetrics:
             buckets=TOKEN_BUCKETS,
             registry=self.registry,
         )
+        self.generation_tokens = Counter(
+            "loraplex_shard_generation_tokens",
+            "tokens generated and sent to callers, whatever the request's outcome",
+            ["adapter"],
+            registry=self.registry,
+        )
         self.duration = Histogram(
             "loraplex_shard_request_seconds",
             "request arrival to its last token",
@@ -67,12 +73,14 @@ class RequestTimer:
     def __init__(self, metrics: ShardMetrics, label: str) -> None:
         self._metrics = metrics
         self._label = label
+        self._generated = metrics.generation_tokens.labels(label)
         self._started = time.perf_counter()
         self._first: float | None = None
         self._tokens = 0
 
     def token(self) -> None:
         self._tokens += 1
+        self._generated.inc()
         if self._first is None:
             self._first = time.perf_counter()
             self._metrics.ttft.labels(self._label).observe(self._first - self._started)
@@ -105,6 +113,15 @@ class _EngineCollector(Collector):
             ("kv_blocks_free", stats.kv_blocks_free, "KV cache blocks free"),
         ):
             yield GaugeMetricFamily(f"loraplex_shard_{name}", help_text, value=value)
+        for name, value, help_text in (
+            ("preemptions", stats.num_preemptions, "sequences whose KV blocks were taken back, to recompute"),
+            (
+                "prefix_cache_hit_tokens",
+                stats.num_prefix_hit_tokens,
+                "prompt tokens whose KV came from the prefix cache",
+            ),
+        ):
+            yield CounterMetricFamily(f"loraplex_shard_{name}", help_text, value=value)
         yield from self._rank_memory()
         disk = self._adapters.disk
         tiers: dict[str, tuple[int, TierCounters]] = {

@@ -12,6 +12,7 @@ import http.client
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -46,7 +47,7 @@ from loraplex.router.worker import serve as serve_worker
 from loraplex.shard.engine import EngineConfig
 from loraplex.shard.server import ShardConfig
 from loraplex.shard.server import serve as serve_shard
-from loraplex.tools.processes import free_port
+from loraplex.tools.processes import free_port, start_redis, stop_all
 
 from peft_fixtures import write_peft_adapter
 
@@ -514,3 +515,98 @@ def test_an_exporter_nothing_provides_fails_at_start_and_says_what_is_installed(
     assert result.returncode != 0
     assert "'zipkin_json', which no installed package provides" in result.stderr
     assert "console" in result.stderr and "otlp_proto_grpc" in result.stderr
+
+
+READ_TRACE = "0af7651916cd43dd8448eb211c80319c"  # a caller's trace for the reads below
+
+
+def _get(port: int, path: str, headers: dict[str, str]) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def test_a_job_look_up_and_a_model_list_through_the_gateway_are_one_trace(exporter, redis_url, namespace):
+    """GET /v1/async/jobs/{id} and GET /v1/models hand the caller's trace on to the router, as
+    generations do: the router's span hangs under the gateway's."""
+    router_port, gateway_port = free_port(), free_port()
+    router = f"127.0.0.1:{router_port}"
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        router_config = RouterConfig(redis_url, "tiny", port=router_port, namespace=namespace)
+        app = create_app(GatewayConfig(router=router, model="tiny", port=gateway_port))
+        gateway = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=gateway_port, log_level="warning")
+        )
+        tasks = [asyncio.create_task(serve_router(router_config, stop)), asyncio.create_task(gateway.serve())]
+        try:
+            while not gateway.started:
+                await asyncio.sleep(0.05)
+            caller = {"traceparent": f"00-{READ_TRACE}-{CALLER_SPAN}-01"}
+            assert await asyncio.to_thread(_get, gateway_port, "/v1/async/jobs/no-such-job", caller) == 404
+            assert await asyncio.to_thread(_get, gateway_port, "/v1/models", caller) == 200
+            hops = {"GET /v1/async/jobs/{job_id}": "router.get_job", "GET /v1/models": "router.adapters.list"}
+            spans = await _wait_for_spans(exporter, int(READ_TRACE, 16), {*hops, *hops.values()})
+            for gateway_name, router_name in hops.items():
+                served = _one(spans, gateway_name)
+                assert served.parent.span_id == int(CALLER_SPAN, 16)
+                assert _one(spans, router_name).parent.span_id == served.context.span_id, router_name
+        finally:
+            gateway.should_exit = True
+            stop.set()
+            await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+
+
+def test_an_admin_call_or_job_look_up_its_deadline_ended_is_a_failed_span(exporter, namespace, tmp_path):
+    """A unary call that gRPC ended at the caller's deadline (here: Redis froze under the router) carries
+    DEADLINE_EXCEEDED and is failed, as router.generate is; not CANCELLED, which means the caller left."""
+    redis_port, router_port = free_port(), free_port()
+    router = f"127.0.0.1:{router_port}"
+    redis = start_redis(redis_port, tmp_path, tmp_path / "redis.log")
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        config = RouterConfig(
+            f"redis://127.0.0.1:{redis_port}/0", "tiny", port=router_port, namespace=namespace
+        )
+        served = asyncio.create_task(serve_router(config, stop))
+        try:
+            async with grpc.aio.insecure_channel(router) as channel:
+                await asyncio.wait_for(channel.channel_ready(), timeout=10)
+                os.kill(redis.pid, signal.SIGSTOP)
+                metadata = (("traceparent", f"00-{READ_TRACE}-{CALLER_SPAN}-01"),)
+                calls = (
+                    adapters_pb2_grpc.AdaptersStub(channel).Get(
+                        adapters_pb2.GetAdapterRequest(name="any"), timeout=0.5, metadata=metadata
+                    ),
+                    jobs_pb2_grpc.JobsStub(channel).Get(
+                        jobs_pb2.GetJobRequest(job_id="any"), timeout=0.5, metadata=metadata
+                    ),
+                )
+                for call in calls:
+                    with pytest.raises(grpc.aio.AioRpcError) as expired:
+                        await call
+                    assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            names = {"router.adapters.get", "router.get_job"}
+            spans = await _wait_for_spans(exporter, int(READ_TRACE, 16), names)
+            for name in names:
+                span = _one(spans, name)
+                assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+                assert not span.status.is_ok, name
+        finally:
+            os.kill(redis.pid, signal.SIGCONT)
+            stop.set()
+            await served
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        stop_all([redis])

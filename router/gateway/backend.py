@@ -77,7 +77,11 @@ class RouterClient:
 
     async def list_adapters(self) -> list[common_pb2.Adapter]:
         try:
-            response = await self._adapters.List(adapters_pb2.ListAdaptersRequest(), timeout=10)
+            response = await self._adapters.List(
+                adapters_pb2.ListAdaptersRequest(),
+                timeout=10,
+                metadata=metadata_for(trace.get_current_span()),
+            )
         except grpc.aio.AioRpcError as error:
             raise APIError.from_rpc_error(error) from error
         return list(response.adapters)
@@ -95,7 +99,11 @@ class RouterClient:
 
     async def get_job(self, job_id: str) -> jobs_pb2.Job:
         try:
-            return await self._jobs.Get(jobs_pb2.GetJobRequest(job_id=job_id), timeout=10)
+            return await self._jobs.Get(
+                jobs_pb2.GetJobRequest(job_id=job_id),
+                timeout=10,
+                metadata=metadata_for(trace.get_current_span()),
+            )
         except grpc.aio.AioRpcError as error:
             raise APIError.from_rpc_error(error) from error
 

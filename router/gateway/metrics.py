@@ -8,7 +8,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# up to the 600 s the gateway gives a request by default (--request-timeout)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TRACKED_PREFIXES = ("/v1/", "/generate")
 KNOWN_ROUTES = frozenset(
     {"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions", "/v1/models"}
