@@ -13,9 +13,11 @@ and the server deregisters and exits, so the router fails over instead of waitin
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import multiprocessing
 import pickle
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +29,6 @@ import torch.distributed as dist
 from loraplex.shard.lora import LoraAdapter
 from loraplex.shard.model_runner import StepInputs
 from loraplex.shard.tp_worker import RankMemory, RankSpec, init_distributed, rank_device, run_rank
-from loraplex.tools.processes import free_port
 
 log = logging.getLogger("loraplex.tp")
 
@@ -45,7 +46,13 @@ class TensorParallelPeers:
         self.failure: str | None = None
         self._failed = threading.Event()
         self._device = rank_device(spec.device, 0)
-        self._spec = replace(spec, rank=0, rendezvous=f"127.0.0.1:{free_port()}")
+        # The process group's store: bound here, on loopback only, at a port the kernel picks, and
+        # handed to torch as it is. A port picked free and bound later could be taken meanwhile (by
+        # another shard's store, which our ranks would then join), and torch binds the port it is
+        # given on every interface, where anyone reaching the machine could write into the group.
+        self._listener: socket.socket | None = socket.create_server(("127.0.0.1", 0))
+        port = self._listener.getsockname()[1]
+        self._spec = replace(spec, rank=0, rendezvous=f"127.0.0.1:{port}")
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._pipes: list[Connection] = []
         self._send_lock = threading.Lock()  # steps come from the engine thread, adapters from loaders
@@ -57,6 +64,9 @@ class TensorParallelPeers:
 
     def start(self) -> None:
         """Start ranks 1..N-1 and join their process group (they then build their model slices)."""
+        if self._listener is None:
+            raise RuntimeError("the ranks were started already")
+        listener, self._listener = self._listener, None
         context = multiprocessing.get_context("spawn")  # fork is unsafe with torch and threads
         for rank in range(1, self.size):
             ours, theirs = context.Pipe()
@@ -75,7 +85,17 @@ class TensorParallelPeers:
 
         def join() -> None:
             try:
-                init_distributed(self._spec, self._device)
+                host, port = self._spec.rendezvous.rsplit(":", 1)
+                store = dist.TCPStore(
+                    host,
+                    int(port),
+                    self.size,
+                    is_master=True,
+                    timeout=datetime.timedelta(seconds=self._spec.timeout_s),
+                    wait_for_workers=False,  # init_distributed waits for them
+                    master_listen_fd=listener.detach(),  # the store owns (and closes) it now
+                )
+                init_distributed(self._spec, self._device, store)
                 joined.append(None)
             except BaseException as error:
                 joined.append(error)
@@ -195,5 +215,7 @@ class TensorParallelPeers:
                 process.join()
         for pipe in self._pipes:
             pipe.close()
+        if self._listener is not None:  # never started
+            self._listener.close()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -4,16 +4,19 @@ and adapter slots, and runs what the first rank sends it, in the order it was se
 The first rank (`tensor_parallel.TensorParallelPeers`) owns the gRPC service, the scheduler and
 sampling; it sends each step's inputs and every adapter move down a pipe, and the ranks meet in the
 model's all-reduces and the logits gather. A rank never decides anything itself, so every rank's
-slots and block tables stay identical. The pipe closing (the first rank died) ends the process; any
-error ends it too, and the first rank, which watches every rank, then takes the shard down.
+slots and block tables stay identical. The first rank's process ending ends the process, whatever it
+is doing (joining the process group, loading the model, waiting in a collective); any error ends it
+too, and the first rank, which watches every rank, then takes the shard down.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import multiprocessing
 import os
 import pickle
+import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -68,17 +71,22 @@ def rank_device(device: str, rank: int) -> torch.device:
     return torch.device("cuda", (first.index or 0) + rank)
 
 
-def init_distributed(spec: RankSpec, device: torch.device) -> None:
-    """Join the shard's process group: NCCL between GPUs, gloo on CPU."""
+def init_distributed(spec: RankSpec, device: torch.device, store: dist.Store | None = None) -> None:
+    """Join the shard's process group: NCCL between GPUs, gloo on CPU. The first rank passes the store
+    it serves at spec.rendezvous; the others connect to it there."""
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=spec.timeout_s)
+    if store is None:
+        host, port = spec.rendezvous.rsplit(":", 1)
+        store = dist.TCPStore(host, int(port), spec.size, is_master=False, timeout=timeout)
     dist.init_process_group(
         "nccl" if on_gpu else "gloo",
-        init_method=f"tcp://{spec.rendezvous}",
+        store=store,
         rank=spec.rank,
         world_size=spec.size,
-        timeout=datetime.timedelta(seconds=spec.timeout_s),
+        timeout=timeout,
         device_id=device if on_gpu else None,  # binds NCCL to this rank's GPU, whatever thread calls
     )
 
@@ -91,6 +99,7 @@ def run_rank(spec: RankSpec, pipe: Connection) -> None:
     """The process body of ranks 1..N-1 (multiprocessing target)."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{spec.rank} %(name)s %(message)s")
     torch.set_num_threads(spec.num_threads)
+    _exit_with_the_first_rank()
     device = rank_device(spec.device, spec.rank)
     init_distributed(spec, device)
     try:
@@ -99,10 +108,31 @@ def run_rank(spec: RankSpec, pipe: Connection) -> None:
         dist.destroy_process_group()
 
 
+def _exit_with_the_first_rank() -> None:
+    """End this process the moment the first rank's process is gone. Its pipe closing says so only
+    when this rank next reads it; until then the rank could wait out the collective timeout joining a
+    process group whose store is gone, or load a model nobody will use, holding its memory."""
+    first_rank = multiprocessing.parent_process()
+    if first_rank is None:  # not started by multiprocessing
+        return
+
+    def watch() -> None:
+        first_rank.join()  # its sentinel: a pipe whose other end only the first rank's process holds
+        log.warning("the first rank (pid %d) is gone; exiting", first_rank.pid)
+        os._exit(1)  # at once: the main thread may be inside a call that never returns
+
+    threading.Thread(target=watch, name="tp-first-rank-watch", daemon=True).start()
+
+
 def _serve(spec: RankSpec, device: torch.device, pipe: Connection) -> None:
     tp = TensorParallel(spec.rank, spec.size)
     model = build_model(ModelConfig.from_dir(spec.model_dir), spec.model_dir, device, spec.dtype, tp)
-    kind, num_blocks = _receive(pipe)
+    try:
+        kind, num_blocks = _receive(pipe)
+    except EOFError:
+        return  # the first rank is gone (the watch thread will have ended us already, most likely)
+    if kind == "stop":  # the first rank failed its own start (its error says why)
+        return
     if kind != "setup":
         raise ValueError(f"expected the KV cache size from the first rank, got {kind!r}")
     kv_cache = allocate_kv_cache(model, num_blocks, spec.block_size)
