@@ -111,30 +111,31 @@ def _compare(config: TPBenchConfig, baseline: Engine, size: int, sources: list[P
     engine = _engine(config, size)
     try:
         memory = _memory(engine)
-        times: dict[int, list[float]] = {1: [], size: []}
-        outputs: dict[int, list[list[int]]] = {}
+        # by engine, not by size: a size of 1 is a second TP=1 engine, compared with the first
+        times: tuple[list[float], list[float]] = ([], [])
+        outputs: list[list[list[int]]] = [[], []]
         for round_ in range(config.rounds + 1):  # round 0 warms both engines up and is not counted
-            for tp, which in ((1, baseline), (size, engine)):
-                seconds, tokens = _timed_batch(config, which, sources, round_)
-                outputs[tp] = tokens
+            for which, (tp, timed) in enumerate(((1, baseline), (size, engine))):
+                seconds, tokens = _timed_batch(config, timed, sources, round_)
+                outputs[which] = tokens
                 if round_:
-                    times[tp].append(seconds)
+                    times[which].append(seconds)
                 log.info("round %d%s TP=%d: %.2f s", round_, "" if round_ else " (warm-up)", tp, seconds)
     finally:
         engine.stop()
     new_tokens = config.batch_size * config.max_new_tokens
-    tp1_median, tpn_median = statistics.median(times[1]), statistics.median(times[size])
+    tp1_median, tpn_median = statistics.median(times[0]), statistics.median(times[1])
     tp1_weights = baseline.rank_memory[0].weight_bytes
     return {
         "tp": size,
         **memory,
         "weight_fraction_of_tp1_per_rank": [b / tp1_weights for b in memory["weight_bytes_per_rank"]],
-        "seconds_tp1": times[1],
-        "seconds_tp": times[size],
+        "seconds_tp1": times[0],
+        "seconds_tp": times[1],
         "tokens_per_s_tp1": new_tokens / tp1_median,
         "tokens_per_s_tp": new_tokens / tpn_median,
         "throughput_ratio_vs_tp1": tp1_median / tpn_median,
-        "tokens_match_tp1": outputs[size] == outputs[1],
+        "tokens_match_tp1": outputs[1] == outputs[0],
     }
 
 
