@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_tensor_parallel import _tp_children
 
 from loraplex.shard.engine import Engine, EngineConfig
 
@@ -24,19 +25,6 @@ from loraplex.shard.engine import Engine, EngineConfig
 Engine(Path(sys.argv[1]), EngineConfig(kv_cache_bytes=8 << 20, tp_size=2, tp_timeout_s=120))
 time.sleep(600)
 """
-
-
-def _ranks(pid: int) -> list[int]:
-    """The tensor-parallel rank processes (multiprocessing spawn children) of a process."""
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children += [int(child) for child in (task / "children").read_text().split()]
-    return [
-        child
-        for child in children
-        if b"spawn_main" in (cmdline := Path(f"/proc/{child}/cmdline").read_bytes())
-        and b"resource_tracker" not in cmdline
-    ]
 
 
 def _alive(pid: int) -> bool:
@@ -55,7 +43,7 @@ def test_a_first_rank_killed_while_its_ranks_start_leaves_none_behind(tiny_model
     try:
         deadline = time.monotonic() + 30
         while not ranks and time.monotonic() < deadline:
-            ranks = _ranks(first.pid)
+            ranks = _tp_children(first.pid)
             time.sleep(0.05)
         assert ranks, "the first rank started its rank"
         time.sleep(0.5)  # the rank is importing torch or joining the process group

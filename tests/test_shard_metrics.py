@@ -5,13 +5,12 @@ requests."""
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from dataclasses import fields, replace
 
 import grpc
 import torch
 from prometheus_client import Histogram
-from prometheus_client.parser import text_string_to_metric_families
+from test_metrics import _scrape
 from test_shard_lifecycle import running_shard, shard_config
 
 from loraplex.protos.metrics import AdapterLabels
@@ -25,16 +24,6 @@ from loraplex.shard.model_config import ModelConfig
 from loraplex.tools.processes import free_port
 
 BLOCK_SIZE = 16
-
-
-def _scrape(port: int) -> dict[tuple[str, frozenset], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def test_a_shard_counts_generated_tokens_preemptions_and_prefix_cache_hits(
