@@ -295,7 +295,7 @@ def test_the_worker_command_refuses_a_zero_claim_idle_with_a_message():
     command = loraplex_command("worker", "--redis-url", "redis://127.0.0.1:1/0", "--claim-idle", "0")
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
-    assert "claim_idle_s must be > 0, got 0.0" in done.stderr
+    assert "argument --claim-idle: '0' is not a number of seconds > 0" in done.stderr
 
 
 class OverloadedRouter(StandInRouter):
