@@ -36,6 +36,10 @@ MAX_WEIGHTS_BYTES = 2 << 30  # an adapter's weights past 2 GiB are refused befor
 MAX_CONFIG_BYTES = 1 << 20  # so is an adapter_config.json past 1 MiB (PEFT writes about 1 KiB)
 MAX_ARCHIVE_MEMBERS = 64  # an adapter archive holds two files (and perhaps a README): more is refused
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Names the REST gateway reads as the base model (OpenAI's `model`, TGI's `adapter_id`), beside the
+# model's own: "base", and the placeholders TGI's users send, "tgi" (TGI's docs) and "dummy" (what
+# huggingface_hub's InferenceClient sends when given a URL). No adapter may take one.
+BASE_MODEL_ALIASES = ("base", "tgi", "dummy")
 PACK_HINT = (
     "pack it with: tar -czf adapter.tar.gz -C ADAPTER_DIR adapter_config.json adapter_model.safetensors"
 )
@@ -45,6 +49,12 @@ def catalogue_record(name: str, source: str, base_model: str, fit: ModelFit | No
     """The catalogue entry for a new adapter: its name checked, its source read (blocking I/O) and, given
     the model it is for, its shapes fitted to it. InvalidAdapter or IncompatibleAdapter name the problem."""
     validate_name(name)
+    if name in base_model_names(base_model):
+        raise InvalidAdapter(
+            f"adapter name {name!r} already means the base model ({sorted(base_model_names(base_model))} "
+            "all do, over the REST API): an adapter by that name could be reached over gRPC only; "
+            "choose another name"
+        )
     metadata = read_metadata(source)
     if fit is not None:
         check_fit({path: (a, b) for path, a, b in metadata.module_shapes}, fit)
@@ -57,6 +67,11 @@ def catalogue_record(name: str, source: str, base_model: str, fit: ModelFit | No
         target_modules=metadata.target_modules,
         checksum=metadata.checksum,
     )
+
+
+def base_model_names(model: str) -> frozenset[str]:
+    """Every name that means the base model `model` (an id or a path) rather than an adapter."""
+    return frozenset({model, Path(model).name, *BASE_MODEL_ALIASES})
 
 
 def validate_name(name: str) -> None:

@@ -47,6 +47,11 @@ def test_the_catalogue_from_the_command_line(router, tiny_model_dir, tmp_path):
     assert again.returncode == 1 and "ALREADY_EXISTS" in again.stderr
     missing = _cli(router, work, "add", "other", "./nowhere")
     assert missing.returncode == 1 and "INVALID_ARGUMENT" in missing.stderr and "nowhere" in missing.stderr
+    # names the REST gateway reads as the base model: such an adapter was reachable over gRPC only
+    for reserved in (tiny_model_dir.name, "tgi", "dummy", "base"):
+        taken = _cli(router, work, "add", reserved, "./v1")
+        assert taken.returncode == 1 and "INVALID_ARGUMENT" in taken.stderr, taken.stderr
+        assert f"adapter name {reserved!r} already means the base model" in taken.stderr
 
     assert _cli(router, work, "rm", "support").returncode == 0
     gone = _cli(router, work, "show", "support")

@@ -111,6 +111,19 @@ def test_an_adapter_listed_twice_to_preload_is_refused_at_start(tmp_path, namesp
         asyncio.run(serve(config, asyncio.Event()))
 
 
+def test_a_preloaded_adapter_named_as_the_base_model_is_refused_at_start(
+    tiny_model_dir, redis_url, namespace, tmp_path
+):
+    """The REST gateway reads "tgi" (and the model's own name, "base", "dummy") as the base model: a
+    preloaded adapter by that name could be reached over gRPC only."""
+    write_peft_adapter(tmp_path / "a", tiny_model_dir, seed=1)
+    config = shard_config(
+        tiny_model_dir, redis_url, namespace, tmp_path, preload=(("tgi", str(tmp_path / "a")),)
+    )
+    with pytest.raises(ShardFailed, match=r"cannot preload adapter 'tgi' .* already means the base model"):
+        asyncio.run(serve(config, asyncio.Event()))
+
+
 def test_a_taken_port_fails_the_start_before_the_model_loads(tmp_path, namespace, redis_url):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

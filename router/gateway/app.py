@@ -17,6 +17,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplex.protos.telemetry import configure_tracing
+from loraplex.registry.adapter_source import base_model_names
 from loraplex.router.gateway import jobs_api, openai_api, tgi_api
 from loraplex.router.gateway.backend import RouterClient
 from loraplex.router.gateway.convert import ModelNames
@@ -37,10 +38,8 @@ class GatewayConfig:
 
     def model_names(self) -> ModelNames:
         """The router calls the base by its last path part; the full id or path also means it, and so do
-        the placeholders TGI's users send as `model`: "tgi" (TGI's docs) and "dummy" (what
-        huggingface_hub's InferenceClient sends when it was given a URL rather than a model id)."""
-        base = Path(self.model).name
-        return ModelNames(base=base, aliases=frozenset({self.model, "base", "tgi", "dummy"}))
+        the aliases no adapter may take (adapter_source.BASE_MODEL_ALIASES)."""
+        return ModelNames(base=Path(self.model).name, aliases=base_model_names(self.model))
 
 
 # FastAPI's own OpenTelemetry support makes each API request's span (honouring a `traceparent` header)
