@@ -17,6 +17,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from loraplex.shard import lora_kernels
 from loraplex.shard.lora import LoraAdapter
 from loraplex.shard.lora_ops import (
+    KERNEL_TOLERANCES,
     LoraStepMetadata,
     build_lora_metadata,
     expand_reference,
@@ -26,11 +27,7 @@ from loraplex.shard.lora_torch import PackedLoraSlots
 
 IN_FEATURES = 72  # two shrink K steps, the second masked
 OUT_FEATURES = 136  # three expand output blocks, the last masked
-TOLERANCES = {  # (atol, rtol): float32 sums differ in order; y is rounded once to its dtype
-    torch.float32: (1e-4, 1e-4),
-    torch.float16: (5e-3, 5e-3),
-    torch.bfloat16: (2e-2, 1.6e-2),
-}
+TOLERANCES = {getattr(torch, name): tolerance for name, tolerance in KERNEL_TOLERANCES.items()}
 DTYPES = list(TOLERANCES)
 RANKS = {"r4": (4,), "r8": (8,), "r16": (16,), "r64": (64,), "mixed": (4, 8, 16, 64)}
 BATCHES = {  # segment lengths in token order

@@ -359,6 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model_bench_options,
     )
 
+    from loraplex.tools.bench_kernels import add_arguments as add_kernel_bench_arguments
+
+    add_kernel_bench_arguments(
+        bench_actions.add_parser(
+            "kernels",
+            help="Triton multi-LoRA kernels vs the float32 reference (correctness) and a per-adapter torch "
+            "loop (speed), per shape, rank, adapter count, batch and dtype; JSON + PNG",
+        )
+    )
+
     from loraplex.tools.simulate_placement import add_arguments as add_simulation_arguments
 
     simulate = commands.add_parser("simulate", help="run production code on simulated clusters")
@@ -747,6 +757,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         from loraplex.tools.bench_tp import run_from_args as run_tp_bench
 
         return run_tp_bench(args)
+    if args.action == "kernels":
+        from loraplex.tools.bench_kernels import run_from_args as run_kernel_bench
+
+        return run_kernel_bench(args)
     from loraplex.tools.bench_engine import BenchConfig, run_bench
     from loraplex.tools.bench_report import summary_table
     from loraplex.tools.model_store import resolve_model
