@@ -57,8 +57,10 @@ def _shrink_kernel(
     rows = start + offs_m  # [BLOCK_M] int64
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for step in range(0, tl.cdiv(in_features, BLOCK_K)):
-        step = tl.cast(step, tl.int32)
-        offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+        # a new name, not `step = ...`: rebinding a loop variable trips the compiler's software
+        # pipeliner (triton-lang/triton#2015), though the interpreter takes it
+        k_block = tl.cast(step, tl.int32)
+        offs_k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < in_features
         x = tl.load(
             x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
@@ -117,8 +119,8 @@ def _expand_kernel(
     rows = start + offs_m  # [BLOCK_M] int64
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(0, tl.cdiv(rank, BLOCK_R)):
-        step = tl.cast(step, tl.int32)
-        offs_r = step * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_block = tl.cast(step, tl.int32)  # not `step = ...`: see the shrink kernel
+        offs_r = r_block * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = offs_r < rank
         s = tl.load(
             shrunk_ptr + rows[:, None] * stride_sm + offs_r[None, :],
