@@ -97,6 +97,11 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
             raise ServiceError.invalid(str(error)) from error
         except IncompatibleAdapter as error:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(error)) from error
+        except OSError as error:  # a path the router may not read, or too long: not this server's bug
+            raise ServiceError.invalid(
+                f"the router cannot read `source`: {error.strerror or error}; give a path (or file:// URI) "
+                "that the router and every shard can read"
+            ) from error
 
     def _live_model_fit(self) -> ModelFit | None:
         """What the live shards publish of their model and rank limit (None while none has): an adapter

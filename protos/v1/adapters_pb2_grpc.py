@@ -27,7 +27,11 @@ if _version_not_supported:
 
 
 class AdaptersStub:
-    """Missing associated documentation comment in .proto file."""
+    """A call naming an adapter: INVALID_ARGUMENT for a missing or impossible name. Every call:
+    UNAVAILABLE while the registry (Redis) cannot be reached. Create and Update read the adapter before
+    writing anything: INVALID_ARGUMENT for a bad source or adapter, FAILED_PRECONDITION for one that
+    does not fit the base model or the live shards' rank limit, and nothing is written.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -63,38 +67,45 @@ class AdaptersStub:
 
 
 class AdaptersServicer:
-    """Missing associated documentation comment in .proto file."""
+    """A call naming an adapter: INVALID_ARGUMENT for a missing or impossible name. Every call:
+    UNAVAILABLE while the registry (Redis) cannot be reached. Create and Update read the adapter before
+    writing anything: INVALID_ARGUMENT for a bad source or adapter, FAILED_PRECONDITION for one that
+    does not fit the base model or the live shards' rank limit, and nothing is written.
+    """
 
     def Create(self, request, context):
-        """ALREADY_EXISTS if the name is taken
+        """Register a new adapter (its version: see Adapter.version). ALREADY_EXISTS if the name is taken.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Update(self, request, context):
-        """new version; in-flight requests finish on the old one
+        """Point the adapter at a new source: a new version; requests in flight finish on the old one.
+        NOT_FOUND if the name is not registered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Delete(self, request, context):
-        """returns the deleted record
+        """Remove the adapter and return its record. NOT_FOUND if the name is not registered (a Delete
+        repeated after it succeeded too).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Get(self, request, context):
-        """with per-shard placements
+        """The adapter's record with its per-shard placements. NOT_FOUND if the name is not registered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every adapter (or those of one base model), sorted by name, with placements.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -136,7 +147,11 @@ def add_AdaptersServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Adapters:
-    """Missing associated documentation comment in .proto file."""
+    """A call naming an adapter: INVALID_ARGUMENT for a missing or impossible name. Every call:
+    UNAVAILABLE while the registry (Redis) cannot be reached. Create and Update read the adapter before
+    writing anything: INVALID_ARGUMENT for a bad source or adapter, FAILED_PRECONDITION for one that
+    does not fit the base model or the live shards' rank limit, and nothing is written.
+    """
 
     @staticmethod
     def Create(request,

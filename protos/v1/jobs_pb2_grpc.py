@@ -50,13 +50,18 @@ class JobsServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Submit(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Checks what it can before queueing (the inputs and sampling bounds: INVALID_ARGUMENT; the adapter:
+        NOT_FOUND if unregistered), so such a job is refused now rather than failed later; the prompt's
+        length against the context is checked when the job runs. UNAVAILABLE while Redis is down.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Get(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """NOT_FOUND for an id never issued, or once the job's record has expired (the worker's --job-ttl
+        after it finished, 24 h by default).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -1,0 +1,43 @@
+"""The Adapters admin service as its contract (protos/v1/adapters.proto) states it, against the router's
+own serve() and a real redis-server: errors a client can act on, and nothing written when refused."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc
+from loraplex.router.server import RouterConfig, serve
+from loraplex.tools.processes import free_port
+
+
+async def _refusal(redis_url: str, namespace: str, request: adapters_pb2.CreateAdapterRequest):
+    """Create's error, and what List shows after it."""
+    port = free_port()
+    stop = asyncio.Event()
+    config = RouterConfig(redis_url, "m", port=port, namespace=namespace, refresh_interval_s=60)
+    router = asyncio.create_task(serve(config, stop))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await channel.channel_ready()
+            admin = adapters_pb2_grpc.AdaptersStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await admin.Create(request, timeout=10)
+            listed = await admin.List(adapters_pb2.ListAdaptersRequest(), timeout=10)
+            return refused.value, listed
+    finally:
+        stop.set()
+        await router
+
+
+def test_a_source_the_router_cannot_read_is_invalid_argument_not_internal(redis_url, namespace, tmp_path):
+    """An OSError reading the source (a name past the filesystem's 255 bytes here; for a router not
+    running as root, a directory it may not enter) came back INTERNAL with a traceback in the log."""
+    source = tmp_path / ("a" * 300)
+    request = adapters_pb2.CreateAdapterRequest(name="unreadable", source=str(source))
+    error, listed = asyncio.run(_refusal(redis_url, namespace, request))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "cannot read `source`: File name too long" in error.details()
+    assert list(listed.adapters) == []
