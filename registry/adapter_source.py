@@ -46,9 +46,15 @@ PACK_HINT = (
 
 
 def catalogue_record(name: str, source: str, base_model: str, fit: ModelFit | None = None) -> AdapterRecord:
-    """The catalogue entry for a new adapter: its name checked, its source read (blocking I/O) and, given
-    the model it is for, its shapes fitted to it. InvalidAdapter or IncompatibleAdapter name the problem."""
+    """The catalogue entry for a new adapter: its name checked, its source (an absolute path: every
+    process reads it) read (blocking I/O) and, given the model it is for, its shapes fitted to it.
+    InvalidAdapter or IncompatibleAdapter name the problem."""
     validate_name(name)
+    if not local_path(source).is_absolute():
+        raise InvalidAdapter(
+            f"adapter source {source!r} is a relative path, which the router and every shard would resolve "
+            "from their own working directories; give an absolute path or a file:// URI"
+        )
     if name in base_model_names(base_model):
         raise InvalidAdapter(
             f"adapter name {name!r} already means the base model ({sorted(base_model_names(base_model))} "

@@ -157,7 +157,10 @@ def _check_preload_names(preload: tuple[tuple[str, str], ...]) -> None:
 
 async def _checked_preload(name: str, source: str, base_model: str, fit: ModelFit) -> AdapterRecord:
     """The catalogue record for a preload entry, read from its source and checked against this shard's
-    model (no registry needed). ShardFailed names a bad entry: the shard does not start."""
+    model (no registry needed). ShardFailed names a bad entry: the shard does not start. A relative
+    path is this shard's, so it is registered made absolute, as every other process must read it."""
+    if "://" not in source and not Path(source).expanduser().is_absolute():
+        source = str(Path(source).expanduser().absolute())
     try:
         return await asyncio.to_thread(catalogue_record, name, source, base_model, fit)
     except (InvalidAdapter, IncompatibleAdapter) as error:

@@ -41,3 +41,13 @@ def test_a_source_the_router_cannot_read_is_invalid_argument_not_internal(redis_
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     assert "cannot read `source`: File name too long" in error.details()
     assert list(listed.adapters) == []
+
+
+def test_a_relative_source_is_refused_as_each_process_would_read_its_own(redis_url, namespace, tmp_path):
+    """A relative path passed the router's check from the router's working directory, then each shard
+    looked for it in its own: grpcurl users got an adapter that loaded on some processes or none."""
+    request = adapters_pb2.CreateAdapterRequest(name="relative", source="adapters/support")
+    error, listed = asyncio.run(_refusal(redis_url, namespace, request))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "'adapters/support' is a relative path" in error.details() and "absolute path" in error.details()
+    assert list(listed.adapters) == []

@@ -124,6 +124,28 @@ def test_a_preloaded_adapter_named_as_the_base_model_is_refused_at_start(
         asyncio.run(serve(config, asyncio.Event()))
 
 
+def test_a_preloaded_relative_path_is_registered_as_this_shards_absolute_path(
+    tiny_model_dir, redis_url, namespace, tmp_path, monkeypatch
+):
+    """The registry's source is read by every process: a relative path would name a different place
+    (or none) for each of them, and the router refuses one in Create."""
+    write_peft_adapter(tmp_path / "adapters" / "support", tiny_model_dir, seed=1)
+    monkeypatch.chdir(tmp_path)
+    config = shard_config(
+        tiny_model_dir, redis_url, namespace, tmp_path, preload=(("support", "adapters/support"),)
+    )
+
+    async def scenario() -> str:
+        registry = Registry(redis_url, namespace)
+        try:
+            async with running_shard(config):
+                return (await registry.get_adapter("support")).source
+        finally:
+            await registry.close()
+
+    assert asyncio.run(scenario()) == str(tmp_path / "adapters" / "support")
+
+
 def test_a_taken_port_fails_the_start_before_the_model_loads(tmp_path, namespace, redis_url):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

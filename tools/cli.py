@@ -729,7 +729,7 @@ def _connected(channel) -> bool:
 def _source_for_router(source: str) -> str:
     """A relative path that exists here, made absolute: the router and shards resolve sources from
     their own working directories, not the caller's. Anything else (absolute, file://, a path only the
-    servers see) goes as typed."""
+    servers see) goes as typed, and the router refuses a relative one."""
     path = Path(source).expanduser()
     if source and "://" not in source and not path.is_absolute() and path.exists():  # '' is not '.'
         return str(path.resolve())
