@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -39,10 +40,25 @@ class AdapterLabels:
         return OTHER_LABEL
 
 
-def serve_metrics(port: int, registry: CollectorRegistry, host: str = "0.0.0.0") -> int:
-    """Serve GET /metrics on a daemon thread; returns the bound port (0 = off, returns 0)."""
+class MetricsServer:
+    """A /metrics port served on a daemon thread (or none, when metrics are off); close() ends it, so a
+    server stopped inside a longer-lived process (tests, benchmarks) frees its port."""
+
+    def __init__(self, server: WSGIServer | None = None) -> None:
+        self._server = server
+        self.port = server.server_address[1] if server is not None else 0  # 0: metrics off
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def serve_metrics(port: int, registry: CollectorRegistry, host: str = "0.0.0.0") -> MetricsServer:
+    """Serve GET /metrics on a daemon thread (port 0: off). A port taken is an OSError naming the flag."""
     if not port:
-        return 0
+        return MetricsServer()
     try:
         server, _ = start_http_server(port, addr=host, registry=registry)
     except OSError as error:
@@ -51,6 +67,5 @@ def serve_metrics(port: int, registry: CollectorRegistry, host: str = "0.0.0.0")
             f"cannot serve metrics on {host}:{port}: {error.strerror}; pick a free "
             "--metrics-port, or 0 to turn metrics off",
         ) from error
-    bound = server.server_address[1]
-    log.info("metrics on http://%s:%d/metrics", host, bound)
-    return bound
+    log.info("metrics on http://%s:%d/metrics", host, server.server_address[1])
+    return MetricsServer(server)

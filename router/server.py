@@ -6,7 +6,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from loraplex.protos.metrics import DEFAULT_ADAPTER_LABELS, AdapterLabels, serve_metrics
+from loraplex.protos.metrics import DEFAULT_ADAPTER_LABELS, AdapterLabels, MetricsServer, serve_metrics
 from loraplex.protos.rpc import KEEPALIVE_S, create_server, set_not_serving, set_serving, stop_on_signals
 from loraplex.protos.telemetry import configure_tracing
 from loraplex.protos.v1 import (
@@ -62,9 +62,15 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     await snapshots.start()
     channels = ShardChannels(keepalive_s=config.shard_keepalive_s)
     metrics = RouterMetrics(snapshots, AdapterLabels(config.metrics_adapter_labels))
-    serve_metrics(config.metrics_port, metrics.registry)
     jobs = JobQueue(config.redis_url, config.namespace)
-    server, port, health = create_server(f"{config.host}:{config.port}", SERVICE_NAMES)
+    metrics_server = MetricsServer()
+    try:  # a taken port (metrics or gRPC) ends the start with nothing left running
+        metrics_server = serve_metrics(config.metrics_port, metrics.registry)
+        server, port, health = create_server(f"{config.host}:{config.port}", SERVICE_NAMES)
+    except BaseException:
+        metrics_server.close()
+        await snapshots.stop()
+        raise
     generation_pb2_grpc.add_GenerationServicer_to_server(
         GenerationService(
             snapshots,
@@ -90,5 +96,6 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
         await server.stop(grace=config.drain_timeout_s)
         await snapshots.stop()
         await channels.close()
+        metrics_server.close()
         await jobs.close()
         await registry.close()

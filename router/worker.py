@@ -33,9 +33,10 @@ import redis.exceptions
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from loraplex.protos import telemetry
+from loraplex.protos.metrics import serve_metrics
 from loraplex.protos.rpc import keepalive_options, stop_on_signals
 from loraplex.protos.v1 import common_pb2, generation_pb2_grpc
 from loraplex.registry.jobs import DEFAULT_TTL_S, Delivery, JobQueue
@@ -366,9 +367,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
     stop = stop or stop_on_signals()
     telemetry.configure_tracing("loraplex-worker")
     metrics = WorkerMetrics()
-    http_server = None
-    if config.metrics_port:
-        http_server, _ = start_http_server(config.metrics_port, registry=metrics.registry)
+    metrics_server = serve_metrics(config.metrics_port, metrics.registry)
     queue = JobQueue(config.redis_url, config.namespace, ttl_s=config.job_ttl_s)
     try:
         async with grpc.aio.insecure_channel(config.router, options=keepalive_options()) as channel:
@@ -381,5 +380,4 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
             await worker.run(stop)
     finally:
         await queue.close()
-        if http_server is not None:
-            http_server.shutdown()
+        metrics_server.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import redis.exceptions
 
-from loraplex.protos.metrics import DEFAULT_ADAPTER_LABELS, AdapterLabels, serve_metrics
+from loraplex.protos.metrics import DEFAULT_ADAPTER_LABELS, AdapterLabels, MetricsServer, serve_metrics
 from loraplex.protos.rpc import create_server, set_not_serving, set_serving, stop_on_signals
 from loraplex.protos.telemetry import configure_tracing
 from loraplex.protos.v1 import shard_pb2, shard_pb2_grpc
@@ -76,6 +76,7 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
     engine.on_failure(lambda message: loop.call_soon_threadsafe(stop.set))
     engine.start()
     registry = Registry(config.redis_url, config.namespace)
+    metrics_server = MetricsServer()
     try:  # whatever fails from here on (a bad preload, a taken metrics port) stops the engine first
         disk = DiskCache(
             config.disk_cache_dir or config.cache_dir / "adapters" / config.shard_id,
@@ -88,7 +89,7 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
             on_evict=lambda adapter: engine.drop_adapter(adapter.uid),
         )
         metrics = ShardMetrics(engine, adapters, AdapterLabels(config.metrics_adapter_labels))
-        serve_metrics(config.metrics_port, metrics.registry)
+        metrics_server = serve_metrics(config.metrics_port, metrics.registry)
         service = ShardService(engine, adapters, config.shard_id, address, model_dir.name, metrics)
         fit = ModelFit(engine.model.lora_targets(), engine.config.max_lora_rank)
         wanted = [
@@ -96,6 +97,7 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
         ]
         unregistered = await _preload(registry, adapters, wanted)
     except BaseException:
+        metrics_server.close()
         await asyncio.to_thread(engine.stop)
         await registry.close()
         raise
@@ -117,14 +119,17 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
         log.info("shard %s draining", config.shard_id)
         await set_not_serving(health, [SERVICE_NAME])
         service.draining.set()
-        heartbeats.cancel()
-        follower.cancel()
-        preloads.cancel()
+        for task in (heartbeats, follower, preloads):
+            task.cancel()
+        # waited for, so each ends here (the follower closes its subscription) rather than being
+        # destroyed still pending when the loop closes
+        await asyncio.wait((heartbeats, follower, preloads), timeout=5)
         try:
             await asyncio.wait_for(registry.remove_shard(config.shard_id), timeout=2)
         except (redis.exceptions.RedisError, OSError, TimeoutError):
             log.warning("could not remove %s from the registry; its heartbeat will expire", config.shard_id)
         await _drain(server, service, engine, config.drain_timeout_s)  # stops the engine too
+        metrics_server.close()
         await registry.close()
     if engine.failure:
         raise ShardFailed(engine.failure)

@@ -34,7 +34,7 @@ def test_a_metrics_port_in_use_is_named_with_the_flag_to_change():
 
 
 def test_port_zero_serves_nothing():
-    assert serve_metrics(0, CollectorRegistry()) == 0
+    assert serve_metrics(0, CollectorRegistry()).port == 0
 
 
 def _scrape(port: int) -> dict[tuple[str, frozenset], float]:
@@ -145,3 +145,29 @@ def test_router_counts_a_request_its_deadline_ended_as_deadline_exceeded(redis_u
                 assert _sample(router.metrics_port, requests, adapter="base", code="CANCELLED") == 0
 
     asyncio.run(scenario())
+
+
+def test_a_stopped_router_and_shard_free_their_metrics_ports(tiny_model_dir, redis_url, namespace, tmp_path):
+    """The /metrics server outlived serve(): in a longer-lived process (tests, benchmarks) the port kept
+    answering and could not be taken again."""
+    from test_router import _with_router
+    from test_shard_lifecycle import running_shard, shard_config
+
+    def answers(port: int) -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    router_port, shard_port = free_port(), free_port()
+
+    async def scenario() -> None:
+        async def scraped(generation) -> None:
+            assert answers(router_port)
+
+        await _with_router(redis_url, namespace, scraped, metrics_port=router_port)
+        async with running_shard(
+            shard_config(tiny_model_dir, redis_url, namespace, tmp_path, metrics_port=shard_port)
+        ):
+            assert answers(shard_port)
+
+    asyncio.run(scenario())
+    assert not answers(router_port) and not answers(shard_port)
