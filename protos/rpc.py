@@ -26,6 +26,8 @@ log = logging.getLogger("loraplex.rpc")
 KEEPALIVE_S = 10.0
 MIN_KEEPALIVE_S = 1.0  # servers accept pings this often; a client pinging more often is refused
 SERVER_KEEPALIVE_S = 30.0  # servers ping too, so a vanished router's requests stop decoding
+# status messages past this are cut: non-ASCII bytes triple when percent-encoded, still under 16 KiB
+MAX_STATUS_MESSAGE_BYTES = 4096
 
 
 def keepalive_options(keepalive_s: float = KEEPALIVE_S) -> list[tuple[str, int]]:
@@ -112,11 +114,28 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
     if isinstance(error, ServiceError):
-        await context.abort(error.code, error.message)
+        await context.abort(error.code, _fitted(error.message))
     if isinstance(error, NotImplementedError):  # a generated servicer's default (health's List, say)
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(error) or "method not implemented")
     log.error("a handler failed", exc_info=error)  # a bug: keep its traceback
-    await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+    await context.abort(grpc.StatusCode.INTERNAL, _fitted(f"{type(error).__name__}: {error}"))
+
+
+def quoted(value: str) -> str:
+    """A caller's value as an error message quotes it: repr(), a long one cut to its start and length,
+    so the message keeps its advice (and the generic cut in _fitted is never needed)."""
+    return repr(value) if len(value) <= 140 else f"{value[:40]!r}... ({len(value)} characters)"
+
+
+def _fitted(message: str) -> str:
+    """The message cut to MAX_STATUS_MESSAGE_BYTES. It travels percent-encoded in a trailer, and one
+    past the client's 16 KiB of metadata (a 20,000-character name quoted whole) reached the client as
+    RESOURCE_EXHAUSTED about the metadata instead of the error."""
+    encoded = message.encode()
+    if len(encoded) <= MAX_STATUS_MESSAGE_BYTES:
+        return message
+    kept = encoded[:MAX_STATUS_MESSAGE_BYTES].decode(errors="ignore")
+    return f"{kept}... ({len(message) - len(kept)} more characters)"
 
 
 def _wrap_unary(behaviour):

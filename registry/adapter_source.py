@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from loraplex.protos.rpc import quoted
 from loraplex.registry.adapter_config import (
     CONFIG_FILE,
     SUPPORTED_TARGETS,
@@ -82,10 +83,8 @@ def base_model_names(model: str) -> frozenset[str]:
 
 def validate_name(name: str) -> None:
     if not ADAPTER_NAME.fullmatch(name):  # match's $ would let a trailing newline through
-        # a name quoted whole could outgrow what a gRPC status message may carry (16 KiB of metadata)
-        shown = repr(name) if len(name) <= 140 else f"{name[:40]!r}... ({len(name)} characters)"
         raise InvalidAdapter(
-            f"adapter name {shown} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
+            f"adapter name {quoted(name)} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
 

@@ -21,7 +21,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
 from loraplex.protos import telemetry
-from loraplex.protos.rpc import ServiceError
+from loraplex.protos.rpc import ServiceError, quoted
 from loraplex.protos.v1 import common_pb2, generation_pb2_grpc, shard_pb2
 from loraplex.registry.records import AdapterRecord, ShardRecord
 from loraplex.router.channels import ShardChannels
@@ -271,10 +271,10 @@ def resolve_adapter(name: str, snapshot: RoutingSnapshot) -> AdapterRecord | Non
         return snapshot.adapters[name]
     if not snapshot.taken_at:
         raise ServiceError.unavailable(
-            f"cannot tell whether adapter {name!r} is registered: this router has not yet read the "
+            f"cannot tell whether adapter {quoted(name)} is registered: this router has not yet read the "
             "registry (is Redis reachable?); retry shortly"
         )
     raise ServiceError.not_found(
-        f"adapter {name!r} is not registered; list adapters with Adapters/List "
+        f"adapter {quoted(name)} is not registered; list adapters with Adapters/List "
         "(`loraplex adapters ls`) or leave `adapter` empty for the base model"
     )

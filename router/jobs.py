@@ -17,7 +17,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from loraplex.protos import telemetry
-from loraplex.protos.rpc import ServiceError
+from loraplex.protos.rpc import ServiceError, quoted
 from loraplex.protos.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from loraplex.registry.jobs import JobQueue
 from loraplex.router.generation import resolve_adapter
@@ -62,16 +62,10 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
             job = await _call(self._queue.get(request.job_id))
             if job is None:
                 raise ServiceError.not_found(
-                    f"job {_shown(request.job_id)} is unknown or expired; a finished job is kept for the "
+                    f"job {quoted(request.job_id)} is unknown or expired; a finished job is kept for the "
                     "worker's --job-ttl (24 h by default), then deleted"
                 )
             return job
-
-
-def _shown(job_id: str) -> str:
-    """The id as an error quotes it: a long one is cut, or the status message could outgrow what a
-    client accepts in metadata (16 KiB), which it reports as RESOURCE_EXHAUSTED instead."""
-    return repr(job_id) if len(job_id) <= 140 else f"{job_id[:40]!r}... ({len(job_id)} characters)"
 
 
 def _check_input(request: common_pb2.GenerateRequest) -> None:

@@ -4,7 +4,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraplex.protos.rpc import MIN_KEEPALIVE_S, create_server, keepalive_options, set_serving
+from loraplex.protos.rpc import (
+    MAX_STATUS_MESSAGE_BYTES,
+    MIN_KEEPALIVE_S,
+    _fitted,
+    create_server,
+    keepalive_options,
+    set_serving,
+)
 from loraplex.tools import gen_protos
 
 
@@ -74,3 +81,14 @@ def test_a_method_the_servicer_leaves_unimplemented_is_unimplemented_not_interna
             await server.stop(None)
 
     assert asyncio.run(scenario()) == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_status_message_past_what_a_trailer_carries_is_cut_on_a_character_boundary():
+    """Non-ASCII bytes triple when percent-encoded: the cut message stays under the 16 KiB of metadata a
+    client accepts, whole characters only, and says how much was left out."""
+    assert _fitted("short") == "short"
+    cut = _fitted("é" * 10_000)
+    assert len(cut.encode()) < MAX_STATUS_MESSAGE_BYTES + 40 and 3 * MAX_STATUS_MESSAGE_BYTES < 16 << 10
+    assert cut.startswith("é" * (MAX_STATUS_MESSAGE_BYTES // 2)) and cut.endswith(
+        "... (7952 more characters)"
+    )

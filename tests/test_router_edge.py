@@ -279,3 +279,28 @@ def test_the_router_passes_its_saturation_factor_to_placement(
             await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_name_too_long_to_quote_whole_is_not_found_not_a_metadata_error(redis_url, namespace):
+    """The NOT_FOUND message quoted a 20,000-character adapter name whole: past the client's 16 KiB of
+    metadata, grpcio reported RESOURCE_EXHAUSTED about the metadata instead. Every status message is cut
+    to a size that fits."""
+
+    async def scenario() -> None:
+        registry = Registry(redis_url, namespace)
+        await registry.create_adapter(AdapterRecord("known", "m", "/nowhere", 8, 16.0, ("q_proj",), "c"))
+
+        async def routed(generation) -> None:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await generation.Generate(
+                    common_pb2.GenerateRequest(prompt="hi", adapter="x" * 20_000), timeout=30
+                )
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND, refused.value.details()
+            assert "(20000 characters) is not registered" in refused.value.details()
+
+        try:
+            await _with_router(redis_url, namespace, routed)
+        finally:
+            await registry.close()
+
+    asyncio.run(scenario())
