@@ -26,6 +26,9 @@ log = logging.getLogger("loraplex.rpc")
 KEEPALIVE_S = 10.0
 MIN_KEEPALIVE_S = 1.0  # servers accept pings this often; a client pinging more often is refused
 SERVER_KEEPALIVE_S = 30.0  # servers ping too, so a vanished router's requests stop decoding
+# A client tries a peer that went away again at least this often: gRPC's default backoff grows to
+# 2 minutes, and a gateway kept answering 503 that long after its router was back.
+MAX_RECONNECT_BACKOFF_MS = 1000
 # status messages past this are cut: non-ASCII bytes triple when percent-encoded, still under 16 KiB
 MAX_STATUS_MESSAGE_BYTES = 4096
 
@@ -44,6 +47,11 @@ def keepalive_options(keepalive_s: float = KEEPALIVE_S) -> list[tuple[str, int]]
         # keep pinging while the peer sends nothing: that silence is what is being checked
         ("grpc.http2.max_pings_without_data", 0),
     ]
+
+
+def client_options(keepalive_s: float = KEEPALIVE_S) -> list[tuple[str, int]]:
+    """A client channel's options: keepalive pings, and reconnect attempts at least once a second."""
+    return [*keepalive_options(keepalive_s), ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]
 
 
 def server_options() -> list[tuple[str, int]]:

@@ -22,7 +22,7 @@ import time
 
 import grpc
 
-from loraplex.protos.rpc import KEEPALIVE_S, keepalive_options
+from loraplex.protos.rpc import KEEPALIVE_S, client_options
 from loraplex.protos.v1 import shard_pb2_grpc
 from loraplex.router.shard_stream import ShardStream
 
@@ -38,7 +38,7 @@ class ShardChannels:
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> None:
         self._options = [
-            *keepalive_options(keepalive_s),
+            *client_options(keepalive_s),
             ("grpc.min_reconnect_backoff_ms", int(connect_timeout_s * 1000)),  # the connect timeout
             ("grpc.max_receive_message_length", -1),
         ]

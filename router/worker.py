@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from loraplex.protos import telemetry
 from loraplex.protos.metrics import serve_metrics
-from loraplex.protos.rpc import keepalive_options, stop_on_signals
+from loraplex.protos.rpc import client_options, stop_on_signals
 from loraplex.protos.v1 import common_pb2, generation_pb2_grpc
 from loraplex.registry.jobs import DEFAULT_TTL_S, Delivery, JobQueue
 from loraplex.router.gateway.jobs_api import job_to_dict
@@ -370,7 +370,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
     metrics_server = serve_metrics(config.metrics_port, metrics.registry)
     queue = JobQueue(config.redis_url, config.namespace, ttl_s=config.job_ttl_s)
     try:
-        async with grpc.aio.insecure_channel(config.router, options=keepalive_options()) as channel:
+        async with grpc.aio.insecure_channel(config.router, options=client_options()) as channel:
             worker = Worker(config, queue, generation_pb2_grpc.GenerationStub(channel), metrics)
             print(
                 f"worker {config.consumer} taking jobs for router {config.router} "

@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
-from loraplex.protos.rpc import keepalive_options
+from loraplex.protos.rpc import client_options
 from loraplex.protos.telemetry import metadata_for
 from loraplex.protos.v1 import (
     adapters_pb2,
@@ -25,6 +25,10 @@ from loraplex.router.gateway.errors import APIError
 
 Chunk = common_pb2.GenerateStreamResponse
 
+# Admin and job calls: longer than the router's own Redis timeouts (10 s for the job queue), so a
+# Redis that stopped answering reaches the caller as the router's 503 naming it, not a bare 504.
+UNARY_TIMEOUT_S = 15.0
+
 
 class RouterClient:
     def __init__(self, address: str, timeout_s: float) -> None:
@@ -33,7 +37,7 @@ class RouterClient:
 
     def open(self) -> None:
         """Create the channel; called on the serving event loop, which a grpc.aio channel is bound to."""
-        self._channel = grpc.aio.insecure_channel(self.address, options=keepalive_options())
+        self._channel = grpc.aio.insecure_channel(self.address, options=client_options())
         self._generation = generation_pb2_grpc.GenerationStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdaptersStub(self._channel)
         self._jobs = jobs_pb2_grpc.JobsStub(self._channel)
@@ -50,14 +54,14 @@ class RouterClient:
         try:
             first = await call.read()
         except grpc.aio.AioRpcError as error:
-            raise APIError.from_rpc_error(error) from error
+            raise self._error(error, generation=True) from error
         except BaseException:
             call.cancel()
             raise
         if first is grpc.aio.EOF:
             call.cancel()
             raise APIError(502, "the router closed the stream without a response; retry the request")
-        return _rest_of(call, first)
+        return self._rest_of(call, first)
 
     async def open_streams(
         self, requests: Sequence[common_pb2.GenerateRequest]
@@ -79,33 +83,33 @@ class RouterClient:
         try:
             response = await self._adapters.List(
                 adapters_pb2.ListAdaptersRequest(),
-                timeout=10,
+                timeout=UNARY_TIMEOUT_S,
                 metadata=metadata_for(trace.get_current_span()),
             )
         except grpc.aio.AioRpcError as error:
-            raise APIError.from_rpc_error(error) from error
+            raise self._error(error) from error
         return list(response.adapters)
 
     async def submit_job(self, request: common_pb2.GenerateRequest, callback_url: str = "") -> str:
         try:
             response = await self._jobs.Submit(
                 jobs_pb2.SubmitJobRequest(request=request, callback_url=callback_url),
-                timeout=10,
+                timeout=UNARY_TIMEOUT_S,
                 metadata=metadata_for(trace.get_current_span()),
             )
         except grpc.aio.AioRpcError as error:
-            raise APIError.from_rpc_error(error) from error
+            raise self._error(error) from error
         return response.job_id
 
     async def get_job(self, job_id: str) -> jobs_pb2.Job:
         try:
             return await self._jobs.Get(
                 jobs_pb2.GetJobRequest(job_id=job_id),
-                timeout=10,
+                timeout=UNARY_TIMEOUT_S,
                 metadata=metadata_for(trace.get_current_span()),
             )
         except grpc.aio.AioRpcError as error:
-            raise APIError.from_rpc_error(error) from error
+            raise self._error(error) from error
 
     async def serving(self) -> bool:
         try:
@@ -114,21 +118,40 @@ class RouterClient:
             return False
         return response.status == health_pb2.HealthCheckResponse.SERVING
 
+    async def _rest_of(self, call, first: Chunk) -> AsyncIterator[Chunk]:
+        """The stream from its first chunk on; closing it early (a client that left) cancels the call."""
+        try:
+            yield first
+            while True:
+                try:
+                    chunk = await call.read()
+                except grpc.aio.AioRpcError as error:
+                    raise self._error(error, generation=True) from error
+                if chunk is grpc.aio.EOF:
+                    return
+                yield chunk
+        finally:
+            call.cancel()
 
-async def _rest_of(call, first: Chunk) -> AsyncIterator[Chunk]:
-    """The stream from its first chunk on; closing it early (a client that left) cancels the call."""
-    try:
-        yield first
-        while True:
-            try:
-                chunk = await call.read()
-            except grpc.aio.AioRpcError as error:
-                raise APIError.from_rpc_error(error) from error
-            if chunk is grpc.aio.EOF:
-                return
-            yield chunk
-    finally:
-        call.cancel()
+    def _error(self, error: grpc.aio.AioRpcError, generation: bool = False) -> APIError:
+        """The router's answer as its status says. A router that could not be reached or went away
+        mid-call, and the gateway's own deadline, are said in an HTTP caller's words rather than
+        gRPC's ("failed to connect to all addresses", "Socket closed", "Deadline Exceeded")."""
+        api_error = APIError.from_rpc_error(error)
+        code, details = error.code(), error.details() or error.code().name
+        connected = self._channel.get_state() == grpc.ChannelConnectivity.READY
+        if code == grpc.StatusCode.UNAVAILABLE and not connected:
+            api_error.message = (
+                f"the router at {self.address} is unreachable or went away ({details}); retry shortly"
+            )
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED and generation:
+            api_error.message = (
+                f"the generation did not finish within the gateway's request timeout ({self.timeout_s:g} s, "
+                "--request-timeout); ask for fewer tokens, or retry when the mesh is less busy"
+            )
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            api_error.message = f"the router did not answer within {UNARY_TIMEOUT_S:g} s; retry later"
+        return api_error
 
 
 async def merge_streams(streams: Sequence[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:

@@ -181,32 +181,37 @@ async def _token_events(body: TGIRequest, stream: AsyncIterator[Chunk]) -> Async
     pending: dict | None = None
     texts: list[str] = []
     index = 0
-    async for chunk in stream:
-        texts.append(chunk.text)
-        for token in chunk.tokens:
-            if pending is not None:
-                yield pending
-            index += 1
-            pending = {
-                "index": index,
-                "token": _token(token),
-                "top_tokens": _top_tokens(token) if p.top_n_tokens else None,
-                "generated_text": None,
-                "details": None,
-            }
-        if chunk.finish_reason:
-            if pending is None:  # nothing was generated; TGI still ends with an event
-                pending = {"index": 0, "token": {"id": 0, "text": "", "logprob": 0.0, "special": True}}
-            pending["generated_text"] = _generated_text(body, "".join(texts), chunk.stop_text)
-            pending["details"] = (
-                {
-                    "finish_reason": TGI_FINISH.get(chunk.finish_reason, "length"),
-                    "generated_tokens": chunk.usage.completion_tokens,
-                    "input_length": chunk.usage.prompt_tokens,
-                    "seed": p.seed,
+    try:
+        async for chunk in stream:
+            texts.append(chunk.text)
+            for token in chunk.tokens:
+                if pending is not None:
+                    yield pending
+                index += 1
+                pending = {
+                    "index": index,
+                    "token": _token(token),
+                    "top_tokens": _top_tokens(token) if p.top_n_tokens else None,
+                    "generated_text": None,
+                    "details": None,
                 }
-                if p.details
-                else None
-            )
+            if chunk.finish_reason:
+                if pending is None:  # nothing was generated; TGI still ends with an event
+                    pending = {"index": 0, "token": {"id": 0, "text": "", "logprob": 0.0, "special": True}}
+                pending["generated_text"] = _generated_text(body, "".join(texts), chunk.stop_text)
+                pending["details"] = (
+                    {
+                        "finish_reason": TGI_FINISH.get(chunk.finish_reason, "length"),
+                        "generated_tokens": chunk.usage.completion_tokens,
+                        "input_length": chunk.usage.prompt_tokens,
+                        "seed": p.seed,
+                    }
+                    if p.details
+                    else None
+                )
+    except APIError:  # the generation failed mid-way: TGI sends every token it got, then the error
+        if pending is not None:
+            yield pending
+        raise
     if pending is not None:
         yield pending
