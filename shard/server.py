@@ -121,14 +121,14 @@ async def serve(config: ShardConfig, stop: asyncio.Event | None = None) -> None:
         service.draining.set()
         for task in (heartbeats, follower, preloads):
             task.cancel()
-        # waited for, so each ends here (the follower closes its subscription) rather than being
-        # destroyed still pending when the loop closes
-        await asyncio.wait((heartbeats, follower, preloads), timeout=5)
         try:
             await asyncio.wait_for(registry.remove_shard(config.shard_id), timeout=2)
         except (redis.exceptions.RedisError, OSError, TimeoutError):
             log.warning("could not remove %s from the registry; its heartbeat will expire", config.shard_id)
         await _drain(server, service, engine, config.drain_timeout_s)  # stops the engine too
+        # waited for, so each ends here (the follower closes its subscription) rather than being
+        # destroyed still pending when the loop closes; after the drain, whose time counts from the stop
+        await asyncio.wait((heartbeats, follower, preloads), timeout=5)
         metrics_server.close()
         await registry.close()
     if engine.failure:
