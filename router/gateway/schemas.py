@@ -11,10 +11,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from loraplex.shard.sampling_limits import MAX_TOP_LOGPROBS, REPETITION_PENALTY_RANGE
+from loraplex.shard.sampling_limits import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, REPETITION_PENALTY_RANGE
 
 MAX_N = 16
-MAX_STOP = 16
+MAX_STOP = MAX_STOP_STRINGS  # the shard's cap on stop strings; stop token ids take the same
 UINT32_MAX = 2**32 - 1  # the gRPC fields' width: a count or token id past it is a 400, not a 500
 
 Count = Annotated[int, Field(ge=1, le=UINT32_MAX)]  # max_tokens and its kin
