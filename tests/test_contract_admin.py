@@ -7,29 +7,21 @@ import asyncio
 
 import grpc
 import pytest
+from test_router import _with_router_channel
 
 from loraplex.protos.v1 import adapters_pb2, adapters_pb2_grpc
-from loraplex.router.server import RouterConfig, serve
-from loraplex.tools.processes import free_port
 
 
 async def _refusal(redis_url: str, namespace: str, request: adapters_pb2.CreateAdapterRequest):
     """Create's error, and what List shows after it."""
-    port = free_port()
-    stop = asyncio.Event()
-    config = RouterConfig(redis_url, "m", port=port, namespace=namespace, refresh_interval_s=60)
-    router = asyncio.create_task(serve(config, stop))
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            await channel.channel_ready()
-            admin = adapters_pb2_grpc.AdaptersStub(channel)
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await admin.Create(request, timeout=10)
-            listed = await admin.List(adapters_pb2.ListAdaptersRequest(), timeout=10)
-            return refused.value, listed
-    finally:
-        stop.set()
-        await router
+
+    async def create(channel: grpc.aio.Channel):
+        admin = adapters_pb2_grpc.AdaptersStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await admin.Create(request, timeout=10)
+        return refused.value, await admin.List(adapters_pb2.ListAdaptersRequest(), timeout=10)
+
+    return await _with_router_channel(redis_url, namespace, create)
 
 
 def test_a_source_the_router_cannot_read_is_invalid_argument_not_internal(redis_url, namespace, tmp_path):

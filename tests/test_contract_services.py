@@ -8,6 +8,7 @@ import asyncio
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_router import _with_router_channel
 from test_shard_lifecycle import running_shard, shard_config
 
 from loraplex.protos.v1 import jobs_pb2, jobs_pb2_grpc
@@ -66,23 +67,11 @@ def test_a_job_id_too_long_to_quote_is_not_found_not_a_transport_error(redis_url
     """Jobs/Get quoted the id whole: a 20,000-character one made a status message past what a client
     takes in metadata (16 KiB), which grpcio reported as RESOURCE_EXHAUSTED "Stream removed"."""
 
-    async def scenario() -> grpc.aio.AioRpcError:
-        port = free_port()
-        stop = asyncio.Event()
-        config = RouterConfig(redis_url, "m", port=port, namespace=namespace, refresh_interval_s=60)
-        router = asyncio.create_task(serve(config, stop))
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                await channel.channel_ready()
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await jobs_pb2_grpc.JobsStub(channel).Get(
-                        jobs_pb2.GetJobRequest(job_id="j" * 20_000), timeout=10
-                    )
-                return refused.value
-        finally:
-            stop.set()
-            await router
+    async def scenario(channel: grpc.aio.Channel) -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await jobs_pb2_grpc.JobsStub(channel).Get(jobs_pb2.GetJobRequest(job_id="j" * 20_000), timeout=10)
+        return refused.value
 
-    error = asyncio.run(scenario())
+    error = asyncio.run(_with_router_channel(redis_url, namespace, scenario))
     assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()
     assert "unknown or expired" in error.details() and "20000 characters" in error.details()

@@ -74,8 +74,8 @@ async def _start_shard(
     return servicer, server
 
 
-async def _with_router(redis_url: str, namespace: str, scenario, **options) -> None:
-    """Run scenario(generation stub) against a router; options are RouterConfig fields."""
+async def _with_router_channel(redis_url: str, namespace: str, scenario, **options):
+    """scenario(channel) against a router, and what it returns; options are RouterConfig fields."""
     port = free_port()
     stop = asyncio.Event()
     config = RouterConfig(redis_url, "m", port=port, namespace=namespace, refresh_interval_s=60, **options)
@@ -83,10 +83,19 @@ async def _with_router(redis_url: str, namespace: str, scenario, **options) -> N
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             await channel.channel_ready()
-            await scenario(generation_pb2_grpc.GenerationStub(channel))
+            return await scenario(channel)
     finally:
         stop.set()
         await router
+
+
+async def _with_router(redis_url: str, namespace: str, scenario, **options) -> None:
+    """Run scenario(generation stub) against a router; options are RouterConfig fields."""
+
+    async def with_stub(channel: grpc.aio.Channel) -> None:
+        await scenario(generation_pb2_grpc.GenerationStub(channel))
+
+    await _with_router_channel(redis_url, namespace, with_stub, **options)
 
 
 def test_router_counts_its_own_requests_in_flight(redis_url, namespace):
