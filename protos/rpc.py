@@ -131,7 +131,7 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
 
 def quoted(value: str) -> str:
     """A caller's value as an error message quotes it: repr(), a long one cut to its start and length,
-    so the message keeps its advice (and the generic cut in _fitted is never needed)."""
+    so the message keeps the advice after it, which _fitted's cut of the whole message would lose."""
     return repr(value) if len(value) <= 140 else f"{value[:40]!r}... ({len(value)} characters)"
 
 

@@ -45,9 +45,8 @@ class RouterConfig:
     refresh_interval_s: float = 1.0
     suspect_for_s: float = 5.0  # how long a shard that refused a connection is avoided
     capacity_factor: float = DEFAULT_CAPACITY_FACTOR  # bounded loads: no shard above c x the mean load
-    saturation_factor: float = (
-        DEFAULT_SATURATION_FACTOR  # RESOURCE_EXHAUSTED once every shard has this x its batch outstanding
-    )
+    # a shard with this x its batch outstanding is saturated; RESOURCE_EXHAUSTED once every shard is
+    saturation_factor: float = DEFAULT_SATURATION_FACTOR
     drain_timeout_s: float = 10.0
     shard_keepalive_s: float = KEEPALIVE_S  # a shard silent this long is pinged; no answer: it is gone
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
